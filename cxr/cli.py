@@ -1,0 +1,35 @@
+"""Shared plumbing for the stage scripts: logging setup and user-facing error handling."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+from collections.abc import Iterator
+
+# Errors a user can act on: print one line, exit 1, no traceback. Anything else is a bug and
+# keeps its traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, RuntimeError)
+
+
+def setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn the library's expected errors into `error: <message>` and exit status 1."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        print(
+            "error: interrupted; outputs were left as they were (re-run to finish)", file=sys.stderr
+        )
+        sys.exit(130)
+    except USER_ERRORS as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(1)

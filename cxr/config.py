@@ -1,0 +1,143 @@
+"""The schema of params.yaml: one dataclass per section, checked when a stage starts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from cxr.images import Preprocessing
+from cxr.params import ParamsError, from_section, load_params, section
+
+FOUR_CLASSES = ["covid", "viral", "bacterial", "normal"]
+BINARY_CLASSES = ["non_covid", "covid"]
+ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+
+
+@dataclass(frozen=True)
+class BaseParams:
+    """Values several stages read."""
+
+    seed: int = 42
+    image_size: int = 112
+
+    def validate(self) -> None:
+        if not 16 <= self.image_size <= 1024:
+            raise ParamsError(f"base.image_size must be in 16..1024, got {self.image_size}")
+
+
+@dataclass(frozen=True)
+class SplitParams:
+    group_by: Literal["patient", "image"] = "patient"
+    val_fraction: float = 0.2
+    test_fraction: float = 0.2
+    harmonise: bool = True
+    harmonise_size: int = 224
+    jpeg_quality: int = 75
+    # Datasets whose publisher already squashed images to 224 px JPEG q75 (see cxr.images).
+    pre_harmonised: list[str] = field(default_factory=lambda: ["kermany"])
+
+
+@dataclass(frozen=True)
+class AugmentParams:
+    hflip: bool = True
+    degrees: float = 15.0
+    translate: float = 0.1
+    scale: list[float] = field(default_factory=lambda: [0.9, 1.1])
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    """One training task; train_binary and train_four_class share these keys."""
+
+    task: Literal["binary", "four_class"]
+    arch: str = "resnet152"
+    weights: str = "none"  # none | imagenet | path to a state_dict
+    zero_init_residual: bool = True
+    epochs: int = 4
+    batch_size: int = 16
+    optimizer: Literal["sgd", "adamw"] = "adamw"
+    lr: float = 1.0e-3
+    momentum: float = 0.9
+    weight_decay: float = 1.0e-4
+    schedule: Literal["onecycle", "multistep", "constant"] = "onecycle"
+    milestones: list[int] = field(default_factory=lambda: [10, 20])
+    gamma: float = 0.1
+    balance: Literal["none", "oversample", "weighted_loss"] = "weighted_loss"
+    select_metric: Literal["macro_f1", "loss"] = "macro_f1"
+    patience: int = 0  # epochs without improvement before stopping; 0 = never stop early
+    augment: dict = field(default_factory=dict)
+    deterministic: bool = False
+    threads: int = 0  # torch CPU threads; 0 = one per core
+
+    def validate(self) -> None:
+        if self.arch not in ARCHS:
+            raise ParamsError(
+                f"{self.task}: unknown arch {self.arch!r}; choose one of {list(ARCHS)}"
+            )
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ParamsError(f"{self.task}: epochs and batch_size must be >= 1")
+        if self.lr <= 0:
+            raise ParamsError(f"{self.task}: lr must be > 0, got {self.lr}")
+        self.augmentation()  # validates the augment mapping
+
+    def augmentation(self) -> AugmentParams:
+        return from_section(AugmentParams, self.augment, f"train_{self.task}.augment")
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(BINARY_CLASSES) if self.task == "binary" else list(FOUR_CLASSES)
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    bootstrap: int = 1000
+    ci_level: float = 0.95
+    threshold: Literal["youden", "sensitivity"] = "youden"
+    target_sensitivity: float = 0.95
+    calibration_bins: int = 10
+
+
+@dataclass(frozen=True)
+class GradcamParams:
+    method: Literal["gradcam", "gradcam++", "hirescam", "scorecam", "xgradcam", "eigencam"] = (
+        "gradcam"
+    )
+    gallery_per_group: int = 3
+    border_fraction: float = 0.12
+    faithfulness_top_percent: float = 20.0
+    batch_size: int = 8
+
+
+def load_base(path: str | Path) -> BaseParams:
+    return from_section(BaseParams, section(load_params(path), "base"), "base")
+
+
+def load_split_params(path: str | Path) -> SplitParams:
+    return from_section(SplitParams, section(load_params(path), "split"), "split")
+
+
+def load_train_params(path: str | Path, name: str) -> TrainParams:
+    values = dict(section(load_params(path), name))
+    task = name.removeprefix("train_")
+    if values.setdefault("task", task) != task:
+        raise ParamsError(f"{name}.task must be {task!r}")
+    return from_section(TrainParams, values, name)
+
+
+def load_evaluate_params(path: str | Path) -> EvaluateParams:
+    return from_section(EvaluateParams, section(load_params(path), "evaluate"), "evaluate")
+
+
+def load_gradcam_params(path: str | Path) -> GradcamParams:
+    return from_section(GradcamParams, section(load_params(path), "gradcam"), "gradcam")
+
+
+def preprocessing(base: BaseParams, split: SplitParams) -> Preprocessing:
+    """The preprocessing spec every stage shares (it travels in each checkpoint too)."""
+    return Preprocessing(
+        image_size=base.image_size,
+        harmonise=split.harmonise,
+        harmonise_size=split.harmonise_size,
+        jpeg_quality=split.jpeg_quality,
+    )

@@ -1,0 +1,375 @@
+"""Fetch the chest X-ray images named in sources.csv / cases.csv, verified by sha256.
+
+Each file is taken from a local mirror (a folder laid out like raw.githubusercontent.com) when it
+is there, and downloaded otherwise. Either way the bytes are hashed while they are written to a temp
+file beside the destination, and only a file with the expected digest is moved into place, so an
+interrupted or failed run never leaves a half-written or wrong image behind, and a re-run skips
+the files that are already correct.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import tempfile
+import threading
+import urllib.parse
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import BinaryIO
+
+import pandas as pd
+import requests
+from tqdm import tqdm
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BASE_URL = "https://raw.githubusercontent.com/"
+DATASETS = ("sample", "full")
+IMAGES_DIR = "images"
+MANIFEST_NAME = "manifest.csv"
+CASES_NAME = "cases.csv"
+CHUNK_SIZE = 1 << 20
+MAX_LISTED_FAILURES = 5
+# Origins reported per file, in the order they are logged.
+ORIGINS = ("mirror", "downloaded", "present")
+
+
+class FetchError(RuntimeError):
+    """One or more files could not be fetched and verified."""
+
+
+class _FileError(Exception):
+    """A single file failed; `offline` marks network-unreachable failures for the summary."""
+
+    def __init__(self, reason: str, *, offline: bool = False) -> None:
+        super().__init__(reason)
+        self.offline = offline
+
+
+class _Retryable(Exception):
+    """A transient download failure (5xx, 429, dropped connection) worth another try."""
+
+
+@dataclass(frozen=True)
+class FileSpec:
+    """One file to fetch: its URL tail / mirror path, and the digest and size it must have."""
+
+    path: str
+    sha256: str
+    bytes: int | None = None
+
+
+@dataclass
+class _Context:
+    """What every worker shares: where to look, how hard to try, and the offline flag."""
+
+    mirror: Path | None
+    base_url: str
+    timeout: float
+    retries: int
+    backoff: float
+    offline: threading.Event
+    cancel: threading.Event
+    local: threading.local
+
+
+def select_sources(df: pd.DataFrame, dataset: str) -> pd.DataFrame:
+    """Rows of sources.csv for `dataset`: "sample" (the small default subset) or "full"."""
+    if dataset == "full":
+        return df.reset_index(drop=True)
+    if dataset == "sample":
+        keep = pd.to_numeric(df["sample"], errors="coerce") == 1
+        return df[keep].reset_index(drop=True)
+    raise ValueError(f"fetch.dataset must be one of {', '.join(DATASETS)}; got {dataset!r}")
+
+
+def resolve_mirror(env: Mapping[str, str], default: Path) -> Path | None:
+    """The mirror folder: $CXR_MIRROR if set, else `default` if it exists, else None (download).
+
+    A CXR_MIRROR that is set but wrong is an error, not a silent fall-back to a long download.
+    """
+    value = env.get("CXR_MIRROR", "")
+    if value:
+        path = Path(value).expanduser()
+        if not path.is_dir():
+            raise ValueError(
+                f"CXR_MIRROR={value!r} is not a directory; point it at the cxr-mirror folder "
+                "(see its README) or unset it to download"
+            )
+        return path
+    return default if default.is_dir() else None
+
+
+def resolve_base_url(env: Mapping[str, str]) -> str:
+    """The download base URL: $CXR_BASE_URL or raw.githubusercontent.com, ending in '/'."""
+    url = env.get("CXR_BASE_URL", "") or DEFAULT_BASE_URL
+    return url if url.endswith("/") else url + "/"
+
+
+def read_table(path: Path, required: Iterable[str] = ("path", "sha256")) -> pd.DataFrame:
+    """Read a sources/cases CSV as text, so the manifest copies every value unchanged."""
+    df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    missing = [c for c in required if c not in df.columns]
+    if missing:
+        raise ValueError(f"{path} lacks column(s) {', '.join(missing)}; is it the right CSV?")
+    return df
+
+
+def file_specs(df: pd.DataFrame) -> list[FileSpec]:
+    """FileSpecs for the rows of a sources/cases table."""
+    sizes = df["bytes"] if "bytes" in df.columns else [None] * len(df)
+    return [
+        FileSpec(path=str(p), sha256=str(h).lower(), bytes=int(b) if b not in (None, "") else None)
+        for p, h, b in zip(df["path"], df["sha256"], sizes, strict=True)
+    ]
+
+
+def image_relpath(path: str) -> str:
+    """Where a file lands relative to the output dir; keeps the URL layout so names never clash."""
+    parts = PurePosixPath(path).parts
+    if not parts or path.startswith("/") or any(p in ("..", ".") for p in parts):
+        raise ValueError(f"unsafe file path {path!r} in the sources table")
+    return f"{IMAGES_DIR}/{path}"
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in chunks so large files need little memory."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(CHUNK_SIZE):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def fetch_files(
+    specs: Iterable[FileSpec],
+    dest_dir: Path,
+    *,
+    mirror: Path | None,
+    base_url: str = DEFAULT_BASE_URL,
+    workers: int = 8,
+    timeout: float = 30.0,
+    retries: int = 3,
+    backoff: float = 1.0,
+) -> Counter[str]:
+    """Fetch every spec to `dest_dir/<path>`; return counts by origin (mirror/downloaded/present).
+
+    Raises FetchError listing the failures after trying every file, so one bad file does not hide
+    the others.
+    """
+    unique = list({s.path: s for s in specs}.values())
+    ctx = _Context(
+        mirror=mirror,
+        base_url=base_url,
+        timeout=timeout,
+        retries=retries,
+        backoff=backoff,
+        offline=threading.Event(),
+        cancel=threading.Event(),
+        local=threading.local(),
+    )
+    counts: Counter[str] = Counter({o: 0 for o in ORIGINS})
+    failures: list[tuple[str, _FileError]] = []
+    pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="fetch")
+    try:
+        futures = {pool.submit(_fetch_one, s, dest_dir / s.path, ctx): s for s in unique}
+        for future in tqdm(as_completed(futures), total=len(futures), unit="file", desc="fetch"):
+            spec = futures[future]
+            try:
+                origin = future.result()
+            except _FileError as exc:
+                log.debug("failed %s: %s", spec.path, exc)
+                failures.append((spec.path, exc))
+            else:
+                counts[origin] += 1
+    except BaseException:
+        # Ctrl-C: stop the workers between chunks so they delete their temp files and exit.
+        ctx.cancel.set()
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    if failures:
+        raise FetchError(_failure_message(failures, len(unique)))
+    return counts
+
+
+def fetch_dataset(
+    sources: pd.DataFrame,
+    cases: pd.DataFrame,
+    out: Path,
+    *,
+    mirror: Path | None,
+    base_url: str = DEFAULT_BASE_URL,
+    workers: int = 8,
+    timeout: float = 30.0,
+    retries: int = 3,
+) -> Counter[str]:
+    """Fetch the selected sources and all cases into `out/images`, then write both manifests.
+
+    The manifests are removed first and written last, so their presence means the images they list
+    are all there and verified.
+    """
+    sources, cases = _with_file_column(sources), _with_file_column(cases)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in (MANIFEST_NAME, CASES_NAME):
+        (out / name).unlink(missing_ok=True)
+    counts = fetch_files(
+        file_specs(sources) + file_specs(cases),
+        out / IMAGES_DIR,
+        mirror=mirror,
+        base_url=base_url,
+        workers=workers,
+        timeout=timeout,
+        retries=retries,
+    )
+    write_csv_atomic(sources, out / MANIFEST_NAME)
+    write_csv_atomic(cases, out / CASES_NAME)
+    return counts
+
+
+def write_csv_atomic(df: pd.DataFrame, path: Path) -> None:
+    """Write a CSV via a temp file and os.replace, so readers never see a partial manifest."""
+    _write_atomic(path, lambda fh: fh.write(df.to_csv(index=False).encode("utf-8")))
+
+
+def _with_file_column(df: pd.DataFrame) -> pd.DataFrame:
+    """Copy of `df` with `file`: the image path relative to the output dir."""
+    return df.assign(file=[image_relpath(p) for p in df["path"]])
+
+
+def _fetch_one(spec: FileSpec, dest: Path, ctx: _Context) -> str:
+    """Make `dest` a verified copy of `spec`; return where it came from."""
+    try:
+        return _fetch_or_skip(spec, dest, ctx)
+    except OSError as exc:  # disk full, permissions, odd request errors: report with the others
+        raise _FileError(f"{type(exc).__name__}: {exc}") from exc
+
+
+def _fetch_or_skip(spec: FileSpec, dest: Path, ctx: _Context) -> str:
+    """Skip a correct existing file, else copy from the mirror, else download."""
+    if dest.is_file() and sha256_file(dest) == spec.sha256:
+        return "present"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    source = ctx.mirror / spec.path if ctx.mirror is not None else None
+    if source is not None and source.is_file():
+        with open(source, "rb") as src:
+            _write_verified(dest, spec, lambda fh: _copy_stream(src, fh, ctx), where=str(source))
+        return "mirror"
+    _download(spec, dest, ctx)
+    return "downloaded"
+
+
+def _download(spec: FileSpec, dest: Path, ctx: _Context) -> None:
+    """Download with retries and exponential backoff; fail fast once the network is known down."""
+    url = ctx.base_url + urllib.parse.quote(spec.path)
+    for attempt in range(ctx.retries + 1):
+        if ctx.offline.is_set():
+            raise _FileError("network unreachable (skipped after earlier failures)", offline=True)
+        try:
+            _write_verified(dest, spec, lambda fh: _get(url, fh, ctx), where=url)
+            return
+        except (_Retryable, requests.ConnectionError, requests.Timeout) as exc:
+            offline = isinstance(exc, requests.ConnectionError)
+            if attempt == ctx.retries:
+                if offline:
+                    ctx.offline.set()
+                reason = f"network unreachable ({_short(exc)})" if offline else _short(exc)
+                raise _FileError(f"{reason} from {ctx.base_url}", offline=offline) from exc
+            delay = ctx.backoff * 2**attempt
+            log.debug("retry %d/%d in %.1fs for %s: %s", attempt + 1, ctx.retries, delay, url, exc)
+            # Wake early if another worker has already found the network down.
+            ctx.offline.wait(delay)
+
+
+def _short(exc: Exception) -> str:
+    """The useful part of a requests error ('[Errno 111] Connection refused'), not 5 lines."""
+    match = re.search(r"\[Errno [-\d]+\] [^)'\]]+", str(exc))
+    if match:
+        return match.group(0)
+    return str(exc) if isinstance(exc, _Retryable) else type(exc).__name__
+
+
+def _get(url: str, fh: BinaryIO, ctx: _Context) -> str:
+    """Stream one GET into `fh`; 5xx/429 and dropped connections are retryable, 4xx is not."""
+    session = getattr(ctx.local, "session", None)
+    if session is None:
+        session = ctx.local.session = requests.Session()
+    try:
+        with session.get(url, stream=True, timeout=ctx.timeout) as resp:
+            if resp.status_code >= 500 or resp.status_code == 429:
+                raise _Retryable(f"HTTP {resp.status_code} {resp.reason}")
+            if resp.status_code != 200:
+                raise _FileError(f"HTTP {resp.status_code} {resp.reason} for {url}")
+            return _hash_chunks(resp.iter_content(CHUNK_SIZE), fh, ctx)
+    except requests.exceptions.ChunkedEncodingError as exc:
+        raise _Retryable(f"connection dropped mid-download: {exc}") from exc
+
+
+def _copy_stream(src: BinaryIO, fh: BinaryIO, ctx: _Context) -> str:
+    """Copy a local file into `fh`, hashing the same bytes."""
+    return _hash_chunks(iter(lambda: src.read(CHUNK_SIZE), b""), fh, ctx)
+
+
+def _hash_chunks(chunks: Iterable[bytes], fh: BinaryIO, ctx: _Context) -> str:
+    """Write chunks to `fh` and hash them in one pass; stop promptly on Ctrl-C."""
+    digest = hashlib.sha256()
+    for chunk in chunks:
+        if ctx.cancel.is_set():
+            raise _FileError("cancelled")
+        digest.update(chunk)
+        fh.write(chunk)
+    return digest.hexdigest()
+
+
+def _write_verified(
+    dest: Path, spec: FileSpec, fill: Callable[[BinaryIO], str], *, where: str
+) -> None:
+    """Fill a temp file, check its sha256 against `spec`, and only then move it onto `dest`."""
+
+    def fill_and_check(fh: BinaryIO) -> None:
+        actual = fill(fh)
+        if actual != spec.sha256:
+            size = fh.tell()
+            expected_size = f" ({spec.bytes} bytes)" if spec.bytes is not None else ""
+            raise _FileError(
+                f"sha256 mismatch for {spec.path} from {where}: expected {spec.sha256}"
+                f"{expected_size}, got {actual} ({size} bytes)"
+            )
+
+    _write_atomic(dest, fill_and_check)
+
+
+def _write_atomic(dest: Path, fill: Callable[[BinaryIO], object]) -> None:
+    """Run `fill` on a temp file next to `dest`, then os.replace; delete the temp on any failure."""
+    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fill(fh)
+        os.replace(tmp, dest)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _failure_message(failures: list[tuple[str, _FileError]], total: int) -> str:
+    """One message for all failures: how many, the first few with reasons, and what to do."""
+    failures = sorted(failures, key=lambda f: f[0])
+    lines = [f"{len(failures)} of {total} files could not be fetched and verified:"]
+    lines += [f"  {path}: {exc}" for path, exc in failures[:MAX_LISTED_FAILURES]]
+    if len(failures) > MAX_LISTED_FAILURES:
+        lines.append(f"  ... and {len(failures) - MAX_LISTED_FAILURES} more")
+    offline = sum(exc.offline for _, exc in failures)
+    if offline:
+        lines.append(
+            f"{offline} of {total} files are not in a mirror and could not be downloaded "
+            "(network unreachable). Point CXR_MIRROR at a local copy of the mirror (see README) "
+            "or check your connection."
+        )
+    return "\n".join(lines)

@@ -1,0 +1,167 @@
+"""Build a ResNet for N classes with its input contract; save and load checkpoints.
+
+Input contract: a float tensor N x 1 x S x S with values in [0, 1] (uint8 / 255). The network
+normalises inside itself, so every caller (train, evaluate, gradcam, predict) feeds the same
+thing and the normalisation travels with the weights.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+import torchvision
+from torch import nn
+
+from cxr.config import ARCHS
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = "cxr-checkpoint/1"
+# ImageNet's RGB mean/std averaged over channels: right for a grayscale input fed to a conv1
+# whose RGB filters were summed (see adapt_conv1_to_gray).
+GRAY_MEAN, GRAY_STD = 0.449, 0.226
+
+
+class CheckpointError(ValueError):
+    """A checkpoint or weights file that cannot be used, with the reason."""
+
+
+class CXRNet(nn.Module):
+    """Normalisation + a torchvision ResNet with a one-channel stem."""
+
+    def __init__(self, backbone: nn.Module, mean: float = GRAY_MEAN, std: float = GRAY_STD):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean))
+        self.register_buffer("std", torch.tensor(std))
+        self.backbone = backbone
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone((x - self.mean) / self.std)
+
+    @property
+    def cam_layer(self) -> nn.Module:
+        """The last residual block: Grad-CAM's default target layer."""
+        return self.backbone.layer4[-1]
+
+
+def adapt_conv1_to_gray(backbone: nn.Module) -> None:
+    """Replace the RGB stem by a one-channel one.
+
+    Summing the RGB filters gives exactly the response to a gray image replicated to three
+    channels, at a third of the stem's input memory traffic; with random weights it is simply
+    a fresh one-channel conv.
+    """
+    old = backbone.conv1
+    new = nn.Conv2d(1, old.out_channels, old.kernel_size, old.stride, old.padding, bias=False)
+    with torch.no_grad():
+        new.weight.copy_(old.weight.sum(dim=1, keepdim=True))
+    backbone.conv1 = new
+
+
+def _imagenet_backbone(arch: str) -> nn.Module:
+    try:
+        return torchvision.models.get_model(arch, weights="DEFAULT")
+    except Exception as exc:  # urllib/ssl/http errors differ by platform; all mean the same
+        raise CheckpointError(
+            f"could not get ImageNet weights for {arch} ({type(exc).__name__}: {exc}). They are "
+            "downloaded on first use and need a network; set weights: none, or download them "
+            "elsewhere and set weights: <path to the .pth state_dict>."
+        ) from exc
+
+
+def _state_dict_backbone(arch: str, path: Path) -> nn.Module:
+    state = load_state_dict_file(path)
+    if "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]  # one of our own checkpoints
+        state = {
+            k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")
+        }
+    backbone = torchvision.models.get_model(arch, weights=None)
+    if "conv1.weight" in state and state["conv1.weight"].shape[1] == 1:
+        adapt_conv1_to_gray(backbone)
+    own = backbone.state_dict()
+    # The classifier head differs in size between tasks; everything else must fit.
+    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    missing = [k for k in own if k not in usable and not k.startswith("fc.")]
+    if missing:
+        raise CheckpointError(
+            f"{path} does not fit a {arch}: {len(missing)} tensors missing or of the wrong shape "
+            f"(e.g. {missing[:3]}). Is it a {arch} state_dict?"
+        )
+    backbone.load_state_dict(usable, strict=False)
+    return backbone
+
+
+def build_model(
+    arch: str, num_classes: int, *, weights: str = "none", zero_init_residual: bool = True
+) -> CXRNet:
+    """A ResNet for `num_classes` grayscale classes, from random init, ImageNet or a file."""
+    if arch not in ARCHS:
+        raise CheckpointError(f"unknown arch {arch!r}; choose one of {list(ARCHS)}")
+    if weights == "none":
+        # Zero-initialising each block's last BN makes a deep ResNet start as a shallow one;
+        # measured to matter a lot for ResNet-152 trained from scratch on a few hundred images.
+        backbone = torchvision.models.get_model(
+            arch, weights=None, zero_init_residual=zero_init_residual
+        )
+    elif weights == "imagenet":
+        backbone = _imagenet_backbone(arch)
+    else:
+        backbone = _state_dict_backbone(arch, Path(weights))
+    if backbone.conv1.in_channels != 1:
+        adapt_conv1_to_gray(backbone)
+    if backbone.fc.out_features != num_classes:
+        backbone.fc = nn.Linear(backbone.fc.in_features, num_classes)
+    return CXRNet(backbone)
+
+
+def load_state_dict_file(path: Path) -> dict[str, Any]:
+    """torch.load with weights_only=True: a file that needs arbitrary code is refused."""
+    if not Path(path).is_file():
+        raise CheckpointError(f"{path}: file not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"{path}: refused to load: it is not a plain checkpoint (it would need to run "
+            f"arbitrary code to unpickle: {str(exc).splitlines()[0]})"
+        ) from exc
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: not a readable PyTorch file ({exc})") from exc
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: expected a dict of tensors, got {type(state).__name__}")
+    return state
+
+
+def save_checkpoint(path: Path, model: CXRNet, meta: dict[str, Any]) -> None:
+    """state_dict + plain metadata, written atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    torch.save({"format": CHECKPOINT_FORMAT, "state_dict": state, "meta": meta}, tmp)
+    tmp.replace(path)
+
+
+def load_checkpoint(path: str | Path, task: str | None = None) -> tuple[CXRNet, dict[str, Any]]:
+    """Rebuild the model a checkpoint describes; `task` guards against the wrong one."""
+    path = Path(path)
+    blob = load_state_dict_file(path)
+    if blob.get("format") != CHECKPOINT_FORMAT or "meta" not in blob:
+        raise CheckpointError(
+            f"{path}: not a cxr checkpoint (format {blob.get('format')!r}, expected "
+            f"{CHECKPOINT_FORMAT!r}); train one with dvc repro"
+        )
+    meta = blob["meta"]
+    if task is not None and meta.get("task") != task:
+        raise CheckpointError(f"{path}: a {meta.get('task')!r} checkpoint, expected {task!r}")
+    model = build_model(meta["arch"], len(meta["class_names"]), weights="none")
+    try:
+        model.load_state_dict(blob["state_dict"])
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path}: weights do not match {meta['arch']}: {exc}") from exc
+    model.eval()
+    return model, meta

@@ -1,0 +1,227 @@
+"""The training loop shared by both tasks: selection and early stopping on validation only."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.metrics import f1_score
+from torch import nn
+from tqdm import tqdm
+
+from cxr.config import TrainParams
+from cxr.data import augment_batch, class_weights, epoch_order, to_input
+from cxr.models import CXRNet
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EpochResult:
+    epoch: int
+    train_loss: float
+    train_accuracy: float
+    val_loss: float
+    val_accuracy: float
+    val_macro_f1: float
+    seconds: float
+    images_per_second: float
+
+
+@dataclass
+class TrainResult:
+    best_epoch: int
+    best: EpochResult
+    history: list[EpochResult] = field(default_factory=list)
+    wall_seconds: float = 0.0
+    train_images_per_second: float = 0.0
+    stopped_early: bool = False
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "best_epoch": self.best_epoch,
+            "epochs_run": len(self.history),
+            "stopped_early": self.stopped_early,
+            "val": {
+                "loss": self.best.val_loss,
+                "accuracy": self.best.val_accuracy,
+                "macro_f1": self.best.val_macro_f1,
+            },
+            "wall_seconds": round(self.wall_seconds, 1),
+            "train_images_per_second": round(self.train_images_per_second, 2),
+        }
+
+
+def pick_device() -> torch.device:
+    """CUDA when present (never required), else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def set_threads(threads: int) -> None:
+    """One torch thread per core by default; oversubscribing 2 cores only slows things."""
+    torch.set_num_threads(threads or os.cpu_count() or 1)
+
+
+def make_optimizer(model: nn.Module, p: TrainParams) -> torch.optim.Optimizer:
+    if p.optimizer == "sgd":
+        return torch.optim.SGD(
+            model.parameters(), lr=p.lr, momentum=p.momentum, weight_decay=p.weight_decay
+        )
+    return torch.optim.AdamW(model.parameters(), lr=p.lr, weight_decay=p.weight_decay)
+
+
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, p: TrainParams, steps_per_epoch: int
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """Stepped once per batch, so milestones (in epochs) are converted to steps."""
+    if p.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=p.lr, total_steps=p.epochs * steps_per_epoch
+        )
+    if p.schedule == "multistep":
+        milestones = [m * steps_per_epoch for m in p.milestones]
+        return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=p.gamma)
+    return torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
+
+
+def autocast(device: torch.device) -> torch.autocast:
+    """bfloat16 autocast on a GPU; on the CPU plain float32 (CPU autocast is slower here)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+@torch.inference_mode()
+def predict_proba(
+    model: nn.Module,
+    images: np.ndarray,
+    *,
+    batch_size: int = 32,
+    device: torch.device | None = None,
+) -> np.ndarray:
+    """Softmax probabilities for uint8 images, batched."""
+    device = device or next(model.parameters()).device
+    model.eval()
+    out = []
+    for start in range(0, len(images), batch_size):
+        x = to_input(images[start : start + batch_size]).to(device)
+        with autocast(device):
+            logits = model(x)
+        out.append(torch.softmax(logits.float(), dim=1).cpu().numpy())
+    num_classes = model.backbone.fc.out_features if hasattr(model, "backbone") else 0
+    return np.concatenate(out) if out else np.zeros((0, num_classes), dtype=np.float32)
+
+
+def _evaluate(
+    model: nn.Module, images: np.ndarray, labels: np.ndarray, loss_fn: nn.Module, batch_size: int
+) -> tuple[float, float, float]:
+    prob = predict_proba(model, images, batch_size=batch_size)
+    target = torch.as_tensor(labels)
+    loss = float(loss_fn(torch.log(torch.as_tensor(prob).clamp_min(1e-7)), target))
+    pred = prob.argmax(1)
+    accuracy = float((pred == labels).mean())
+    macro_f1 = float(f1_score(labels, pred, average="macro", zero_division=0))
+    return loss, accuracy, macro_f1
+
+
+def _is_better(result: EpochResult, best: EpochResult | None, metric: str) -> bool:
+    if best is None:
+        return True
+    if metric == "loss":
+        return result.val_loss < best.val_loss
+    return result.val_macro_f1 > best.val_macro_f1
+
+
+def train_model(
+    model: CXRNet,
+    p: TrainParams,
+    *,
+    train_images: np.ndarray,
+    train_labels: np.ndarray,
+    val_images: np.ndarray,
+    val_labels: np.ndarray,
+    generator: torch.Generator,
+    on_epoch: Callable[[EpochResult], None] | None = None,
+) -> TrainResult:
+    """Train, select the best epoch on validation, and load those weights back into `model`.
+
+    The test split is not an argument: training cannot read it.
+    """
+    device = pick_device()
+    num_classes = model.backbone.fc.out_features
+    model.to(device).to(memory_format=torch.channels_last)
+    weight = class_weights(train_labels, num_classes) if p.balance == "weighted_loss" else None
+    train_loss_fn = nn.CrossEntropyLoss(weight=weight.to(device) if weight is not None else None)
+    # Validation loss is unweighted NLL so it compares across balance settings.
+    val_loss_fn = nn.NLLLoss()
+    steps = max(1, len(train_images) // p.batch_size)
+    optimizer = make_optimizer(model, p)
+    scheduler = make_scheduler(optimizer, p, steps)
+    aug = p.augmentation()
+    images_t = torch.from_numpy(train_images)
+    labels_t = torch.from_numpy(train_labels)
+
+    best_state, best, result = None, None, TrainResult(best_epoch=0, best=None)  # type: ignore[arg-type]
+    seen, train_time, since_best = 0, 0.0, 0
+    start = time.perf_counter()
+    for epoch in range(1, p.epochs + 1):
+        model.train()
+        t0 = time.perf_counter()
+        order = epoch_order(train_labels, oversample=p.balance == "oversample", generator=generator)
+        # drop_last: a final batch of 1 breaks BatchNorm and adds noise for no gain.
+        batches = order[: steps * p.batch_size].view(steps, -1)
+        total_loss, correct, count = 0.0, 0, 0
+        bar = tqdm(batches, desc=f"{p.task} epoch {epoch}/{p.epochs}", unit="batch", leave=False)
+        for idx in bar:
+            x = augment_batch(to_input(images_t[idx]), aug, generator).to(device)
+            y = labels_t[idx].to(device)
+            with autocast(device):
+                logits = model(x)
+                loss = train_loss_fn(logits.float(), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            total_loss += float(loss) * len(idx)
+            correct += int((logits.argmax(1) == y).sum())
+            count += len(idx)
+            bar.set_postfix(loss=f"{total_loss / count:.3f}")
+        epoch_train_time = time.perf_counter() - t0
+        train_time += epoch_train_time
+        seen += count
+        val_loss, val_acc, val_f1 = _evaluate(model, val_images, val_labels, val_loss_fn, 32)
+        res = EpochResult(
+            epoch=epoch,
+            train_loss=total_loss / count,
+            train_accuracy=correct / count,
+            val_loss=val_loss,
+            val_accuracy=val_acc,
+            val_macro_f1=val_f1,
+            seconds=time.perf_counter() - t0,
+            images_per_second=count / epoch_train_time,
+        )
+        result.history.append(res)
+        log.info("%s epoch %d: %s", p.task, epoch, {k: round(v, 4) for k, v in asdict(res).items()})
+        if on_epoch:
+            on_epoch(res)
+        if _is_better(res, best, p.select_metric):
+            best, since_best = res, 0
+            best_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
+        else:
+            since_best += 1
+            if p.patience and since_best >= p.patience:
+                log.info("early stop: no validation improvement for %d epochs", since_best)
+                result.stopped_early = True
+                break
+
+    model.load_state_dict(best_state)
+    model.to("cpu").eval()
+    result.best, result.best_epoch = best, best.epoch
+    result.wall_seconds = time.perf_counter() - start
+    result.train_images_per_second = seen / train_time if train_time else 0.0
+    return result

@@ -1,0 +1,73 @@
+"""Stage fetch: the selected chest X-rays and the 19 case studies, verified, with manifests."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:  # so `python stages/fetch.py` works without installing cxr
+    sys.path.insert(0, str(REPO_ROOT))
+
+import yaml  # noqa: E402
+
+from cxr import fetch  # noqa: E402
+
+log = logging.getLogger("stages.fetch")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--sources", type=Path, default=Path("data/sources/sources.csv"))
+    p.add_argument("--cases", type=Path, default=Path("data/sources/cases.csv"))
+    p.add_argument("--params", type=Path, default=Path("params.yaml"))
+    p.add_argument("--out", type=Path, default=Path("data/raw"))
+    # Operational knobs, not params: they change how fast, never what is fetched.
+    p.add_argument("--workers", type=int, default=8, help="parallel downloads")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds per HTTP request")
+    p.add_argument("--retries", type=int, default=3, help="retries per download")
+    return p.parse_args(argv)
+
+
+def load_dataset_param(path: Path) -> str:
+    """fetch.dataset from the params file, with an error that says what to add."""
+    try:
+        params = yaml.safe_load(path.read_text()) or {}
+    except OSError as exc:
+        raise ValueError(f"cannot read params file {path}: {exc}") from exc
+    try:
+        return str(params["fetch"]["dataset"])
+    except (KeyError, TypeError):
+        raise ValueError(
+            f"{path} has no fetch.dataset; add `fetch: {{dataset: sample}}` (or full)"
+        ) from None
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    start = time.monotonic()
+    try:
+        dataset = load_dataset_param(args.params)
+        sources = fetch.select_sources(fetch.read_table(args.sources), dataset)
+        cases = fetch.read_table(args.cases)
+        mirror = fetch.resolve_mirror(os.environ, REPO_ROOT.parent / "shared" / "cxr-mirror")
+        log.info("%s: %d images + %d cases, mirror %s", dataset, len(sources), len(cases), mirror)
+        counts = fetch.fetch_dataset(
+            sources, cases, args.out, mirror=mirror, base_url=fetch.resolve_base_url(os.environ),
+            workers=args.workers, timeout=args.timeout, retries=args.retries,
+        )  # fmt: skip
+    except (fetch.FetchError, ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(1)
+    log.info("%(mirror)d from the mirror, %(downloaded)d downloaded, %(present)d already present",
+             counts)  # fmt: skip
+    log.info("wrote %s in %.1fs", args.out, time.monotonic() - start)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""train_binary / train_four_class stage: one script, the params section picks the task."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+from dvclive import Live
+
+from cxr.arrays import load_split
+from cxr.cli import setup_logging, user_errors
+from cxr.config import load_base, load_split_params, load_train_params, preprocessing
+from cxr.data import labels_for, seed_everything
+from cxr.models import build_model, save_checkpoint
+from cxr.train import EpochResult, set_threads, train_model
+
+log = logging.getLogger("train")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--section", required=True, choices=["train_binary", "train_four_class"])
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument("--data", type=Path, default=Path("data/split"))
+    parser.add_argument("--model", type=Path, required=True, help="checkpoint to write")
+    parser.add_argument("--metrics", type=Path, required=True, help="training summary JSON")
+    parser.add_argument("--plots", type=Path, required=True, help="dvclive directory (curves)")
+    return parser.parse_args(argv)
+
+
+def log_epoch(live: Live, res: EpochResult) -> None:
+    """Per-epoch curves as dvclive TSVs (plots/<stage>/plots/metrics/{train,val}/...)."""
+    live.step = res.epoch
+    live.log_metric("train/loss", res.train_loss, plot=True)
+    live.log_metric("train/accuracy", res.train_accuracy, plot=True)
+    live.log_metric("val/loss", res.val_loss, plot=True)
+    live.log_metric("val/accuracy", res.val_accuracy, plot=True)
+    live.log_metric("val/macro_f1", res.val_macro_f1, plot=True)
+    live.log_metric("images_per_second", res.images_per_second, plot=True)
+    live.make_summary()
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    setup_logging()
+    with user_errors():
+        base, p = load_base(args.params), load_train_params(args.params, args.section)
+        spec = preprocessing(base, load_split_params(args.params))
+        generator = seed_everything(base.seed, p.deterministic)
+        set_threads(p.threads)
+        train_x, train_table = load_split(args.data, "train")
+        val_x, val_table = load_split(args.data, "val")
+        if train_x.shape[1] != spec.image_size:
+            raise ValueError(
+                f"{args.data} holds {train_x.shape[1]} px images, params say {spec.image_size}"
+            )
+        model = build_model(
+            p.arch, len(p.class_names), weights=p.weights, zero_init_residual=p.zero_init_residual
+        )
+        log.info("%s: %s on %d train / %d val images", p.task, p.arch, len(train_x), len(val_x))
+        with Live(str(args.plots), save_dvc_exp=False, dvcyaml=None, report=None) as live:
+            result = train_model(
+                model,
+                p,
+                train_images=train_x,
+                train_labels=labels_for(train_table, p.task),
+                val_images=val_x,
+                val_labels=labels_for(val_table, p.task),
+                generator=generator,
+                on_epoch=lambda res: log_epoch(live, res),
+            )
+        meta = {
+            "task": p.task,
+            "arch": p.arch,
+            "class_names": p.class_names,
+            "image_size": spec.image_size,
+            "preprocessing": spec.to_dict(),
+            "normalisation": {
+                "mean": float(model.mean),
+                "std": float(model.std),
+                "input": "uint8/255, 1 channel",
+            },
+            "params": asdict(p),
+            "seed": base.seed,
+            "training": result.summary(),
+        }
+        save_checkpoint(args.model, model, meta)
+        args.metrics.parent.mkdir(parents=True, exist_ok=True)
+        args.metrics.write_text(json.dumps(result.summary(), indent=2) + "\n")
+        log.info("best epoch %d: %s -> %s", result.best_epoch, result.summary()["val"], args.model)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,303 @@
+"""Tests for cxr.fetch and stages/fetch.py on a fake mirror and a local HTTP server (no network)."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import http.server
+import importlib.util
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from cxr import fetch
+from cxr.fetch import FetchError, FileSpec
+
+ROOT = Path(__file__).resolve().parents[1]
+PREFIX = "own/repo/0123abc"
+FILES = {  # path -> content; the "true" bytes every digest below is computed from
+    f"{PREFIX}/images/a.png": b"alpha image bytes",
+    f"{PREFIX}/X-Ray Image DataSet/b c.png": b"bravo, a path with spaces",
+    f"{PREFIX}/images/served.png": b"served over http",
+    f"{PREFIX}/X-Ray Image DataSet/served space.png": b"served with a space",
+    f"{PREFIX}/images/tampered.png": b"the real tampered bytes",
+    f"{PREFIX}/images/missing.png": b"never served",
+    f"{PREFIX}/cases/01.jpeg": b"case one",
+}
+MIRRORED = [
+    f"{PREFIX}/images/a.png",
+    f"{PREFIX}/X-Ray Image DataSet/b c.png",
+    f"{PREFIX}/cases/01.jpeg",
+]
+SERVED = [f"{PREFIX}/images/served.png", f"{PREFIX}/X-Ray Image DataSet/served space.png"]
+TAMPERED = f"{PREFIX}/images/tampered.png"
+MISSING = f"{PREFIX}/images/missing.png"
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def spec(path: str) -> FileSpec:
+    return FileSpec(path=path, sha256=sha(FILES[path]), bytes=len(FILES[path]))
+
+
+def write_tree(root: Path, files: dict[str, bytes]) -> Path:
+    for path, data in files.items():
+        (root / path).parent.mkdir(parents=True, exist_ok=True)
+        (root / path).write_bytes(data)
+    return root
+
+
+def leftovers(root: Path) -> list[Path]:
+    """Temp files a failed write might have left behind."""
+    return [p for p in root.rglob("*") if p.name.endswith(".part")]
+
+
+def closed_port_url() -> str:
+    """A base URL on 127.0.0.1 where nothing listens, so connections are refused at once."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}/"
+
+
+@pytest.fixture
+def mirror(tmp_path: Path) -> Path:
+    return write_tree(tmp_path / "mirror", {p: FILES[p] for p in MIRRORED})
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[tuple[str, list[str]]]:
+    """HTTP server for SERVED files plus TAMPERED with wrong bytes; yields (base_url, raw paths)."""
+    root = write_tree(tmp_path / "served", {p: FILES[p] for p in SERVED})
+    write_tree(root, {TAMPERED: b"not what the sha256 says"})
+    requested: list[str] = []
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+            requested.append(self.path)
+            super().do_GET()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(Handler, directory=str(root))
+    )
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}/", requested
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def run(specs: list[FileSpec], dest: Path, **kwargs: object) -> dict[str, int]:
+    kwargs = {"mirror": None, "timeout": 2.0, "retries": 0, "backoff": 0.01, **kwargs}
+    return dict(fetch.fetch_files(specs, dest, **kwargs))
+
+
+# ---- select_sources / resolve_mirror ---------------------------------------------------------
+
+
+def test_select_sources_sample_full_and_bad_value() -> None:
+    df = pd.DataFrame({"path": ["a", "b", "c"], "sample": ["1", "0", "1"]})
+    assert fetch.select_sources(df, "sample")["path"].tolist() == ["a", "c"]
+    assert fetch.select_sources(df, "full")["path"].tolist() == ["a", "b", "c"]
+    with pytest.raises(ValueError) as err:
+        fetch.select_sources(df, "tiny")
+    assert "'tiny'" in str(err.value) and "sample" in str(err.value) and "full" in str(err.value)
+
+
+def test_resolve_mirror(tmp_path: Path) -> None:
+    env_dir, default = tmp_path / "env", tmp_path / "default"
+    env_dir.mkdir()
+    assert fetch.resolve_mirror({"CXR_MIRROR": str(env_dir)}, default) == env_dir
+    assert fetch.resolve_mirror({}, default) is None
+    default.mkdir()
+    assert fetch.resolve_mirror({}, default) == default
+    not_dir = tmp_path / "file.txt"
+    not_dir.write_text("x")
+    for bad in (not_dir, tmp_path / "absent"):
+        with pytest.raises(ValueError, match="CXR_MIRROR.*not a directory"):
+            fetch.resolve_mirror({"CXR_MIRROR": str(bad)}, default)
+
+
+# ---- fetch_files -------------------------------------------------------------------------------
+
+
+def test_mirror_hit_copies_and_verifies(tmp_path: Path, mirror: Path) -> None:
+    counts = run([spec(p) for p in MIRRORED], tmp_path / "out", mirror=mirror)
+    assert counts == {"mirror": 3, "downloaded": 0, "present": 0}
+    for p in MIRRORED:
+        assert (tmp_path / "out" / p).read_bytes() == FILES[p]
+
+
+def test_download_hit_url_encodes_spaces(
+    tmp_path: Path, mirror: Path, server: tuple[str, list[str]]
+) -> None:
+    base_url, requested = server
+    counts = run([spec(p) for p in SERVED + MIRRORED], tmp_path / "out", mirror=mirror,
+                 base_url=base_url)  # fmt: skip
+    assert counts == {"mirror": 3, "downloaded": 2, "present": 0}
+    for p in SERVED:
+        assert (tmp_path / "out" / p).read_bytes() == FILES[p]
+    assert f"/{PREFIX}/X-Ray%20Image%20DataSet/served%20space.png" in requested
+    assert not any(" " in r for r in requested)
+
+
+def test_existing_correct_file_is_skipped_and_wrong_one_replaced(
+    tmp_path: Path, mirror: Path
+) -> None:
+    out = tmp_path / "out"
+    good, bad = MIRRORED[0], MIRRORED[1]
+    write_tree(out, {good: FILES[good], bad: b"stale half-written junk"})
+    counts = run([spec(good), spec(bad)], out, mirror=mirror)
+    assert counts == {"mirror": 1, "downloaded": 0, "present": 1}
+    assert (out / bad).read_bytes() == FILES[bad]
+
+
+def test_sha_mismatch_from_mirror_fails_and_leaves_nothing(tmp_path: Path, mirror: Path) -> None:
+    path = MIRRORED[1]
+    (mirror / path).write_bytes(b"corrupted mirror copy")
+    out = tmp_path / "out"
+    with pytest.raises(FetchError) as err:
+        run([spec(path)], out, mirror=mirror)
+    msg = str(err.value)
+    assert "1 of 1 files" in msg and path in msg
+    assert sha(FILES[path]) in msg and sha(b"corrupted mirror copy") in msg
+    assert not (out / path).exists() and leftovers(out) == []
+
+
+def test_sha_mismatch_from_download_fails_and_leaves_nothing(
+    tmp_path: Path, server: tuple[str, list[str]]
+) -> None:
+    out = tmp_path / "out"
+    with pytest.raises(FetchError) as err:
+        run([spec(TAMPERED), spec(SERVED[0])], out, base_url=server[0])
+    msg = str(err.value)
+    assert "1 of 2 files" in msg and TAMPERED in msg
+    assert sha(FILES[TAMPERED]) in msg and sha(b"not what the sha256 says") in msg
+    assert not (out / TAMPERED).exists() and leftovers(out) == []
+    assert (out / SERVED[0]).read_bytes() == FILES[SERVED[0]]  # the good one still landed
+
+
+def test_404_fails_clearly_without_retrying(tmp_path: Path, server: tuple[str, list[str]]) -> None:
+    base_url, requested = server
+    with pytest.raises(FetchError) as err:
+        run([spec(MISSING)], tmp_path / "out", base_url=base_url, retries=3, backoff=1.0)
+    assert MISSING in str(err.value) and "404" in str(err.value)
+    assert "network unreachable" not in str(err.value)
+    assert len(requested) == 1
+
+
+def test_connection_refused_gives_offline_message_and_fails_fast(tmp_path: Path) -> None:
+    specs = [spec(p) for p in FILES]
+    start = time.monotonic()
+    with pytest.raises(FetchError) as err:
+        # One worker, so the first file uses its 2 retries (0.1 + 0.2 s) and the rest fail fast;
+        # without the shared offline flag this would take 7 x 0.3 s.
+        run(specs, tmp_path / "out", base_url=closed_port_url(), workers=1, retries=2, backoff=0.1)
+    elapsed = time.monotonic() - start
+    msg = str(err.value)
+    assert f"{len(FILES)} of {len(FILES)} files" in msg
+    assert f"{len(FILES)} of {len(FILES)} files are not in a mirror" in msg
+    assert "CXR_MIRROR" in msg and "network unreachable" in msg
+    assert elapsed < 1.5
+    assert leftovers(tmp_path / "out") == []
+
+
+def test_unsafe_path_is_rejected() -> None:
+    with pytest.raises(ValueError, match="unsafe"):
+        fetch.image_relpath("own/repo/../../etc/passwd")
+
+
+# ---- stages/fetch.py -----------------------------------------------------------------------
+
+
+@pytest.fixture
+def stage():
+    spec_ = importlib.util.spec_from_file_location("stage_fetch", ROOT / "stages" / "fetch.py")
+    module = importlib.util.module_from_spec(spec_)
+    spec_.loader.exec_module(module)
+    return module
+
+
+def write_inputs(tmp_path: Path, dataset: str = "sample") -> list[str]:
+    """sources.csv (a.png in the sample, b c.png not), cases.csv and params.yaml; returns argv."""
+    rows = [(MIRRORED[0], 1), (MIRRORED[1], 0)]
+    sources = pd.DataFrame({
+        "path": [p for p, _ in rows],
+        "sha256": [sha(FILES[p]) for p, _ in rows],
+        "bytes": [len(FILES[p]) for p, _ in rows],
+        "label": ["covid", "normal"],
+        "sample": [s for _, s in rows],
+    })  # fmt: skip
+    case = MIRRORED[2]
+    cases = pd.DataFrame({"case": ["case01"], "path": [case], "sha256": [sha(FILES[case])],
+                          "bytes": [len(FILES[case])], "zones": ["R-lower;L-lower"]})  # fmt: skip
+    sources.to_csv(tmp_path / "sources.csv", index=False)
+    cases.to_csv(tmp_path / "cases.csv", index=False)
+    (tmp_path / "params.yaml").write_text(f"fetch:\n  dataset: {dataset}\n")
+    return ["--sources", str(tmp_path / "sources.csv"), "--cases", str(tmp_path / "cases.csv"),
+            "--params", str(tmp_path / "params.yaml"), "--out", str(tmp_path / "raw")]  # fmt: skip
+
+
+def test_stage_end_to_end_on_mirror(
+    tmp_path: Path, mirror: Path, stage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CXR_MIRROR", str(mirror))
+    monkeypatch.setenv("CXR_BASE_URL", closed_port_url())
+    stage.main(write_inputs(tmp_path, "sample"))
+    raw = tmp_path / "raw"
+    manifest = pd.read_csv(raw / "manifest.csv")
+    assert manifest["path"].tolist() == [MIRRORED[0]]
+    assert list(manifest.columns) == ["path", "sha256", "bytes", "label", "sample", "file"]
+    cases = pd.read_csv(raw / "cases.csv")
+    assert cases["zones"].tolist() == ["R-lower;L-lower"]
+    for table in (manifest, cases):
+        for rel, digest in zip(table["file"], table["sha256"], strict=True):
+            assert rel.startswith("images/")
+            assert fetch.sha256_file(raw / rel) == digest
+    assert not (raw / "images" / MIRRORED[1]).exists()  # not in the sample
+
+    stage.main(write_inputs(tmp_path, "full"))
+    assert len(pd.read_csv(raw / "manifest.csv")) == 2
+
+
+def test_stage_offline_without_mirror_exits_1_with_one_error_line(
+    tmp_path: Path, stage, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.delenv("CXR_MIRROR", raising=False)
+    monkeypatch.setattr(stage, "REPO_ROOT", tmp_path / "repo")  # no ../shared/cxr-mirror there
+    monkeypatch.setenv("CXR_BASE_URL", closed_port_url())
+    argv = write_inputs(tmp_path) + ["--retries", "0", "--timeout", "2"]
+    with pytest.raises(SystemExit) as exit_:
+        stage.main(argv)
+    assert exit_.value.code == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    error_lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1 and "2 of 2 files" in error_lines[0]
+    assert "Point CXR_MIRROR at a local copy" in err
+    assert not (tmp_path / "raw" / "manifest.csv").exists()
+
+
+def test_stage_missing_param_and_bad_dataset(
+    tmp_path: Path, stage, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = write_inputs(tmp_path)
+    (tmp_path / "params.yaml").write_text("train:\n  epochs: 1\n")
+    with pytest.raises(SystemExit):
+        stage.main(argv)
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "fetch.dataset" in err and "params.yaml" in err
+    (tmp_path / "params.yaml").write_text("fetch:\n  dataset: huge\n")
+    with pytest.raises(SystemExit):
+        stage.main(argv)
+    assert "'huge'" in capsys.readouterr().err
