@@ -87,9 +87,10 @@ def _state_dict_backbone(arch: str, path: Path) -> nn.Module:
     # The classifier head differs in size between tasks; everything else must fit.
     usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     missing = [k for k in own if k not in usable and not k.startswith("fc.")]
+    missing += [k for k in state if k not in own and not k.endswith("num_batches_tracked")]
     if missing:
         raise CheckpointError(
-            f"{path} does not fit a {arch}: {len(missing)} tensors missing or of the wrong shape "
+            f"{path} does not fit a {arch}: {len(missing)} tensors missing, extra or of the wrong shape "
             f"(e.g. {missing[:3]}). Is it a {arch} state_dict?"
         )
     backbone.load_state_dict(usable, strict=False)
@@ -123,6 +124,11 @@ def load_state_dict_file(path: Path) -> dict[str, Any]:
     """torch.load with weights_only=True: a file that needs arbitrary code is refused."""
     if not Path(path).is_file():
         raise CheckpointError(f"{path}: file not found")
+    with open(path, "rb") as fh:
+        magic = fh.read(4)
+    # torch.save writes a zip archive (PK..), older versions a bare pickle (protocol byte 0x80).
+    if not (magic.startswith(b"PK\x03\x04") or magic[:1] == b"\x80"):
+        raise CheckpointError(f"{path}: not a readable PyTorch file (unknown format)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:

@@ -18,7 +18,7 @@ from cxr.cli import setup_logging, user_errors
 from cxr.config import load_base, load_split_params, load_train_params, preprocessing
 from cxr.data import labels_for, seed_everything
 from cxr.models import build_model, save_checkpoint
-from cxr.train import EpochResult, set_threads, train_model
+from cxr.train import EpochResult, configure_cpu, train_model
 
 log = logging.getLogger("train")
 
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
         base, p = load_base(args.params), load_train_params(args.params, args.section)
         spec = preprocessing(base, load_split_params(args.params))
         generator = seed_everything(base.seed, p.deterministic)
-        set_threads(p.threads)
+        configure_cpu(p.threads)
         train_x, train_table = load_split(args.data, "train")
         val_x, val_table = load_split(args.data, "val")
         if train_x.shape[1] != spec.image_size:

@@ -126,6 +126,19 @@ def test_undefined_auc_is_null_and_report_is_json_ready():
     assert type(report["accuracy"]) is float
 
 
+def test_single_class_subset_has_no_auc():
+    # e.g. the adult-normals probe: every image is class 0, so no class has both positives
+    # and negatives; class 0 has no negatives (specificity 0/0 -> 0.0 by convention)
+    y = np.zeros(3, dtype=int)
+    prob = np.array([[0.9, 0.1], [0.4, 0.6], [0.7, 0.3]])
+    report = metrics.classification_report(y, prob, ["normal", "covid"])
+    assert [report["per_class"][c]["roc_auc"] for c in ("normal", "covid")] == [None, None]
+    assert report["macro"]["roc_auc"] is None
+    assert report["per_class"]["normal"]["sensitivity"] == pytest.approx(2 / 3)
+    assert report["per_class"]["normal"]["specificity"] == 0.0
+    assert report["per_class"]["covid"]["specificity"] == pytest.approx(2 / 3)
+
+
 def test_binary_report_has_both_classes():
     y = np.array([0, 0, 0, 1, 1])
     p1 = np.array([0.1, 0.6, 0.3, 0.8, 0.4])
@@ -170,25 +183,34 @@ def _noisy_binary(n_groups: int = 30, seed: int = 0):
 def test_bootstrap_is_seeded():
     y, prob, groups = _noisy_binary()
     stats = metrics.default_statistics(positive_class=1)
-    first = metrics.bootstrap_ci(y, prob, groups, stats, n_resamples=200, seed=7)
-    again = metrics.bootstrap_ci(y, prob, groups, stats, n_resamples=200, seed=7)
-    other = metrics.bootstrap_ci(y, prob, groups, stats, n_resamples=200, seed=8)
+    first = metrics.bootstrap_ci(y, prob, groups, stats, n_resamples=25, seed=7)
+    again = metrics.bootstrap_ci(y, prob, groups, stats, n_resamples=25, seed=7)
+    other = metrics.bootstrap_ci(y, prob, groups, stats, n_resamples=25, seed=8)
     assert first == again
     assert first != other
 
 
-def test_bootstrap_interval_contains_point_and_narrows_with_level():
+def test_bootstrap_interval_contains_point():
     y, prob, groups = _noisy_binary()
     stats = metrics.default_statistics(positive_class=1)
-    wide = metrics.bootstrap_ci(y, prob, groups, stats, n_resamples=300, seed=1)
-    narrow = metrics.bootstrap_ci(y, prob, groups, stats, n_resamples=300, seed=1, level=0.5)
-    for name, ci in wide.items():
+    result = metrics.bootstrap_ci(y, prob, groups, stats, n_resamples=100, seed=1)
+    assert set(result) == set(stats)
+    for name, ci in result.items():
         assert ci["low"] <= ci["point"] <= ci["high"], name
         assert ci["low"] < ci["high"], name  # noisy data: a real spread, not a constant
-        assert ci["n_valid"] == 300, name  # 30 groups: both classes in every resample
-        # same seed -> same resamples, so the 50% interval nests inside the 95% one
-        assert ci["low"] <= narrow[name]["low"] <= narrow[name]["high"] <= ci["high"], name
-    assert json.loads(json.dumps(wide, allow_nan=False)) == wide
+        assert ci["n_valid"] == 100, name  # 30 groups: both classes in every resample
+    assert json.loads(json.dumps(result, allow_nan=False)) == result
+
+
+def test_bootstrap_interval_narrows_with_level():
+    y, prob, groups = _noisy_binary()
+    stats = metrics.default_statistics(positive_class=1)
+    cheap = {name: stats[name] for name in ("accuracy", "sensitivity", "specificity")}
+    wide = metrics.bootstrap_ci(y, prob, groups, cheap, n_resamples=300, seed=1)
+    narrow = metrics.bootstrap_ci(y, prob, groups, cheap, n_resamples=300, seed=1, level=0.5)
+    for name, ci in wide.items():
+        # same seed -> same resamples, so the 50% interval nests strictly inside the 95% one
+        assert ci["low"] < narrow[name]["low"] <= narrow[name]["high"] < ci["high"], name
 
 
 def test_bootstrap_perfect_classifier_gives_one():
@@ -196,23 +218,24 @@ def test_bootstrap_perfect_classifier_gives_one():
     prob = np.eye(3)[y] * 0.8 + 0.2 / 3
     groups = np.array([0, 0, 1, 1, 2, 3, 4, 4, 5])
     stats = metrics.default_statistics(positive_class=2)
-    result = metrics.bootstrap_ci(y, prob, groups, stats, n_resamples=100, seed=0)
-    assert result["accuracy"] == {"point": 1.0, "low": 1.0, "high": 1.0, "n_valid": 100}
+    result = metrics.bootstrap_ci(y, prob, groups, stats, n_resamples=40, seed=0)
+    assert result["accuracy"] == {"point": 1.0, "low": 1.0, "high": 1.0, "n_valid": 40}
     for name in ("sensitivity", "specificity", "macro_f1", "macro_auc"):
         assert (result[name]["point"], result[name]["low"], result[name]["high"]) == (1, 1, 1)
         # 6 groups: some resamples miss a class (here P(no class-2 group) = (4/6)^6 ~ 9%) and
         # are skipped for the statistics that need it, but not all of them
-        assert 50 < result[name]["n_valid"] <= 100, name
-    assert result["macro_auc"]["n_valid"] < 100
+        assert 20 < result[name]["n_valid"] <= 40, name
+    assert result["macro_auc"]["n_valid"] < 40
 
 
 def test_bootstrap_resamples_whole_groups():
     # Group 0: 1 image, right. Group 1: 9 images, all wrong. Drawing 2 groups with replacement
     # can only give {0,0}: 2 images acc 1; {0,1}: 10 images acc 1/10; {1,1}: 18 images acc 0.
     # Resampling single images instead would give many other accuracies and sizes.
+    # The lone image sits mid-array so that members must be found by id, not by position.
     y = np.ones(10, dtype=int)
-    prob = np.array([[0.1, 0.9]] + [[0.9, 0.1]] * 9)
-    groups = np.array(["p0"] + ["p1"] * 9)
+    prob = np.array([[0.9, 0.1]] * 4 + [[0.1, 0.9]] + [[0.9, 0.1]] * 5)
+    groups = np.array(["p1"] * 4 + ["p0"] + ["p1"] * 5)
     seen: list[tuple[int, float]] = []
 
     def record(yt: np.ndarray, p: np.ndarray) -> float:
@@ -326,6 +349,9 @@ def test_reliability_bins_by_hand():
     ]
     assert [r["confidence"] for r in rows] == pytest.approx([0.55, 0.7, 0.9])
     assert [r["accuracy"] for r in rows] == pytest.approx([1.0, 0.5, 2 / 3])
+    # bins are right-closed: a confidence of exactly 0.8 belongs to (0.6, 0.8], not (0.8, 1.0]
+    (edge,) = metrics.reliability_bins(np.array([1]), np.array([[0.2, 0.8]]), n_bins=5)
+    assert (edge["bin_low"], edge["bin_high"]) == (0.6000000000000001, 0.8)
 
 
 def test_roc_points_long_format_and_finite():

@@ -1,0 +1,88 @@
+"""The one preprocessing definition: decoding by content, odd modes, harmonisation."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cxr.images import (
+    ImageError,
+    Preprocessing,
+    decode,
+    harmonise,
+    preprocess,
+    to_grayscale,
+)
+
+
+def encode(img: Image.Image, fmt: str, **kwargs) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kwargs)
+    return buf.getvalue()
+
+
+def test_decode_by_content_not_extension():
+    png = encode(Image.new("L", (10, 8), 128), "PNG")
+    img = decode(png, "looks_like.jpg")
+    assert img.format == "PNG" and img.size == (10, 8)
+
+
+def test_sixteen_bit_is_stretched_to_full_range():
+    arr = np.array([[1000, 2000], [3000, 4095]], dtype=np.uint16)
+    gray = to_grayscale(Image.fromarray(arr))
+    assert gray.dtype == np.uint8
+    assert gray.min() == 0 and gray.max() == 255
+    assert gray[0, 1] == round((2000 - 1000) / 3095 * 255)
+
+
+def test_rgba_transparent_pixels_become_black():
+    rgba = np.zeros((4, 4, 4), dtype=np.uint8)
+    rgba[..., :3] = 200
+    rgba[..., 3] = 255
+    rgba[0, 0, 3] = 0  # fully transparent
+    gray = to_grayscale(Image.fromarray(rgba, "RGBA"))
+    assert gray[0, 0] == 0 and gray[1, 1] == 200
+
+
+def test_palette_and_rgb_images_become_grayscale():
+    rgb = Image.fromarray(np.full((6, 6, 3), (10, 200, 30), dtype=np.uint8), "RGB")
+    expected = round(0.299 * 10 + 0.587 * 200 + 0.114 * 30)
+    assert abs(int(to_grayscale(rgb)[0, 0]) - expected) <= 1
+    pal = rgb.convert("P")
+    assert abs(int(to_grayscale(pal)[0, 0]) - expected) <= 2
+
+
+def test_corrupt_and_truncated_images_fail_clearly():
+    with pytest.raises(ImageError, match="broken.png: not a readable image"):
+        decode(b"this is not an image", "broken.png")
+    jpeg = encode(
+        Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64), np.uint8)), "JPEG"
+    )
+    with pytest.raises(ImageError, match="cut.jpg"):
+        decode(jpeg[: len(jpeg) // 2], "cut.jpg")
+
+
+def test_harmonise_matches_the_kermany_round_trip():
+    rng = np.random.default_rng(0)
+    gray = rng.integers(0, 255, (300, 500), dtype=np.uint8)
+    out = harmonise(gray, 224, 75)
+    assert out.shape == (224, 224) and out.dtype == np.uint8
+    # Same operations by hand: squash-resize then JPEG q75.
+    ref = Image.fromarray(gray).resize((224, 224), Image.Resampling.BILINEAR)
+    ref = np.asarray(Image.open(io.BytesIO(encode(ref, "JPEG", quality=75))).convert("L"))
+    assert np.array_equal(out, ref)
+
+
+def test_preprocess_skips_the_round_trip_only_for_pre_harmonised_images():
+    rng = np.random.default_rng(1)
+    img = Image.fromarray(rng.integers(0, 255, (224, 224), dtype=np.uint8))
+    spec = Preprocessing(image_size=64)
+    once = preprocess(img, spec, already_harmonised=False)
+    skipped = preprocess(img, spec, already_harmonised=True)
+    assert once.shape == skipped.shape == (64, 64)
+    assert not np.array_equal(once, skipped)  # the JPEG round trip changed pixels
+    off = preprocess(img, Preprocessing(image_size=64, harmonise=False))
+    assert np.array_equal(off, skipped)

@@ -1,0 +1,76 @@
+"""Patient-grouped stratified splitting and the leakage guard."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cxr.splits import LeakageError, check_no_leakage, split_table
+
+
+def make_table(n_groups: int = 120, seed: int = 0) -> pd.DataFrame:
+    """Groups of 1-3 images, four labels, two datasets, like the real manifest."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    labels = ["covid", "viral", "bacterial", "normal"]
+    for g in range(n_groups):
+        label = labels[g % 4]
+        dataset = "ieee8023" if label == "covid" or g % 10 == 0 else "kermany"
+        for i in range(rng.integers(1, 4)):
+            rows.append(
+                {"group_id": f"g{g}", "label": label, "dataset": dataset, "sha256": f"{g}-{i}"}
+            )
+    return pd.DataFrame(rows)
+
+
+def split(table: pd.DataFrame, **kw) -> pd.DataFrame:
+    args = dict(group_by="patient", val_fraction=0.2, test_fraction=0.2, seed=7) | kw
+    return table.assign(split=split_table(table, **args))
+
+
+def test_no_group_crosses_splits_and_guard_agrees():
+    out = split(make_table())
+    assert (out.groupby("group_id")["split"].nunique() == 1).all()
+    check_no_leakage(out)  # does not raise
+
+
+def test_fractions_and_stratification():
+    out = split(make_table(200))
+    share = out["split"].value_counts(normalize=True)
+    assert abs(share["test"] - 0.2) < 0.06 and abs(share["val"] - 0.2) < 0.06
+    per_label = pd.crosstab(out["label"], out["split"], normalize="index")
+    # every class is in every split at about the right share
+    assert (per_label["test"] > 0.1).all() and (per_label["test"] < 0.3).all()
+    assert (per_label["train"] > 0.5).all()
+
+
+def test_same_seed_same_split_other_seed_other_split():
+    table = make_table()
+    a, b, c = split(table), split(table), split(table, seed=8)
+    assert a["split"].tolist() == b["split"].tolist()
+    assert a["split"].tolist() != c["split"].tolist()
+
+
+def test_image_mode_lets_patients_cross():
+    table = make_table(200)
+    out = split(table, group_by="image")
+    assert (out.groupby("group_id")["split"].nunique() > 1).any()
+    with pytest.raises(LeakageError, match="group_id"):
+        check_no_leakage(out)
+    check_no_leakage(out, check_groups=False)  # identical files still may not cross
+
+
+def test_guard_catches_a_duplicate_file_in_two_splits():
+    table = pd.DataFrame(
+        {"group_id": ["a", "b"], "sha256": ["same", "same"], "split": ["train", "test"]}
+    )
+    with pytest.raises(LeakageError, match="sha256"):
+        check_no_leakage(table, check_groups=False)
+
+
+def test_bad_params_are_refused():
+    with pytest.raises(ValueError, match="group_by"):
+        split(make_table(), group_by="hospital")
+    with pytest.raises(ValueError, match="fractions"):
+        split(make_table(), val_fraction=0.6, test_fraction=0.5)

@@ -1,0 +1,170 @@
+"""Models, checkpoints, augmentation, balancing and the training loop on tiny inputs."""
+
+from __future__ import annotations
+
+import dataclasses
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from cxr.config import AugmentParams, TrainParams
+from cxr.data import augment_batch, class_weights, epoch_order, seed_everything, to_input
+from cxr.models import CheckpointError, build_model, load_checkpoint, save_checkpoint
+from cxr.params import ParamsError, from_section
+from cxr.train import predict_proba, train_model
+
+
+def tiny_params(**kw) -> TrainParams:
+    base = dict(task="four_class", arch="resnet18", epochs=2, batch_size=8, lr=3.0e-3)
+    return TrainParams(**(base | kw))
+
+
+def separable_set(n: int, size: int = 32, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Class k = a bright square in quadrant k of an otherwise noisy image: trivially learnable."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % 4
+    images = rng.integers(0, 60, (n, size, size), dtype=np.uint8)
+    half = size // 2
+    for i, k in enumerate(labels):
+        r, c = divmod(int(k), 2)
+        images[i, r * half : (r + 1) * half, c * half : (c + 1) * half] = 230
+    return images, labels
+
+
+def test_model_contract_one_channel_in_n_classes_out():
+    model = build_model("resnet18", 4).eval()
+    assert model.backbone.conv1.in_channels == 1
+    out = model(to_input(np.zeros((2, 48, 48), dtype=np.uint8)))
+    assert out.shape == (2, 4)
+
+
+def test_unknown_arch_and_bad_weights_are_clear_errors(tmp_path):
+    with pytest.raises(CheckpointError, match="unknown arch 'vgg16'"):
+        build_model("vgg16", 4)
+    with pytest.raises(CheckpointError, match="file not found"):
+        build_model("resnet18", 4, weights=str(tmp_path / "missing.pt"))
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a torch file")
+    with pytest.raises(CheckpointError, match="not a readable PyTorch file"):
+        build_model("resnet18", 4, weights=str(junk))
+    wrong = tmp_path / "resnet34.pt"
+    torch.save(build_model("resnet34", 4).backbone.state_dict(), wrong)
+    with pytest.raises(CheckpointError, match="does not fit a resnet18"):
+        build_model("resnet18", 4, weights=str(wrong))
+    with pytest.raises(ParamsError, match="unknown arch"):
+        tiny_params(arch="resnet9").validate()
+
+
+def test_weights_from_a_state_dict_file_are_used(tmp_path):
+    source = build_model("resnet18", 4, zero_init_residual=False)
+    path = tmp_path / "weights.pt"
+    torch.save(source.backbone.state_dict(), path)
+    model = build_model("resnet18", 2, weights=str(path))
+    assert torch.equal(
+        model.backbone.layer1[0].conv1.weight, source.backbone.layer1[0].conv1.weight
+    )
+    assert model.backbone.fc.out_features == 2  # the head is new
+
+
+def test_pickled_objects_are_refused_not_executed(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    path = tmp_path / "evil.pt"
+    with open(path, "wb") as fh:
+        pickle.dump({"format": "cxr-checkpoint/1", "x": Evil()}, fh)
+    with pytest.raises(CheckpointError, match="refused"):
+        load_checkpoint(path)
+    assert not marker.exists()
+
+
+def test_params_reject_unknown_and_mistyped_keys():
+    with pytest.raises(ParamsError, match="unknown key"):
+        from_section(TrainParams, {"task": "binary", "epoch": 3}, "train_binary")
+    with pytest.raises(ParamsError, match="write 1.0e-3"):
+        from_section(TrainParams, {"task": "binary", "lr": "1e-3"}, "train_binary")
+    with pytest.raises(ParamsError, match="balance must be one of"):
+        from_section(TrainParams, {"task": "binary", "balance": "smote"}, "train_binary")
+    p = from_section(TrainParams, {"task": "binary", "lr": 1}, "train_binary")
+    assert p.lr == 1.0 and isinstance(p.lr, float)
+
+
+def test_augmentation_is_batched_seeded_and_identity_when_off():
+    x = to_input(np.random.default_rng(0).integers(0, 255, (4, 32, 32), dtype=np.uint8))
+    off = AugmentParams(hflip=False, degrees=0.0, translate=0.0, scale=[1.0, 1.0])
+    same = augment_batch(x, off, torch.Generator().manual_seed(0))
+    assert torch.allclose(same, x, atol=1e-5)
+    on = AugmentParams()
+    a = augment_batch(x, on, torch.Generator().manual_seed(1))
+    b = augment_batch(x, on, torch.Generator().manual_seed(1))
+    assert a.shape == x.shape and torch.equal(a, b) and not torch.allclose(a, x)
+
+
+def test_flip_only_mirrors_the_image():
+    one = np.arange(16, dtype=np.uint8).reshape(1, 4, 4) * 10
+    x = to_input(np.repeat(one, 8, axis=0))
+    flip = AugmentParams(hflip=True, degrees=0.0, translate=0.0, scale=[1.0, 1.0])
+    out = augment_batch(x, flip, torch.Generator().manual_seed(0))
+    same = [torch.allclose(o, x[0], atol=1e-5) for o in out]
+    mirrored = [torch.allclose(o, x[0].flip(-1), atol=1e-5) for o in out]
+    assert all(a or b for a, b in zip(same, mirrored, strict=True))
+    assert any(same) and any(mirrored)
+
+
+def test_class_weights_and_oversampling_balance_classes():
+    labels = np.array([0] * 30 + [1] * 10)
+    w = class_weights(labels, 2)
+    assert torch.allclose(w, torch.tensor([40 / 60, 40 / 20]))
+    order = epoch_order(labels, oversample=True, generator=torch.Generator().manual_seed(0))
+    assert len(order) == 40
+    drawn = labels[order.numpy()]
+    assert 0.3 < drawn.mean() < 0.7  # ~50% of class 1 instead of 25%
+    plain = epoch_order(labels, oversample=False, generator=torch.Generator().manual_seed(0))
+    assert sorted(plain.tolist()) == list(range(40))
+
+
+def _train(p: TrainParams, images, labels, seed: int = 0):
+    gen = seed_everything(seed)
+    model = build_model(p.arch, len(p.class_names))
+    result = train_model(
+        model, p, train_images=images, train_labels=labels,
+        val_images=images[:16], val_labels=labels[:16], generator=gen,
+    )  # fmt: skip
+    return model, result
+
+
+def test_loss_falls_on_a_separable_set():
+    torch.set_num_threads(2)
+    images, labels = separable_set(64)
+    p = tiny_params(
+        epochs=4, augment={"hflip": False, "degrees": 0.0, "translate": 0.0, "scale": [1.0, 1.0]}
+    )
+    _, result = _train(p, images, labels)
+    losses = [e.train_loss for e in result.history]
+    assert losses[-1] < 0.6 * losses[0], losses
+    assert result.best.val_accuracy >= 0.75
+
+
+def test_checkpoint_round_trip_reproduces_predictions(tmp_path):
+    images, labels = separable_set(32)
+    p = tiny_params(epochs=1)
+    model, result = _train(p, images, labels)
+    meta = {"task": p.task, "arch": p.arch, "class_names": p.class_names, "image_size": 32,
+            "params": dataclasses.asdict(p), "training": result.summary()}  # fmt: skip
+    path = tmp_path / "four_class.pt"
+    save_checkpoint(path, model, meta)
+    blob = torch.load(path, weights_only=True)  # plain data only
+    assert set(blob) == {"format", "state_dict", "meta"}
+    loaded, loaded_meta = load_checkpoint(path, task="four_class")
+    assert loaded_meta["class_names"] == ["covid", "viral", "bacterial", "normal"]
+    assert loaded_meta["training"]["best_epoch"] == 1
+    np.testing.assert_allclose(
+        predict_proba(loaded, images), predict_proba(model, images), atol=1e-6
+    )
+    with pytest.raises(CheckpointError, match="expected 'binary'"):
+        load_checkpoint(path, task="binary")
