@@ -15,9 +15,9 @@ import time
 import torch
 from torch import nn
 
-from cxr.config import AugmentParams
+from cxr.config import AugmentParams, TrainParams
 from cxr.models import build_model
-from cxr.train import configure_cpu, train_epoch
+from cxr.train import configure_cpu, make_optimizer, train_epoch
 
 
 def raw_throughput(model: nn.Module, batch: int, size: int, steps: int, warmup: int) -> float:
@@ -41,7 +41,7 @@ def pipeline_throughput(model: nn.Module, batch: int, size: int, steps: int, war
     images = torch.randint(0, 256, (n, size, size), dtype=torch.uint8, generator=gen)
     labels = torch.randint(0, model.backbone.fc.out_features, (n,), generator=gen)
     batches = torch.randperm(n, generator=gen).view(-1, batch)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1.0e-4)
+    optimizer = make_optimizer(model, TrainParams(task="four_class", lr=1.0e-4))
     kwargs = dict(
         loss_fn=nn.CrossEntropyLoss(), optimizer=optimizer, scheduler=None,
         aug=AugmentParams(), generator=gen, desc="bench",

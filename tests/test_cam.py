@@ -1,0 +1,268 @@
+"""cxr.cam and stages/gradcam.py on tiny random models and synthetic images (no pipeline data).
+
+Sizes: a ResNet's last block sees S/32 x S/32, so 64 px gives a 2 x 2 map (32 px would give a
+single cell, i.e. a flat map, and test nothing).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+from cxr import cam
+from cxr.models import build_model, save_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+NAMES = ["covid", "viral", "bacterial", "normal"]
+SIZE = 64
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    """Tiny convs: a second thread only adds sync cost (10x slower on a busy 2-core box)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def model() -> nn.Module:
+    torch.manual_seed(0)
+    return build_model("resnet18", 4, weights="none", zero_init_residual=False).eval()
+
+
+def images(n: int, size: int = SIZE, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, size, size), dtype=np.uint8)
+
+
+# ---- maps ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["gradcam", "eigencam"])
+def test_cams_have_the_image_shape_and_unit_range(model: nn.Module, method: str) -> None:
+    x = images(3)
+    # Targets None = predicted class; with random weights other classes' maps can be all zero.
+    maps = cam.compute_cams(model, x, None, method=method, batch_size=2)
+    assert maps.shape == x.shape
+    assert maps.dtype == np.float32
+    assert maps.min() >= 0.0 and maps.max() <= 1.0
+    assert all(m.max() > m.min() for m in maps)  # a real 2 x 2 map, not a flat one
+
+
+def test_cams_under_no_grad_and_with_frozen_weights(model: nn.Module) -> None:
+    x = images(2)
+    expected = cam.compute_cams(model, x, [1, 1])
+    frozen = build_model("resnet18", 4, zero_init_residual=False)
+    frozen.load_state_dict(model.state_dict())
+    frozen.requires_grad_(False)
+    with torch.no_grad():
+        got = cam.compute_cams(frozen, x, [1, 1])
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def test_unknown_method_lists_the_choices(model: nn.Module) -> None:
+    with pytest.raises(ValueError, match="gradcam\\+\\+.*eigencam"):
+        cam.compute_cams(model, images(1), None, method="gradcam3000")
+
+
+# ---- border share ----------------------------------------------------------------------------
+
+
+def test_border_share_extremes_and_uniform() -> None:
+    f = 0.1  # 100 px: a 10 px band on each side, centre 80 x 80
+    border_only = np.ones((100, 100))
+    border_only[10:90, 10:90] = 0
+    centre_only = 1.0 - border_only
+    assert cam.border_share(border_only, f) == pytest.approx(1.0)
+    assert cam.border_share(centre_only, f) == pytest.approx(0.0)
+    assert cam.border_share(np.ones((100, 100)), f) == pytest.approx(1 - (1 - 2 * f) ** 2)  # .36
+
+
+def test_border_share_hand_example() -> None:
+    # 10 x 10, f = 0.1: the band is the outer ring of 1 px. Mass 3 in a corner (border) and
+    # 1 in the middle (centre) -> 3 / 4. A band of round(0.12 * 10) = 1 px too.
+    m = np.zeros((10, 10))
+    m[0, 0], m[5, 5] = 3.0, 1.0
+    assert cam.border_share(m, 0.1) == pytest.approx(0.75)
+    assert cam.border_share(m, 0.12) == pytest.approx(0.75)
+    # A band of round(0.25 * 10) = 3 px (2.5 rounds up) reaches (2, 7) but not (3, 3).
+    m = np.zeros((10, 10))
+    m[2, 7], m[3, 3] = 1.0, 4.0
+    assert cam.border_share(m, 0.25) == pytest.approx(0.2)
+    # A stack: mean over maps; an empty map is left out.
+    stack = np.stack([m, np.zeros((10, 10)), np.ones((10, 10))])
+    assert cam.border_share(stack, 0.25) == pytest.approx((0.2 + (1 - 0.4**2)) / 2)
+    assert np.isnan(cam.border_share(np.zeros((10, 10))))
+
+
+def test_border_fraction_out_of_range() -> None:
+    with pytest.raises(ValueError, match="fraction"):
+        cam.border_share(np.ones((4, 4)), 0.5)
+
+
+# ---- faithfulness and randomisation -----------------------------------------------------------
+
+
+class TopLeftModel(nn.Module):
+    """Class 0's logit is 4 x (mean brightness of the top-left 8 x 8 corner): only that region
+    matters, so a map that marks it is faithful and one that marks elsewhere is not."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(4.0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        corner = x[:, 0, :8, :8].mean(dim=(1, 2)) * self.scale
+        return torch.stack([corner, *[torch.zeros_like(corner)] * 3], dim=1)
+
+
+def test_confidence_drop_rewards_a_faithful_map() -> None:
+    x = np.zeros((4, 32, 32), dtype=np.uint8)
+    x[:, :8, :8] = 255  # bright corner, dark elsewhere: mean grey fill darkens the corner
+    right, wrong = np.zeros((4, 32, 32)), np.zeros((4, 32, 32))
+    right[:, :8, :8] = 1.0  # 64 px = 6.25% of the image
+    wrong[:, 20:, 20:] = 1.0
+    model = TopLeftModel()
+    good = cam.confidence_drop(model, x, right, [0] * 4, top_percent=6.25, seed=0)
+    bad = cam.confidence_drop(model, x, wrong, [0] * 4, top_percent=6.25, seed=0)
+    assert good["n_images"] == 4 and good["top_percent"] == 6.25
+    # The corner goes to the mean grey, rint(64 * 255 / 1024) = 16: logit 4 -> 4 * 16 / 255
+    # = 0.251, p(class 0) = e^x / (e^x + 3): 0.9479 -> 0.2999, a drop of 0.648. Random pixels
+    # hit ~4 of the corner's 64: a drop of ~0.01.
+    assert good["cam_drop"] == pytest.approx(0.648, abs=1e-3)
+    assert 0 < good["random_drop"] < 0.05
+    assert good["difference"] > 0.6 and good["cam_beats_random_share"] == 1.0
+    assert bad["cam_drop"] == pytest.approx(0.0, abs=1e-6)
+    assert bad["difference"] < 0
+    assert good["random_drop"] == pytest.approx(bad["random_drop"])  # same seed, same pixels
+
+
+def test_randomisation_correlation_of_a_model_with_itself_is_one(model: nn.Module) -> None:
+    x = images(3)
+    assert cam.randomisation_correlation(model, model, x) == pytest.approx(1.0)
+    # Against a map with the opposite ranking: -1.
+    maps = cam.compute_cams(model, x)
+    assert cam.randomisation_correlation(model, model, x, trained_cams=-maps) == pytest.approx(-1)
+
+
+def test_random_twin_is_seeded_and_leaves_the_global_rng_alone() -> None:
+    state = torch.random.get_rng_state()
+    a, b = cam.random_twin("resnet18", 4, seed=1), cam.random_twin("resnet18", 4, seed=1)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert torch.equal(a.backbone.fc.weight, b.backbone.fc.weight)
+
+
+def test_pick_gallery_groups_and_caps() -> None:
+    labels = np.array([0, 0, 0, 0, 1, 1, 2])
+    pred = np.array([0, 0, 0, 1, 1, 0, 0])
+    g = cam.pick_gallery(labels, pred, per_group=2, seed=0)
+    assert sorted(g) == [0, 1, 2]
+    assert len(g[0]["correct"]) == 2 and set(g[0]["correct"]) <= {0, 1, 2}
+    assert g[0]["misclassified"].tolist() == [3]
+    assert g[1]["correct"].tolist() == [4] and g[1]["misclassified"].tolist() == [5]
+    assert g[2]["correct"].tolist() == [] and g[2]["misclassified"].tolist() == [6]
+
+
+# ---- stages/gradcam.py -----------------------------------------------------------------------
+
+
+@pytest.fixture
+def stage():
+    spec = importlib.util.spec_from_file_location("stage_gradcam", ROOT / "stages" / "gradcam.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def write_split(directory: Path) -> None:
+    """test (8 images, two of each class) and cases (3) arrays and manifests."""
+    directory.mkdir(parents=True)
+    np.save(directory / "test.npy", images(8, seed=1))
+    pd.DataFrame(
+        {"path": [f"t{i}.png" for i in range(8)], "label": NAMES * 2, "dataset": "fake"}
+    ).to_csv(directory / "test.csv", index=False)
+    np.save(directory / "cases.npy", images(3, seed=2))
+    pd.DataFrame({
+        "case": ["case00", "case01", "case02"],
+        "path": ["a.jpeg", "b.jpeg", "c.jpeg"],
+        "sha256": ["0" * 64] * 3,
+        "label": "covid",
+        "radiologist_comment": ["Opacity in the right lower lobe.", "Bilateral.", "Left apex."],
+        "case_url": [f"https://radiopaedia.org/cases/x-{i}" for i in range(3)],
+        "license": "CC BY-NC-SA 3.0 (Radiopaedia)",
+        "zones": ["R-lower", "R-upper;R-mid;R-lower;L-upper;L-mid;L-lower", "L-upper"],
+        "file": ["images/a.jpeg", "images/b.jpeg", "images/c.jpeg"],
+    }).to_csv(directory / "cases.csv", index=False)  # fmt: skip
+
+
+def write_checkpoint(path: Path, model: nn.Module, task: str) -> None:
+    names = NAMES if task == "four_class" else ["non_covid", "covid"]
+    meta = {"task": task, "arch": "resnet18", "class_names": names, "image_size": SIZE}
+    save_checkpoint(path, model, meta)
+
+
+def argv(tmp_path: Path, checkpoint: Path) -> list[str]:
+    (tmp_path / "params.yaml").write_text(
+        "base:\n  seed: 3\n  image_size: 64\n"
+        "gradcam:\n  method: gradcam\n  gallery_per_group: 1\n  border_fraction: 0.12\n"
+        "  faithfulness_top_percent: 20.0\n  batch_size: 4\n"
+    )
+    return ["--model", str(checkpoint), "--data", str(tmp_path / "split"),
+            "--params", str(tmp_path / "params.yaml"), "--out", str(tmp_path / "plots"),
+            "--metrics", str(tmp_path / "metrics" / "gradcam.json")]  # fmt: skip
+
+
+def test_stage_end_to_end(tmp_path: Path, stage, model: nn.Module) -> None:
+    write_split(tmp_path / "split")
+    write_checkpoint(tmp_path / "four.pt", model, "four_class")
+    stage.main(argv(tmp_path, tmp_path / "four.pt"))
+
+    out = tmp_path / "plots"
+    for i in range(3):
+        png = out / "cases" / f"case0{i}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size < 150_000
+    galleries = sorted(p.name for p in (out / "gallery").glob("*.png"))
+    assert galleries == sorted(f"{n}.png" for n in NAMES)  # every class has test images
+    page = (out / "index.md").read_text()
+    assert [line for line in page.splitlines() if line.startswith("## ")] == [
+        "## case00",
+        "## case01",
+        "## case02",
+    ]
+    assert "](cases/case00.png)" in page and "R-upper, R-mid" in page
+    assert "https://radiopaedia.org/cases/x-2" in page and "CC BY-NC-SA 3.0" in page
+    assert "Opacity in the right lower lobe." in page
+
+    metrics = json.loads((tmp_path / "metrics" / "gradcam.json").read_text())
+    assert metrics["method"] == "gradcam" and metrics["n_test_images"] == 8
+    for where in ("test", "cases"):
+        drop = metrics["faithfulness"][where]
+        assert set(drop) >= {"cam_drop", "random_drop", "difference"}
+        assert drop["difference"] == pytest.approx(drop["cam_drop"] - drop["random_drop"])
+    assert -1.0 <= metrics["randomisation"]["spearman"] <= 1.0
+    share = metrics["border_share"]
+    assert share["uniform_reference"] == pytest.approx(1 - (1 - 2 * 8 / 64) ** 2)  # 8 px band
+    assert sorted(share["test"]) == sorted(NAMES)
+    assert all(0.0 <= v <= 1.0 for v in [share["cases"], *share["test"].values()])
+
+
+def test_stage_refuses_a_binary_checkpoint(
+    tmp_path: Path, stage, capsys: pytest.CaptureFixture
+) -> None:
+    write_split(tmp_path / "split")
+    binary = build_model("resnet18", 2)
+    write_checkpoint(tmp_path / "binary.pt", binary, "binary")
+    with pytest.raises(SystemExit) as exc:
+        stage.main(argv(tmp_path, tmp_path / "binary.pt"))
+    assert exc.value.code == 1
+    assert "'binary' checkpoint, expected 'four_class'" in capsys.readouterr().err
+    assert not (tmp_path / "plots").exists()
