@@ -7,9 +7,13 @@ import logging
 import sys
 from collections.abc import Iterator
 
-# Errors a user can act on: print one line, exit 1, no traceback. Anything else is a bug and
-# keeps its traceback.
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, RuntimeError)
+from cxr.fetch import FetchError
+from cxr.splits import LeakageError
+
+# Errors a user can act on (bad params, missing or corrupt inputs, failed downloads, leaks; the
+# library's own errors subclass ValueError or are listed): one line, exit 1, no traceback.
+# Anything else is a bug and keeps its traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, FetchError, LeakageError)
 
 
 def setup_logging(verbose: bool = False) -> None:
