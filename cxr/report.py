@@ -139,7 +139,6 @@ def write_summary(path: Path, results: dict, metas: dict, counts: dict, p: Evalu
 def write_model_card(
     path: Path, results: dict, metas: dict, counts: dict, p: EvaluateParams
 ) -> None:
-    b, f = results["binary"], results["four_class"]
     fm = metas["four_class"]
     lines = [
         HEADER,

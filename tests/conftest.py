@@ -17,7 +17,7 @@ def mirror_path() -> Path | None:
     return path if (path / "sources.csv").exists() else None
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def mirror() -> Path:
     """The mirror, or skip; in CI (CI=true) a missing mirror is a failure, never a skip."""
     path = mirror_path()
