@@ -54,7 +54,7 @@ class TrainParams:
     arch: str = "resnet152"
     weights: str = "none"  # none | imagenet | path to a state_dict
     zero_init_residual: bool = True
-    epochs: int = 8
+    epochs: int = 10
     batch_size: int = 16
     optimizer: Literal["sgd", "adamw"] = "adamw"
     lr: float = 1.0e-3
