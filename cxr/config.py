@@ -63,7 +63,7 @@ class TrainParams:
     schedule: Literal["onecycle", "multistep", "constant"] = "onecycle"
     milestones: list[int] = field(default_factory=lambda: [10, 20])
     gamma: float = 0.1
-    balance: Literal["none", "oversample", "weighted_loss"] = "weighted_loss"
+    balance: Literal["none", "oversample", "weighted_loss"] = "oversample"
     select_metric: Literal["macro_f1", "loss"] = "macro_f1"
     patience: int = 0  # epochs without improvement before stopping; 0 = never stop early
     augment: dict = field(default_factory=dict)

@@ -161,8 +161,11 @@ def test_experiment_with_set_param(repro):
     )
     shown = run([sys.executable, "-m", "dvc", "exp", "show", "--csv"], root, env).stdout
     assert "two-epochs" in shown
-    diff = run([sys.executable, "-m", "dvc", "exp", "diff"], root, env, check=False)
-    assert diff.returncode == 0
+    # The experiment ran in the workspace: diff against the committed baseline shows the change.
+    diff = run([sys.executable, "-m", "dvc", "exp", "diff"], root, env).stdout
+    assert "train_four_class.epochs" in diff and "metrics/train_four_class.json" in diff, diff
+    metrics_diff = run([sys.executable, "-m", "dvc", "metrics", "diff"], root, env).stdout
+    assert "epochs_run" in metrics_diff, metrics_diff
 
 
 def test_fetch_without_mirror_or_network_is_one_clear_error(repro):

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import pickle
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
+import yaml
 
 from cxr.config import AugmentParams, TrainParams
 from cxr.data import augment_batch, class_weights, epoch_order, seed_everything, to_input
@@ -168,3 +171,45 @@ def test_checkpoint_round_trip_reproduces_predictions(tmp_path):
     )
     with pytest.raises(CheckpointError, match="expected 'binary'"):
         load_checkpoint(path, task="binary")
+
+
+def test_imagenet_weights_offline_is_a_clear_error_not_a_fallback(monkeypatch):
+    import urllib.error
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    with pytest.raises(CheckpointError, match="need a network"):
+        build_model("resnet18", 4, weights="imagenet")
+
+
+def test_checkpoint_metadata_is_complete_after_the_training_stage(tmp_path):
+    """The training stage's checkpoint carries the whole model contract."""
+    from cxr.arrays import save_split
+    from stages import train as stage
+
+    rng = np.random.default_rng(0)
+    labels = ["covid", "viral", "bacterial", "normal"] * 4
+    table = pd.DataFrame({"label": labels, "group_id": [f"g{i}" for i in range(16)]})
+    for name in ("train", "val"):
+        save_split(tmp_path / "split", name, rng.integers(0, 255, (16, 32, 32), dtype=np.uint8), table)
+    params = {
+        "base": {"seed": 3, "image_size": 32},
+        "split": {},
+        "train_binary": {"arch": "resnet18", "epochs": 1, "batch_size": 8, "threads": 1},
+    }
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    stage.main(["--section", "train_binary", "--params", str(tmp_path / "params.yaml"),
+                "--data", str(tmp_path / "split"), "--model", str(tmp_path / "binary.pt"),
+                "--metrics", str(tmp_path / "m.json"), "--plots", str(tmp_path / "live")])  # fmt: skip
+    _, meta = load_checkpoint(tmp_path / "binary.pt", task="binary")
+    assert meta["class_names"] == ["non_covid", "covid"]
+    assert meta["arch"] == "resnet18" and meta["image_size"] == 32 and meta["seed"] == 3
+    assert meta["preprocessing"]["image_size"] == 32 and meta["preprocessing"]["harmonise"] is True
+    assert meta["normalisation"]["mean"] == pytest.approx(0.449)
+    assert meta["params"]["epochs"] == 1 and meta["params"]["balance"] == "oversample"
+    assert meta["training"]["best_epoch"] == 1 and "macro_f1" in meta["training"]["val"]
+    summary = json.loads((tmp_path / "m.json").read_text())
+    assert summary["wall_seconds"] > 0 and summary["train_images_per_second"] > 0
+    assert (tmp_path / "live" / "plots" / "metrics" / "val" / "macro_f1.tsv").exists()
