@@ -54,7 +54,9 @@ def decode(data: bytes, name: str = "<bytes>") -> Image.Image:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
             img.load()  # force a full decode so truncated files fail here, not later
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except UnidentifiedImageError as exc:
+        raise ImageError(f"{name}: not a readable image (unknown or unsupported format)") from exc
+    except (OSError, SyntaxError, ValueError) as exc:
         raise ImageError(f"{name}: not a readable image ({exc})") from exc
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageError(

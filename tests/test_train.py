@@ -193,7 +193,9 @@ def test_checkpoint_metadata_is_complete_after_the_training_stage(tmp_path):
     labels = ["covid", "viral", "bacterial", "normal"] * 4
     table = pd.DataFrame({"label": labels, "group_id": [f"g{i}" for i in range(16)]})
     for name in ("train", "val"):
-        save_split(tmp_path / "split", name, rng.integers(0, 255, (16, 32, 32), dtype=np.uint8), table)
+        save_split(
+            tmp_path / "split", name, rng.integers(0, 255, (16, 32, 32), dtype=np.uint8), table
+        )
     params = {
         "base": {"seed": 3, "image_size": 32},
         "split": {},
