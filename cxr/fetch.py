@@ -217,6 +217,7 @@ def fetch_dataset(
     """
     sources, cases = _with_file_column(sources), _with_file_column(cases)
     out.mkdir(parents=True, exist_ok=True)
+    remove_stale_parts(out / IMAGES_DIR)
     for name in (MANIFEST_NAME, CASES_NAME):
         (out / name).unlink(missing_ok=True)
     counts = fetch_files(
@@ -231,6 +232,17 @@ def fetch_dataset(
     write_csv_atomic(sources, out / MANIFEST_NAME)
     write_csv_atomic(cases, out / CASES_NAME)
     return counts
+
+
+def remove_stale_parts(folder: Path) -> int:
+    """Delete temp files a killed run left behind (SIGKILL skips cleanup), so they never end up
+    in the output; returns how many."""
+    stale = list(folder.rglob(".*.part")) if folder.exists() else []
+    for path in stale:
+        path.unlink(missing_ok=True)
+    if stale:
+        log.info("removed %d partial file(s) left by an interrupted run", len(stale))
+    return len(stale)
 
 
 def write_csv_atomic(df: pd.DataFrame, path: Path) -> None:

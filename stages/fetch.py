@@ -64,6 +64,11 @@ def main(argv: list[str] | None = None) -> None:
     except (fetch.FetchError, ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:
+        # Verified files stay (a re-run skips them); temp files were removed; no manifest yet.
+        print("error: interrupted; run the stage again to finish (verified files are kept)",
+              file=sys.stderr)  # fmt: skip
+        sys.exit(130)
     log.info("%(mirror)d from the mirror, %(downloaded)d downloaded, %(present)d already present",
              counts)  # fmt: skip
     log.info("wrote %s in %.1fs", args.out, time.monotonic() - start)

@@ -301,3 +301,16 @@ def test_stage_missing_param_and_bad_dataset(
     with pytest.raises(SystemExit):
         stage.main(argv)
     assert "'huge'" in capsys.readouterr().err
+
+
+def test_partial_files_of_a_killed_run_are_removed(tmp_path: Path, mirror: Path) -> None:
+    """SIGKILL skips cleanup; the next run must not leave that junk in the DVC output."""
+    out = tmp_path / "out"
+    stale = out / fetch.IMAGES_DIR / "some" / ".file.png.abc123.part"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"half")
+    sources = pd.DataFrame({"path": [MIRRORED[0]], "sha256": [sha(FILES[MIRRORED[0]])]})
+    cases = pd.DataFrame({"path": [MIRRORED[1]], "sha256": [sha(FILES[MIRRORED[1]])]})
+    fetch.fetch_dataset(sources, cases, out, mirror=mirror, workers=1)
+    assert not stale.exists()
+    assert (out / "manifest.csv").exists() and (out / "cases.csv").exists()
