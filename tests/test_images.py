@@ -86,3 +86,20 @@ def test_preprocess_skips_the_round_trip_only_for_pre_harmonised_images():
     assert not np.array_equal(once, skipped)  # the JPEG round trip changed pixels
     off = preprocess(img, Preprocessing(image_size=64, harmonise=False))
     assert np.array_equal(off, skipped)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_corrupt_file_among_many_fails_the_batch_naming_the_file(tmp_path, workers):
+    from cxr.arrays import preprocess_files
+
+    good = encode(Image.new("L", (40, 30), 90), "PNG")
+    files = []
+    for i in range(40):  # >= 32 files: the parallel path is used with 2 workers
+        path = tmp_path / f"img{i:02d}.png"
+        path.write_bytes(good if i != 17 else good[:20])
+        files.append(path)
+    with pytest.raises(ImageError, match="img17.png"):
+        preprocess_files(files, [False] * 40, Preprocessing(image_size=16), workers=workers)
+    files[17].write_bytes(good)
+    out = preprocess_files(files, [False] * 40, Preprocessing(image_size=16), workers=workers)
+    assert out.shape == (40, 16, 16) and out.dtype == np.uint8
