@@ -301,7 +301,7 @@ def _download(spec: FileSpec, dest: Path, ctx: _Context) -> None:
 
 def _short(exc: Exception) -> str:
     """The useful part of a requests error ('[Errno 111] Connection refused'), not 5 lines."""
-    match = re.search(r"\[Errno [-\d]+\] [^)'\]]+", str(exc))
+    match = re.search(r"\[Errno [-\d]+\] [^)'\]\"]+", str(exc))
     if match:
         return match.group(0)
     return str(exc) if isinstance(exc, _Retryable) else type(exc).__name__

@@ -16,6 +16,7 @@ if str(REPO_ROOT) not in sys.path:  # so `python stages/fetch.py` works without 
 import yaml  # noqa: E402
 
 from cxr import fetch  # noqa: E402
+from cxr.cli import setup_logging, user_errors  # noqa: E402
 
 log = logging.getLogger("stages.fetch")
 
@@ -49,9 +50,11 @@ def load_dataset_param(path: Path) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging()
     start = time.monotonic()
-    try:
+    # user_errors: a failed fetch, a bad param or Ctrl-C is one `error:` line, no traceback;
+    # verified files stay in place (a re-run skips them) and no manifest is written.
+    with user_errors():
         dataset = load_dataset_param(args.params)
         sources = fetch.select_sources(fetch.read_table(args.sources), dataset)
         cases = fetch.read_table(args.cases)
@@ -61,14 +64,6 @@ def main(argv: list[str] | None = None) -> None:
             sources, cases, args.out, mirror=mirror, base_url=fetch.resolve_base_url(os.environ),
             workers=args.workers, timeout=args.timeout, retries=args.retries,
         )  # fmt: skip
-    except (fetch.FetchError, ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        # Verified files stay (a re-run skips them); temp files were removed; no manifest yet.
-        print("error: interrupted; run the stage again to finish (verified files are kept)",
-              file=sys.stderr)  # fmt: skip
-        sys.exit(130)
     log.info("%(mirror)d from the mirror, %(downloaded)d downloaded, %(present)d already present",
              counts)  # fmt: skip
     log.info("wrote %s in %.1fs", args.out, time.monotonic() - start)
