@@ -23,10 +23,11 @@ def _save(fig: plt.Figure, path: Path) -> None:
     plt.close(fig)
 
 
-def write_plot_data(
-    out: Path, task: str, y: np.ndarray, prob: np.ndarray, names: list[str], bins: int
+def write_task_figures(
+    out: Path, task: str, y: np.ndarray, prob: np.ndarray, names: list[str], report: dict, bins: int
 ) -> None:
-    """CSV files for `dvc plots`: confusion pairs, one ROC file per class, reliability bins."""
+    """Everything `dvc plots` and a reader need for one task's test split, in `out`:
+    CSVs (confusion pairs, one ROC file per class, reliability bins) and the matching PNGs."""
     out.mkdir(parents=True, exist_ok=True)
     pairs = pd.DataFrame(
         {"actual": np.array(names)[y], "predicted": np.array(names)[prob.argmax(1)]}
@@ -35,13 +36,22 @@ def write_plot_data(
     roc = pd.DataFrame(metrics.roc_points(y, prob, names))
     roc_dir = out / f"{task}_roc"
     roc_dir.mkdir(exist_ok=True)
-    for name in names:
-        if name == "non_covid":
-            continue  # its curve mirrors covid's in the binary task
-        part = roc[roc["class"] == name] if len(roc) else roc
-        part[["fpr", "tpr", "threshold"]].to_csv(roc_dir / f"{name}.csv", index=False)
+    for name in _curve_classes(roc, names):
+        roc[roc["class"] == name][["fpr", "tpr", "threshold"]].to_csv(
+            roc_dir / f"{name}.csv", index=False
+        )
     rel = pd.DataFrame(metrics.reliability_bins(y, prob, bins))
     rel.to_csv(out / f"{task}_reliability.csv", index=False)
+    confusion_png(report["confusion"], names, task, out / f"{task}_confusion.png")
+    roc_png(roc, names, report, task, out / f"{task}_roc.png")
+    ece = report["calibration"]["ece"]
+    reliability_png(rel, bins, ece, task, out / f"{task}_reliability.png")
+
+
+def _curve_classes(roc: pd.DataFrame, names: list[str]) -> list[str]:
+    """Classes with a ROC curve; non_covid's would mirror covid's in the binary task."""
+    present = set(roc["class"]) if len(roc) else set()
+    return [n for n in names if n != "non_covid" and n in present]
 
 
 def confusion_png(cm: list[list[int]], names: list[str], task: str, path: Path) -> None:
@@ -59,14 +69,9 @@ def confusion_png(cm: list[list[int]], names: list[str], task: str, path: Path) 
     _save(fig, path)
 
 
-def roc_png(
-    y: np.ndarray, prob: np.ndarray, names: list[str], report: dict, task: str, path: Path
-) -> None:
-    roc = pd.DataFrame(metrics.roc_points(y, prob, names))
+def roc_png(roc: pd.DataFrame, names: list[str], report: dict, task: str, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(5, 4.6))
-    for name in names:
-        if name == "non_covid" or not len(roc) or name not in set(roc["class"]):
-            continue
+    for name in _curve_classes(roc, names):
         part = roc[roc["class"] == name]
         auc = report["per_class"][name]["roc_auc"]
         ax.plot(part["fpr"], part["tpr"], label=f"{name} (AUC {auc:.3f})")
@@ -78,10 +83,7 @@ def roc_png(
     _save(fig, path)
 
 
-def reliability_png(
-    y: np.ndarray, prob: np.ndarray, bins: int, ece: float, task: str, path: Path
-) -> None:
-    rel = pd.DataFrame(metrics.reliability_bins(y, prob, bins))
+def reliability_png(rel: pd.DataFrame, bins: int, ece: float, task: str, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(5, 4.6))
     ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=0.8, label="perfect calibration")
     if len(rel):

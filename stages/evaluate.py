@@ -52,14 +52,8 @@ def evaluate_checkpoint(
     out = args.metrics / f"{task}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     test = scored["test"]
-    figures.write_plot_data(args.plots, task, test.y, test.prob, names, p.calibration_bins)
-    figures.confusion_png(
-        result["test"]["confusion"], names, task, args.plots / f"{task}_confusion.png"
-    )
-    figures.roc_png(test.y, test.prob, names, result["test"], task, args.plots / f"{task}_roc.png")
-    ece = result["test"]["calibration"]["ece"]
-    figures.reliability_png(
-        test.y, test.prob, p.calibration_bins, ece, task, args.plots / f"{task}_reliability.png"
+    figures.write_task_figures(
+        args.plots, task, test.y, test.prob, names, result["test"], p.calibration_bins
     )
     log.info("%s: test accuracy %.3f, macro-F1 %.3f -> %s", task, result["test"]["accuracy"],
              result["test"]["macro"]["f1"], out)  # fmt: skip

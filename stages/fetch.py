@@ -13,10 +13,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # so `python stages/fetch.py` works without installing cxr
     sys.path.insert(0, str(REPO_ROOT))
 
-import yaml  # noqa: E402
-
 from cxr import fetch  # noqa: E402
 from cxr.cli import setup_logging, user_errors  # noqa: E402
+from cxr.params import ParamsError, load_params  # noqa: E402
 
 log = logging.getLogger("stages.fetch")
 
@@ -35,17 +34,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def load_dataset_param(path: Path) -> str:
-    """fetch.dataset from the params file, with an error that says what to add."""
-    try:
-        params = yaml.safe_load(path.read_text()) or {}
-    except OSError as exc:
-        raise ValueError(f"cannot read params file {path}: {exc}") from exc
-    try:
-        return str(params["fetch"]["dataset"])
-    except (KeyError, TypeError):
-        raise ValueError(
+    """fetch.dataset from the params file (its value is checked by select_sources)."""
+    params = load_params(path)  # a missing or malformed file: ParamsError naming it
+    dataset = (
+        params.get("fetch", {}).get("dataset") if isinstance(params.get("fetch"), dict) else None
+    )
+    if dataset is None:
+        raise ParamsError(
             f"{path} has no fetch.dataset; add `fetch: {{dataset: sample}}` (or full)"
-        ) from None
+        )
+    return str(dataset)
 
 
 def main(argv: list[str] | None = None) -> None:
