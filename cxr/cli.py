@@ -7,8 +7,7 @@ import logging
 import sys
 from collections.abc import Iterator
 
-from cxr.fetch import FetchError
-from cxr.splits import LeakageError
+from cxr.errors import FetchError, LeakageError
 
 # Errors a user can act on (bad params, missing or corrupt inputs, failed downloads, leaks; the
 # library's own errors subclass ValueError or are listed): one line, exit 1, no traceback.

@@ -10,6 +10,10 @@ from cxr.images import Preprocessing
 from cxr.params import ParamsError, from_section, load_params, section
 
 FOUR_CLASSES = ["covid", "viral", "bacterial", "normal"]
+# Labels a manifest row may carry: the four classes, plus `pneumonia` (NIH report-mined, type
+# unknown): non-COVID for the binary task, "viral or bacterial" for the four-class task.
+PARTIAL_LABELS = {"pneumonia": ("viral", "bacterial")}
+LABELS = [*FOUR_CLASSES, *PARTIAL_LABELS]
 BINARY_CLASSES = ["non_covid", "covid"]
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 
@@ -36,6 +40,18 @@ class SplitParams:
     jpeg_quality: int = 75
     # Datasets whose publisher already squashed images to 224 px JPEG q75 (see cxr.images).
     pre_harmonised: list[str] = field(default_factory=lambda: ["kermany"])
+    # false: no rsna/nih adult non-COVID rows in train/val (the study's data); test unchanged.
+    adult_controls: bool = True
+    # Whole datasets moved out of train/val/test into the `external` evaluation cohort.
+    external: list[str] = field(default_factory=list)
+    near_duplicate_threshold: float = 0.99  # thumbnail correlation (see cxr.duplicates)
+
+    def validate(self) -> None:
+        if not 0.5 <= self.near_duplicate_threshold <= 1.0:
+            raise ParamsError(
+                "split.near_duplicate_threshold must be in 0.5..1.0 (a correlation), "
+                f"got {self.near_duplicate_threshold}"
+            )
 
 
 @dataclass(frozen=True)
@@ -64,6 +80,11 @@ class TrainParams:
     milestones: list[int] = field(default_factory=lambda: [10, 20])
     gamma: float = 0.1
     balance: Literal["none", "oversample", "weighted_loss"] = "oversample"
+    # What `balance` evens out: class, or class x age_group (adult and pediatric separately).
+    balance_by: list[str] = field(default_factory=lambda: ["class"])
+    # Images of unknown type (`pneumonia`): true = partial-label loss on {viral, bacterial};
+    # false = leave them out of training. Binary: they are non-COVID either way.
+    partial_labels: bool = True
     select_metric: Literal["macro_f1", "loss"] = "macro_f1"
     patience: int = 0  # epochs without improvement before stopping; 0 = never stop early
     augment: dict = field(default_factory=dict)
@@ -79,6 +100,12 @@ class TrainParams:
             raise ParamsError(f"{self.task}: epochs and batch_size must be >= 1")
         if self.lr <= 0:
             raise ParamsError(f"{self.task}: lr must be > 0, got {self.lr}")
+        allowed = ("class", "age_group", "dataset")
+        if not self.balance_by or set(self.balance_by) - set(allowed):
+            raise ParamsError(
+                f"train_{self.task}.balance_by must list some of {list(allowed)}, "
+                f"got {self.balance_by}"
+            )
         self.augmentation()  # validates the augment mapping
 
     def augmentation(self) -> AugmentParams:

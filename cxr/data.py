@@ -10,7 +10,9 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from cxr.config import FOUR_CLASSES, AugmentParams
+from cxr.config import BINARY_CLASSES, FOUR_CLASSES, LABELS, PARTIAL_LABELS, AugmentParams
+
+UNKNOWN = -1  # label index of a row whose class is only known as a set (see allowed_classes)
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> torch.Generator:
@@ -24,15 +26,40 @@ def seed_everything(seed: int, deterministic: bool = False) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def labels_for(table: pd.DataFrame, task: str) -> np.ndarray:
-    """Integer labels of a split manifest for a task (binary: 1 = COVID-19)."""
-    unknown = sorted(set(table["label"]) - set(FOUR_CLASSES))
+def _check_labels(table: pd.DataFrame) -> None:
+    unknown = sorted(set(table["label"]) - set(LABELS))
     if unknown:
-        raise ValueError(f"unknown label(s) {unknown} in manifest; expected {FOUR_CLASSES}")
+        raise ValueError(f"unknown label(s) {unknown} in manifest; expected {LABELS}")
+
+
+def labels_for(table: pd.DataFrame, task: str) -> np.ndarray:
+    """Integer labels of a split manifest for a task (binary: 1 = COVID-19).
+
+    Four-class rows whose type is unknown (`pneumonia`) get UNKNOWN (-1): they have no single
+    class, so metrics that need one leave them out and training uses `allowed_classes`.
+    """
+    _check_labels(table)
     if task == "binary":
         return (table["label"] == "covid").to_numpy(dtype=np.int64)
     index = {name: i for i, name in enumerate(FOUR_CLASSES)}
-    return table["label"].map(index).to_numpy(dtype=np.int64)
+    return table["label"].map(index).fillna(UNKNOWN).to_numpy(dtype=np.int64)
+
+
+def allowed_classes(table: pd.DataFrame, task: str) -> np.ndarray:
+    """N x K boolean mask of the classes each row may belong to (one True for a known label).
+
+    The target of the partial-label loss: a `pneumonia` row allows viral and bacterial.
+    """
+    _check_labels(table)
+    names = BINARY_CLASSES if task == "binary" else FOUR_CLASSES
+    if task == "binary":
+        covid = (table["label"] == "covid").to_numpy()
+        return np.stack([~covid, covid], axis=1)
+    mask = np.zeros((len(table), len(names)), dtype=bool)
+    for i, label in enumerate(table["label"]):
+        for name in PARTIAL_LABELS.get(label, (label,)):
+            mask[i, names.index(name)] = True
+    return mask
 
 
 def to_input(images: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -74,24 +101,68 @@ def augment_batch(x: torch.Tensor, aug: AugmentParams, generator: torch.Generato
     return out.contiguous(memory_format=torch.channels_last)
 
 
-def class_weights(labels: np.ndarray, num_classes: int) -> torch.Tensor:
-    """Inverse-frequency weights, scaled so a balanced set gets weight 1 for every class."""
-    counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
-    weights = np.where(counts > 0, len(labels) / (num_classes * np.maximum(counts, 1)), 0.0)
-    return torch.tensor(weights, dtype=torch.float32)
+BALANCE_BY = ("class", "age_group", "dataset")
+
+
+def strata_for(table: pd.DataFrame, task: str, by: list[str]) -> np.ndarray:
+    """Integer stratum per row for class balancing: the combination of the `by` columns.
+
+    `class` is the task's class (binary: covid / non_covid), except that a row of unknown type
+    (`pneumonia`) is a stratum of its own in the four-class task: it belongs to no single class.
+    With `age_group` added, adult and pediatric images of one class are balanced separately, so
+    the few adult non-COVID images are drawn as often as the adult COVID-19 ones (binary).
+    """
+    unknown = sorted(set(by) - set(BALANCE_BY))
+    if unknown or not by:
+        raise ValueError(f"balance_by must list some of {list(BALANCE_BY)}, got {by}")
+    columns = []
+    for key in by:
+        if key == "class":
+            labels = labels_for(table, task)
+            names = np.array(BINARY_CLASSES if task == "binary" else FOUR_CLASSES)
+            columns.append(np.where(labels >= 0, names[labels.clip(0)], table["label"]))
+        else:
+            columns.append(table[key].astype(str).to_numpy())
+    keys = ["/".join(parts) for parts in zip(*columns, strict=True)]
+    return np.unique(keys, return_inverse=True)[1].astype(np.int64)
+
+
+def sample_weights(strata: np.ndarray) -> torch.Tensor:
+    """Per-row loss weights 1/count(stratum), scaled so a balanced set has weight 1 everywhere."""
+    counts = np.bincount(strata).astype(np.float64)
+    n_strata = int((counts > 0).sum())
+    return torch.tensor(len(strata) / (n_strata * counts[strata]), dtype=torch.float32)
+
+
+def partial_label_loss(
+    logits: torch.Tensor, allowed: torch.Tensor, weight: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Cross-entropy on a set of allowed classes: mean of -log(sum of p(k) over allowed k).
+
+    With one allowed class per row this is ordinary cross-entropy. A `pneumonia` image (viral or
+    bacterial, type unknown) allows two: the model is asked only for p(viral) + p(bacterial),
+    neither guessing its type nor throwing it away. `weight` (per row) gives a weighted mean,
+    as nn.CrossEntropyLoss does with class weights.
+    """
+    log_p = torch.log_softmax(logits.float(), dim=1)
+    nll = -torch.logsumexp(log_p.masked_fill(~allowed, float("-inf")), dim=1)
+    if weight is None:
+        return nll.mean()
+    return (nll * weight).sum() / weight.sum()
 
 
 def epoch_order(
-    labels: np.ndarray, *, oversample: bool, generator: torch.Generator
+    strata: np.ndarray, *, oversample: bool, generator: torch.Generator
 ) -> torch.Tensor:
-    """Indices for one epoch: a permutation, or (oversample) a class-balanced draw of equal length.
+    """Indices for one epoch: a permutation, or (oversample) a stratum-balanced draw of equal length.
 
-    Oversampling draws with replacement with probability 1/count(class), as the study did for
+    Oversampling draws with replacement with probability 1/count(stratum), so every stratum
+    (a class, or class x age group) fills the same share of the epoch, as the study did for
     COVID-19; the epoch keeps the data set's length so epochs cost the same either way.
     """
-    n = len(labels)
+    n = len(strata)
     if not oversample:
         return torch.randperm(n, generator=generator)
-    counts = np.bincount(labels)
-    weights = torch.tensor(1.0 / counts[labels], dtype=torch.double)
+    counts = np.bincount(strata)
+    weights = torch.tensor(1.0 / counts[strata], dtype=torch.double)
     return torch.multinomial(weights, n, replacement=True, generator=generator)

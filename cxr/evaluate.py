@@ -1,8 +1,8 @@
 """Evaluate one checkpoint: test metrics with patient-bootstrap CIs, operating point, calibration,
-subgroups and the adult_check shortcut probe.
+subgroups, adult-only metrics and the shortcut probes (adult_check, pneumonia, external).
 
-The validation split is used for one thing only, the binary threshold; the test split and
-adult_check are used for nothing but reporting.
+The validation split is used for one thing only, the COVID-19 threshold (for both tasks); test,
+adult_check and external are used for nothing but reporting.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import pandas as pd
 
 from cxr import metrics
 from cxr.config import EvaluateParams
-from cxr.data import labels_for
+from cxr.data import allowed_classes, labels_for
 from cxr.train import predict_proba
 
 log = logging.getLogger(__name__)
@@ -23,12 +23,20 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Scored:
-    """One split's ground truth and the model's probabilities."""
+    """One split's ground truth and the model's probabilities.
+
+    ``y`` is -1 (cxr.data.UNKNOWN) for four-class rows whose class is only known as a set.
+    """
 
     name: str
     table: pd.DataFrame
     y: np.ndarray
     prob: np.ndarray
+
+    def subset(self, mask: np.ndarray) -> Scored:
+        mask = np.asarray(mask, dtype=bool)
+        return Scored(self.name, self.table[mask].reset_index(drop=True), self.y[mask],
+                      self.prob[mask])  # fmt: skip
 
 
 def score_split(model, name: str, images: np.ndarray, table: pd.DataFrame, task: str) -> Scored:
@@ -40,9 +48,20 @@ def covid_index(class_names: list[str]) -> int:
     return class_names.index("covid")
 
 
+def known_class(s: Scored) -> Scored:
+    """Rows with one known class: the only ones a K-class report, CI or figure can score."""
+    return s.subset(s.y >= 0)
+
+
+def covid_truth(s: Scored, positive: int) -> np.ndarray:
+    """1 for COVID-19, 0 for everything else (pneumonia of unknown type included)."""
+    return (s.y == positive).astype(int)
+
+
 def operating_point(val: Scored, p: EvaluateParams, positive: int) -> dict:
-    """The binary threshold, chosen on validation and frozen for test and predict."""
-    score, truth = val.prob[:, positive], (val.y == positive).astype(int)
+    """The COVID-19-vs-rest threshold on p(covid), chosen on validation and frozen for test,
+    adult_check, external and predict."""
+    score, truth = val.prob[:, positive], covid_truth(val, positive)
     if p.threshold == "youden":
         value = metrics.youden_threshold(truth, score)
     else:
@@ -55,28 +74,71 @@ def operating_point(val: Scored, p: EvaluateParams, positive: int) -> dict:
     }
 
 
-def subgroups(s: Scored, class_names: list[str]) -> dict:
-    """Accuracy and COVID-19 call rate per label x dataset x age group.
+def covid_bootstrap(s: Scored, positive: int, stats: dict, p: EvaluateParams, seed: int) -> dict:
+    """Patient-group bootstrap CIs of statistics of (COVID-19 truth, probabilities)."""
+    return metrics.bootstrap_ci(
+        covid_truth(s, positive),
+        s.prob,
+        s.table["group_id"].to_numpy(),
+        stats,
+        n_resamples=p.bootstrap,
+        seed=seed,
+        level=p.ci_level,
+    )
+
+
+def covid_calls(s: Scored, positive: int, threshold: float, p: EvaluateParams, seed: int) -> dict:
+    """COVID-19-vs-rest accuracy, sensitivity, specificity, balanced accuracy and call rate,
+    each with a CI, at the frozen threshold and at argmax (side by side, same resamples)."""
+    return {
+        "at_threshold": covid_bootstrap(
+            s, positive, metrics.covid_call_statistics(positive, threshold), p, seed
+        ),
+        "argmax": covid_bootstrap(
+            s, positive, metrics.covid_call_statistics(positive, None), p, seed
+        ),
+    }
+
+
+def counts(table: pd.DataFrame, by: list[str]) -> dict:
+    """Row counts nested by the given columns, e.g. {label: {dataset: n}}."""
+    out: dict = {}
+    for key, n in table.groupby(by).size().items():
+        keys = key if isinstance(key, tuple) else (key,)
+        node = out
+        for k in keys[:-1]:
+            node = node.setdefault(str(k), {})
+        node[str(keys[-1])] = int(n)
+    return out
+
+
+def subgroups(s: Scored, class_names: list[str], threshold: float) -> dict:
+    """Accuracy and COVID-19 call rate (argmax and at threshold) per label x dataset x age group.
 
     Where a class comes from two sources (adult ieee8023 vs pediatric Kermany), a model that
     learned age or source instead of disease shows it here: e.g. adult non-COVID images called
-    COVID-19 far more often than pediatric ones.
+    COVID-19 far more often than pediatric ones. A `pneumonia` row counts as correct when its
+    argmax is an allowed class (viral or bacterial; non_covid for the binary model).
     """
     pred = s.prob.argmax(1)
-    covid = covid_index(class_names) if "covid" in class_names else 1
+    covid = covid_index(class_names)
+    task = "binary" if len(class_names) == 2 else "four_class"
+    correct = allowed_classes(s.table, task)[np.arange(len(pred)), pred]
+    at_threshold = s.prob[:, covid] >= threshold
     out: dict = {}
     keys = ["label", "dataset", "age_group"]
     for (label, dataset, age), rows in s.table.groupby(keys).indices.items():
         out.setdefault(label, {})[f"{dataset}_{age}"] = {
             "n": len(rows),
-            "accuracy": float((pred[rows] == s.y[rows]).mean()),
+            "accuracy": float(correct[rows].mean()),
             "covid_call_rate": float((pred[rows] == covid).mean()),
+            "covid_call_rate_at_threshold": float(at_threshold[rows].mean()),
         }
     return out
 
 
 def split_report(s: Scored, class_names: list[str], p: EvaluateParams, seed: int) -> dict:
-    """Everything reported for one labelled split (test)."""
+    """The K-class report of a split whose rows all have a known class."""
     positive = covid_index(class_names)
     report = metrics.classification_report(s.y, s.prob, class_names)
     report["confusion"] = metrics.confusion(s.y, s.prob.argmax(1), len(class_names))
@@ -93,15 +155,86 @@ def split_report(s: Scored, class_names: list[str], p: EvaluateParams, seed: int
         "ece": metrics.expected_calibration_error(s.y, s.prob, p.calibration_bins),
         "bins": p.calibration_bins,
     }
-    report["subgroups"] = subgroups(s, class_names)
     return report
 
 
-def adult_check_report(s: Scored, class_names: list[str]) -> dict:
-    """Adult normal radiographs from a hospital never trained on: how many are called COVID-19?
+def adult_only_report(
+    s: Scored, class_names: list[str], threshold: float, p: EvaluateParams, seed: int
+) -> dict:
+    """COVID-19 vs adult non-COVID among adult images only.
 
-    Every training COVID-19 image is adult and almost every non-COVID one pediatric, so a high
-    rate here means the model learned "adult" rather than "COVID-19".
+    Every COVID-19 image is adult; on the full test set a model scores well by telling adults
+    from children. Among adults alone age cannot help, so this AUC and these sensitivity and
+    specificity say whether the model detects COVID-19. (Source can still help: compare the
+    counts by dataset.)
+    """
+    adult = s.subset(s.table["age_group"].to_numpy() == "adult")
+    positive = covid_index(class_names)
+    truth = covid_truth(adult, positive)
+    out: dict = {
+        "n": len(adult.y),
+        "n_by_class": {"covid": int(truth.sum()), "non_covid": int(len(truth) - truth.sum())},
+        "n_by_source": counts(adult.table, ["label", "dataset"]),
+    }
+    if len(adult.y) == 0:
+        return out
+    auc = {"roc_auc": metrics.covid_auc_statistic(positive)}
+    out["roc_auc"] = covid_bootstrap(adult, positive, auc, p, seed)["roc_auc"]
+    return out | covid_calls(adult, positive, threshold, p, seed)
+
+
+def pneumonia_report(
+    s: Scored, class_names: list[str], threshold: float, p: EvaluateParams, seed: int
+) -> dict:
+    """Adult NIH pneumonia of unknown type: should be called neither COVID-19 nor normal.
+
+    They count as non-COVID in every COVID-19-vs-rest metric; here on their own, with the
+    four-class model's rate of an allowed call (viral or bacterial).
+    """
+    rows = s.subset(s.table["label"].to_numpy() == "pneumonia")
+    out: dict = {"n": len(rows.y), "n_by_dataset": counts(rows.table, ["dataset"])}
+    if len(rows.y) == 0:
+        return out
+    positive = covid_index(class_names)
+    out |= covid_calls(rows, positive, threshold, p, seed)
+    if "viral" in class_names:
+        allowed = [class_names.index("viral"), class_names.index("bacterial")]
+        stat = {"viral_or_bacterial": metrics.argmax_in_statistic(allowed)}
+        out["viral_or_bacterial_rate"] = covid_bootstrap(rows, positive, stat, p, seed)[
+            "viral_or_bacterial"
+        ]
+    return out
+
+
+def evaluate_test_split(
+    s: Scored, class_names: list[str], threshold: float, p: EvaluateParams, seed: int
+) -> dict:
+    """Everything reported for the test split.
+
+    The K-class report covers rows of known class only (`n_unknown` says how many were left
+    out); every COVID-19-vs-rest number covers all rows.
+    """
+    positive = covid_index(class_names)
+    known = known_class(s)
+    report = split_report(known, class_names, p, seed)
+    report["n_unknown"] = int(len(s.y) - len(known.y))
+    report["subgroups"] = subgroups(s, class_names, threshold)
+    report["at_threshold"] = metrics.binary_at_threshold(
+        covid_truth(s, positive), s.prob[:, positive], threshold
+    )
+    report["covid_vs_rest"] = covid_calls(s, positive, threshold, p, seed)
+    report["adult_only"] = adult_only_report(s, class_names, threshold, p, seed)
+    report["pneumonia"] = pneumonia_report(s, class_names, threshold, p, seed)
+    return report
+
+
+def adult_check_report(
+    s: Scored, class_names: list[str], threshold: float, p: EvaluateParams, seed: int
+) -> dict:
+    """Adult NIH normals never trained on: how many are called COVID-19?
+
+    They are unseen patients from the same NIH pool as the adult non-COVID training rows, not
+    an unseen hospital; a high rate still means the model calls adults COVID-19.
     """
     positive = covid_index(class_names)
     pred = s.prob.argmax(1)
@@ -112,7 +245,27 @@ def adult_check_report(s: Scored, class_names: list[str]) -> dict:
         "mean_covid_probability": float(s.prob[:, positive].mean()),
         "correct_rate": float((pred == s.y).mean()),
         **({"normal_call_rate": float((pred == normal).mean())} if normal is not None else {}),
+        **covid_calls(s, positive, threshold, p, seed),
     }
+
+
+def external_report(
+    s: Scored, class_names: list[str], threshold: float, p: EvaluateParams, seed: int
+) -> dict:
+    """Whole datasets held out of training, per dataset: COVID-19 calls and, where the dataset
+    has them, sensitivity on its COVID-19 rows and specificity on its other rows."""
+    positive = covid_index(class_names)
+    out: dict = {"n": len(s.y), "by_dataset": {}}
+    for dataset in sorted(s.table["dataset"].unique()):
+        part = s.subset(s.table["dataset"].to_numpy() == dataset)
+        truth = covid_truth(part, positive)
+        out["by_dataset"][str(dataset)] = {
+            "n": len(truth),
+            "n_covid": int(truth.sum()),
+            "n_non_covid": int(len(truth) - truth.sum()),
+            **covid_calls(part, positive, threshold, p, seed),
+        }
+    return out
 
 
 def evaluate_task(
@@ -123,24 +276,16 @@ def evaluate_task(
     seed: int,
 ) -> dict:
     """The metrics file for one task (metrics/<task>.json)."""
-    positive = covid_index(class_names)
-    test = scored["test"]
+    threshold = operating_point(scored["val"], p, covid_index(class_names))
+    value = threshold["value"]
     result: dict = {
         "task": task,
         "classes": class_names,
-        "test": split_report(test, class_names, p, seed),
+        "threshold": threshold,
+        "test": evaluate_test_split(scored["test"], class_names, value, p, seed),
+        "adult_check": adult_check_report(scored["adult_check"], class_names, value, p, seed),
     }
-    if task == "binary":
-        result["threshold"] = operating_point(scored["val"], p, positive)
-        truth = (test.y == positive).astype(int)
-        result["test"]["at_threshold"] = metrics.binary_at_threshold(
-            truth, test.prob[:, positive], result["threshold"]["value"]
-        )
-        adult = scored["adult_check"]
-        result["adult_check_at_threshold"] = {
-            "covid_call_rate": float(
-                (adult.prob[:, positive] >= result["threshold"]["value"]).mean()
-            )
-        }
-    result["adult_check"] = adult_check_report(scored["adult_check"], class_names)
+    external = scored.get("external")
+    if external is not None and len(external.y):
+        result["external"] = external_report(external, class_names, value, p, seed)
     return result

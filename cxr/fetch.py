@@ -27,6 +27,8 @@ import pandas as pd
 import requests
 from tqdm import tqdm
 
+from cxr.errors import FetchError
+
 log = logging.getLogger(__name__)
 
 DEFAULT_BASE_URL = "https://raw.githubusercontent.com/"
@@ -38,10 +40,6 @@ CHUNK_SIZE = 1 << 20
 MAX_LISTED_FAILURES = 5
 # Origins reported per file, in the order they are logged.
 ORIGINS = ("mirror", "downloaded", "present")
-
-
-class FetchError(RuntimeError):
-    """One or more files could not be fetched and verified."""
 
 
 class _FileError(Exception):

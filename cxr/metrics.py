@@ -165,6 +165,58 @@ def default_statistics(positive_class: int) -> dict[str, Statistic]:
     }
 
 
+def covid_call_statistics(positive_class: int, threshold: float | None) -> dict[str, Statistic]:
+    """Statistics of the call "COVID-19" for bootstrap_ci, where ``y`` is 1 for COVID-19, else 0.
+
+    The call is ``p[:, positive_class] >= threshold`` (an operating point frozen on validation)
+    or, with ``threshold=None``, the argmax. ``p`` keeps all K columns so that a four-class
+    model's argmax call stays its own (p(covid) = 0.4 can be the top class). Each statistic is
+    nan where undefined (e.g. sensitivity on a set without COVID-19), so resamples are skipped.
+    """
+
+    def called(p: np.ndarray) -> np.ndarray:
+        if threshold is None:
+            return p.argmax(axis=1) == positive_class
+        return p[:, positive_class] >= threshold
+
+    def sensitivity(y: np.ndarray, p: np.ndarray) -> float:
+        pos = y == 1
+        return float(called(p)[pos].mean()) if pos.any() else float("nan")
+
+    def specificity(y: np.ndarray, p: np.ndarray) -> float:
+        neg = y == 0
+        return float(1.0 - called(p)[neg].mean()) if neg.any() else float("nan")
+
+    def balanced_accuracy(y: np.ndarray, p: np.ndarray) -> float:
+        return (sensitivity(y, p) + specificity(y, p)) / 2  # nan if either is
+
+    return {
+        "accuracy": lambda y, p: float(np.mean(called(p) == (y == 1))),
+        "sensitivity": sensitivity,
+        "specificity": specificity,
+        "balanced_accuracy": balanced_accuracy,
+        "call_rate": lambda y, p: float(np.mean(called(p))),
+    }
+
+
+def covid_auc_statistic(positive_class: int) -> Statistic:
+    """ROC AUC of ``p[:, positive_class]`` for ``y`` 1 = COVID-19; nan without both classes."""
+
+    def roc_auc(y: np.ndarray, p: np.ndarray) -> float:
+        auc = _ovr_auc(y == 1, p[:, positive_class])
+        return float("nan") if auc is None else auc
+
+    return roc_auc
+
+
+def argmax_in_statistic(classes: list[int]) -> Statistic:
+    """Fraction of samples whose argmax is one of ``classes`` (labels are not used).
+
+    For rows whose class is known only as a set, e.g. NIH "pneumonia" = viral or bacterial.
+    """
+    return lambda y, p: float(np.isin(p.argmax(axis=1), classes).mean())
+
+
 def _group_members(groups: np.ndarray) -> list[np.ndarray]:
     """Sample indices of each patient group, in order of the sorted group ids."""
     _, inverse = np.unique(np.asarray(groups), return_inverse=True)

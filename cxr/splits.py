@@ -9,14 +9,12 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
+from cxr.errors import LeakageError
+
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 GROUP_BY = ("patient", "image")
-
-
-class LeakageError(RuntimeError):
-    """A patient group or an identical file sits in two of train/val/test."""
 
 
 def _first_fold(strata: np.ndarray, groups: np.ndarray, fraction: float, seed: int) -> np.ndarray:
@@ -105,3 +103,107 @@ def check_no_leakage(table: pd.DataFrame, *, check_groups: bool = True) -> None:
                 f"{len(crossing)} {column} value(s) appear in more than one of train/val/test "
                 f"(e.g. {examples}); the split would leak patients between training and test."
             )
+
+
+# Datasets added to give the non-COVID classes adults (see README "Data"); `split.adult_controls:
+# false` keeps them out of train and val, which is the data the study trained on.
+ADULT_CONTROL_DATASETS = ("rsna", "nih")
+TRAINING_SPLITS = ("train", "val")  # what a model learns from or is selected on
+
+
+def _union_find(pairs: list[tuple[str, str]]) -> dict[str, str]:
+    """Map each group id in `pairs` to one representative of its connected component."""
+    parent: dict[str, str] = {}
+
+    def find(g: str) -> str:
+        parent.setdefault(g, g)
+        while parent[g] != g:
+            parent[g] = parent[parent[g]]
+            g = parent[g]
+        return g
+
+    for a, b in pairs:
+        ra, rb = find(a), find(b)
+        if ra != rb:
+            parent[max(ra, rb)] = min(ra, rb)
+    return {g: find(g) for g in parent}
+
+
+def resolve_duplicates(
+    table: pd.DataFrame, pairs: list, twin_groups: set[str]
+) -> tuple[pd.DataFrame, set[str], dict]:
+    """Make near-duplicate pictures unable to cross a split boundary, before splitting.
+
+    `table` holds every row (cohorts main, adult_check, cases), `pairs` its near-duplicates.
+    - Two `main` rows, same label, different groups: one picture under two patient ids, so the
+      groups are merged (`group_id` becomes the component's smallest id; the source's own id
+      stays in `source_group_id`).
+    - Two `main` rows with conflicting labels: the picture's label is unknown, both are dropped.
+    - A `main` row that is a picture of adult_check or of a case, and every group in
+      `twin_groups` (cases.csv `twin_group_id`): the group is forced into test, so that every
+      case and adult_check picture is one no model was trained or selected on.
+    Returns the new table, the forced groups, and counts for metrics/data.json.
+    """
+    table = table.copy()
+    table["source_group_id"] = table["group_id"]
+    main = table["cohort"].to_numpy() == "main"
+    label, group = table["label"].to_numpy(), table["group_id"].to_numpy()
+    merge, drop, forced = [], set(), set(twin_groups)
+    for pair in pairs:
+        i, j = pair.i, pair.j
+        if main[i] and main[j]:
+            if label[i] != label[j]:
+                log.warning(
+                    "near-duplicate pictures with conflicting labels, both dropped: %s (%s) = %s "
+                    "(%s), r=%.3f", table.at[i, "path"], label[i], table.at[j, "path"], label[j],
+                    pair.correlation,
+                )  # fmt: skip
+                drop |= {i, j}
+            elif group[i] != group[j]:
+                merge.append((group[i], group[j]))
+        elif main[i] or main[j]:
+            forced.add(group[i] if main[i] else group[j])
+    rename = _union_find(merge)
+    table["group_id"] = table["group_id"].map(lambda g: rename.get(g, g))
+    forced = {rename.get(g, g) for g in forced}
+    table = table.drop(index=sorted(drop))
+    report = {
+        "pairs": len(pairs),
+        "groups_merged": sum(1 for g, r in rename.items() if g != r),
+        "rows_dropped_conflicting_labels": len(drop),
+        "groups_forced_to_test": len(
+            forced & set(table.loc[table["cohort"] == "main", "group_id"])
+        ),
+    }
+    return table, forced, report
+
+
+def check_near_duplicates(table: pd.DataFrame, pairs: list) -> None:
+    """Fail, naming the pair, if one picture is in train/val and again in another split.
+
+    `table` is indexed like the array the pairs were found in (dropped rows simply absent) and
+    has a `split` column covering every cohort (train, val, test, adult_check, cases, external).
+    """
+    split = table["split"]
+    for pair in pairs:
+        if pair.i not in split.index or pair.j not in split.index:
+            continue
+        a, b = split[pair.i], split[pair.j]
+        if a != b and (a in TRAINING_SPLITS or b in TRAINING_SPLITS):
+            raise LeakageError(
+                f"near-duplicate pictures in {a} and {b} (thumbnail correlation "
+                f"{pair.correlation:.3f} >= threshold): {table.at[pair.i, 'path']} and "
+                f"{table.at[pair.j, 'path']}; a model would be trained or selected on a picture "
+                "it is then tested on."
+            )
+
+
+def force_to_test(splits: pd.Series, groups: pd.Series, forced: set[str]) -> pd.Series:
+    """Move whole groups to test (twins of the cases, pictures also in adult_check)."""
+    return splits.where(~groups.isin(forced), "test")
+
+
+def drop_adult_controls(pool: pd.DataFrame) -> pd.DataFrame:
+    """The study's training data: no rsna/nih rows in train or val (test stays the same)."""
+    keep = ~(pool["dataset"].isin(ADULT_CONTROL_DATASETS) & pool["split"].isin(TRAINING_SPLITS))
+    return pool[keep]

@@ -17,7 +17,13 @@ from torch import nn
 from tqdm import tqdm
 
 from cxr.config import AugmentParams, TrainParams
-from cxr.data import augment_batch, class_weights, epoch_order, to_input
+from cxr.data import (
+    augment_batch,
+    epoch_order,
+    partial_label_loss,
+    sample_weights,
+    to_input,
+)
 from cxr.models import CXRNet
 
 log = logging.getLogger(__name__)
@@ -130,15 +136,30 @@ def predict_proba(
     return np.concatenate(out) if out else np.zeros((0, num_classes), dtype=np.float32)
 
 
+def one_hot(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """N int labels -> N x K boolean allowed-class mask (a row of -1 allows nothing)."""
+    labels = np.asarray(labels)
+    return labels[:, None] == np.arange(num_classes)[None, :]
+
+
+def known_labels(allowed: np.ndarray) -> np.ndarray:
+    """The class of rows that allow exactly one, -1 for rows of unknown type."""
+    return np.where(allowed.sum(1) == 1, allowed.argmax(1), -1)
+
+
 def _evaluate(
-    model: nn.Module, images: np.ndarray, labels: np.ndarray, loss_fn: nn.Module, batch_size: int
+    model: nn.Module, images: np.ndarray, allowed: np.ndarray, batch_size: int
 ) -> tuple[float, float, float]:
+    """Validation loss (partial-label NLL over every row), accuracy and macro-F1 (known rows)."""
     prob = predict_proba(model, images, batch_size=batch_size)
-    target = torch.as_tensor(labels)
-    loss = float(loss_fn(torch.log(torch.as_tensor(prob).clamp_min(1e-7)), target))
-    pred = prob.argmax(1)
-    accuracy = float((pred == labels).mean())
-    macro_f1 = float(f1_score(labels, pred, average="macro", zero_division=0))
+    log_p = torch.log(torch.as_tensor(prob).clamp_min(1e-7))
+    # log of a probability is a valid logit: log_softmax of it gives it back.
+    loss = float(partial_label_loss(log_p, torch.as_tensor(allowed)))
+    labels = known_labels(allowed)
+    known = labels >= 0
+    pred = prob.argmax(1)[known]
+    accuracy = float((pred == labels[known]).mean())
+    macro_f1 = float(f1_score(labels[known], pred, average="macro", zero_division=0))
     return loss, accuracy, macro_f1
 
 
@@ -146,9 +167,9 @@ def train_epoch(
     model: nn.Module,
     batches: torch.Tensor,
     images: torch.Tensor,
-    labels: torch.Tensor,
+    allowed: torch.Tensor,
     *,
-    loss_fn: nn.Module,
+    weights: torch.Tensor | None,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None,
     aug: AugmentParams | None,
@@ -168,17 +189,19 @@ def train_epoch(
         x = to_input(images[idx])
         if aug is not None:
             x = augment_batch(x, aug, generator)
-        x, y = x.to(device, non_blocking=True), labels[idx].to(device, non_blocking=True)
+        x, y = x.to(device, non_blocking=True), allowed[idx].to(device, non_blocking=True)
+        w = weights[idx].to(device, non_blocking=True) if weights is not None else None
         with autocast(device):
             logits = model(x)
-            loss = loss_fn(logits.float(), y)
+            loss = partial_label_loss(logits.float(), y, w)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         if scheduler is not None:
             scheduler.step()
         total_loss += loss.item() * len(idx)
-        correct += int((logits.detach().argmax(1) == y).sum())
+        # correct = the top class is one the label allows
+        correct += int(y.gather(1, logits.detach().argmax(1, keepdim=True)).sum())
         count += len(idx)
         bar.set_postfix(loss=f"{total_loss / count:.3f}")
     return total_loss, correct, count
@@ -202,39 +225,47 @@ def train_model(
     val_labels: np.ndarray,
     generator: torch.Generator,
     on_epoch: Callable[[EpochResult], None] | None = None,
+    train_allowed: np.ndarray | None = None,
+    train_strata: np.ndarray | None = None,
+    val_allowed: np.ndarray | None = None,
 ) -> TrainResult:
     """Train, select the best epoch on validation, and load those weights back into `model`.
 
+    `*_allowed` (N x K, default: one-hot of the labels) are the classes each image may be:
+    more than one for an image of unknown type, trained with the partial-label loss.
+    `train_strata` (default: the labels) are what `balance` evens out.
     The test split is not an argument: training cannot read it.
     """
     device = pick_device()
     num_classes = model.backbone.fc.out_features
     model.to(device).to(memory_format=torch.channels_last)
-    weight = class_weights(train_labels, num_classes) if p.balance == "weighted_loss" else None
-    train_loss_fn = nn.CrossEntropyLoss(weight=weight.to(device) if weight is not None else None)
-    # Validation loss is unweighted NLL so it compares across balance settings.
-    val_loss_fn = nn.NLLLoss()
+    if train_allowed is None:
+        train_allowed = one_hot(train_labels, num_classes)
+    if val_allowed is None:
+        val_allowed = one_hot(val_labels, num_classes)
+    strata = np.asarray(train_labels if train_strata is None else train_strata)
+    weights = sample_weights(strata) if p.balance == "weighted_loss" else None
     steps = max(1, len(train_images) // p.batch_size)
     optimizer = make_optimizer(model, p)
     scheduler = make_scheduler(optimizer, p, steps)
     aug = p.augmentation()
     images_t = torch.from_numpy(np.ascontiguousarray(train_images))
-    labels_t = torch.from_numpy(np.array(train_labels, dtype=np.int64))
+    allowed_t = torch.from_numpy(np.asarray(train_allowed, dtype=bool))
 
     best_state, best, result = None, None, TrainResult(best_epoch=0, best=None)  # type: ignore[arg-type]
     seen, train_time, since_best = 0, 0.0, 0
     start = time.perf_counter()
     for epoch in range(1, p.epochs + 1):
         t0 = time.perf_counter()
-        order = epoch_order(train_labels, oversample=p.balance == "oversample", generator=generator)
+        order = epoch_order(strata, oversample=p.balance == "oversample", generator=generator)
         # drop_last: a final batch of 1 breaks BatchNorm and adds noise for no gain.
         batches = order[: steps * p.batch_size].view(steps, -1)
         total_loss, correct, count = train_epoch(
             model,
             batches,
             images_t,
-            labels_t,
-            loss_fn=train_loss_fn,
+            allowed_t,
+            weights=weights,
             optimizer=optimizer,
             scheduler=scheduler,
             aug=aug,
@@ -244,7 +275,7 @@ def train_model(
         epoch_train_time = time.perf_counter() - t0
         train_time += epoch_train_time
         seen += count
-        val_loss, val_acc, val_f1 = _evaluate(model, val_images, val_labels, val_loss_fn, 32)
+        val_loss, val_acc, val_f1 = _evaluate(model, val_images, val_allowed, 32)
         res = EpochResult(
             epoch=epoch,
             train_loss=total_loss / count,

@@ -1,4 +1,4 @@
-"""evaluate stage: both checkpoints on test and adult_check; metrics, plots and the summary report."""
+"""evaluate stage: both checkpoints on test, adult_check and external; metrics, plots, reports."""
 
 from __future__ import annotations
 
@@ -14,13 +14,15 @@ from cxr import figures
 from cxr.arrays import load_split
 from cxr.cli import setup_logging, user_errors
 from cxr.config import load_base, load_evaluate_params
-from cxr.evaluate import evaluate_task, score_split
+from cxr.evaluate import evaluate_task, known_class, score_split
 from cxr.models import load_checkpoint
-from cxr.report import write_model_card, write_summary
+from cxr.report import read_reference_runs, write_model_card, write_summary
 from cxr.train import configure_cpu
 
 log = logging.getLogger("evaluate")
 TASKS = ("binary", "four_class")
+SPLITS = ("val", "test", "adult_check")
+OPTIONAL_SPLITS = ("external",)  # absent from data dirs written before it existed
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -33,13 +35,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--data-counts", type=Path, default=Path("metrics/data.json"))
     parser.add_argument("--plots", type=Path, default=Path("plots/evaluate"))
     parser.add_argument("--reports", type=Path, default=Path("reports"))
+    parser.add_argument(
+        "--reference", type=Path, default=None,
+        help="folder of reference runs (<run>/binary.json, four_class.json, run.yaml) to compare with",
+    )  # fmt: skip
     return parser.parse_args(argv)
 
 
 def evaluate_checkpoint(
     task: str, path: Path, splits: dict, args, p, seed: int
 ) -> tuple[dict, dict]:
-    """Score val/test/adult_check with one checkpoint; write its metrics JSON and figures."""
+    """Score every split with one checkpoint; write its metrics JSON and figures."""
     model, meta = load_checkpoint(path, task=task)
     size = next(iter(splits.values()))[0].shape[1]
     if meta["image_size"] != size:
@@ -51,7 +57,7 @@ def evaluate_checkpoint(
     result = evaluate_task(task, names, scored, p, seed)
     out = args.metrics / f"{task}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
-    test = scored["test"]
+    test = known_class(scored["test"])  # the K-class figures need one class per row
     figures.write_task_figures(
         args.plots, task, test.y, test.prob, names, result["test"], p.calibration_bins
     )
@@ -60,20 +66,27 @@ def evaluate_checkpoint(
     return result, meta
 
 
+def load_splits(directory: Path) -> dict:
+    """The splits to score; an optional split is skipped where missing (it may have 0 rows)."""
+    names = [*SPLITS, *(n for n in OPTIONAL_SPLITS if (directory / f"{n}.npy").exists())]
+    return {name: load_split(directory, name) for name in names}
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     setup_logging()
     with user_errors():
         base, p = load_base(args.params), load_evaluate_params(args.params)
         configure_cpu(0)
-        splits = {name: load_split(args.data, name) for name in ("val", "test", "adult_check")}
+        splits = load_splits(args.data)
+        references = read_reference_runs(args.reference) if args.reference else []
         args.metrics.mkdir(parents=True, exist_ok=True)
         results, metas = {}, {}
         for task, path in zip(TASKS, (args.binary, args.four_class), strict=True):
             results[task], metas[task] = evaluate_checkpoint(task, path, splits, args, p, base.seed)
         data_counts = json.loads(args.data_counts.read_text())
-        write_summary(args.reports / "summary.md", results, metas, data_counts, p)
-        write_model_card(args.reports / "model_card.md", results, metas, data_counts, p)
+        write_summary(args.reports / "summary.md", results, metas, data_counts, p, references)
+        write_model_card(args.reports / "model_card.md", results, metas, data_counts, p, references)
 
 
 if __name__ == "__main__":

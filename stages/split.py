@@ -14,11 +14,21 @@ import pandas as pd
 
 from cxr.arrays import preprocess_files, save_split
 from cxr.cli import setup_logging, user_errors
-from cxr.config import load_base, load_split_params, preprocessing
-from cxr.splits import check_no_leakage, split_table
+from cxr.config import SplitParams, load_base, load_split_params, preprocessing
+from cxr.duplicates import near_duplicate_pairs
+from cxr.params import ParamsError
+from cxr.splits import (
+    check_near_duplicates,
+    check_no_leakage,
+    drop_adult_controls,
+    force_to_test,
+    resolve_duplicates,
+    split_table,
+)
 from cxr.summary import split_counts
 
 log = logging.getLogger("split")
+OUTPUT_SPLITS = ("train", "val", "test", "adult_check", "cases", "external")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -37,41 +47,68 @@ def read_manifest(path: Path) -> pd.DataFrame:
     return pd.read_csv(path, keep_default_na=False)
 
 
+def all_rows(raw: Path, params: SplitParams) -> pd.DataFrame:
+    """Every image in one table: cohorts main, adult_check, cases, and external (held out)."""
+    sources = read_manifest(raw / "manifest.csv")
+    unknown = sorted(set(params.external) - set(sources["dataset"]))
+    if unknown:
+        raise ParamsError(
+            f"split.external names dataset(s) {unknown} not in the fetched data "
+            f"(datasets: {sorted(set(sources['dataset']))})"
+        )
+    held_out = (sources["cohort"] == "main") & sources["dataset"].isin(params.external)
+    sources.loc[held_out, "cohort"] = "external"
+    cases = read_manifest(raw / "cases.csv").assign(cohort="cases")
+    return pd.concat([sources, cases], ignore_index=True)
+
+
+def assign(table: pd.DataFrame, forced: set[str], params: SplitParams, seed: int) -> pd.DataFrame:
+    """The `split` of every row: main -> train/val/test by patient group, others by cohort."""
+    table = table.assign(split=table["cohort"])
+    main = table["cohort"] == "main"
+    pool = table[main]
+    splits = split_table(
+        pool,
+        group_by=params.group_by,
+        val_fraction=params.val_fraction,
+        test_fraction=params.test_fraction,
+        seed=seed,
+    )
+    table.loc[main, "split"] = force_to_test(splits, pool["group_id"], forced)
+    if not params.adult_controls:
+        table = drop_adult_controls(table)
+    return table
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     setup_logging()
     with user_errors():
         base, params = load_base(args.params), load_split_params(args.params)
         spec = preprocessing(base, params)
-        sources = read_manifest(args.raw / "manifest.csv")
-        cases = read_manifest(args.raw / "cases.csv").assign(cohort="cases")
+        table = all_rows(args.raw, params)
+        done = table["dataset"].fillna("").isin(params.pre_harmonised).tolist()
+        files = [args.raw / f for f in table["file"]]
+        images = preprocess_files(files, done, spec, workers=args.workers, desc="split")
 
-        main_pool = sources[sources["cohort"] == "main"].copy()
-        main_pool["split"] = split_table(
-            main_pool,
-            group_by=params.group_by,
-            val_fraction=params.val_fraction,
-            test_fraction=params.test_fraction,
-            seed=base.seed,
-        )
+        pairs = near_duplicate_pairs(images, threshold=params.near_duplicate_threshold)
+        twins = set(table["twin_group_id"]) - {""} if "twin_group_id" in table else set()
+        table, forced, duplicates = resolve_duplicates(table, pairs, twins)
+        table = assign(table, forced, params, base.seed)
+        main_pool = table[table["split"].isin(["train", "val", "test"])]
         check_no_leakage(main_pool, check_groups=params.group_by == "patient")
-        adult_check = sources[sources["cohort"] == "adult_check"].assign(split="adult_check")
-        cases = cases.assign(split="cases")
+        check_near_duplicates(table, pairs)
 
-        tables = {name: main_pool[main_pool["split"] == name] for name in ("train", "val", "test")}
-        tables |= {"adult_check": adult_check, "cases": cases}
-        for name, table in tables.items():
-            table = table.reset_index(drop=True)
-            files = [args.raw / f for f in table["file"]]
-            done = table.get("dataset", pd.Series([""] * len(table))).isin(params.pre_harmonised)
-            array = preprocess_files(
-                files, done.tolist(), spec, workers=args.workers, desc=f"split {name}"
-            )
-            save_split(args.out, name, array, table)
-            log.info("%s: %d images -> %s", name, len(table), args.out / f"{name}.npy")
+        for name in OUTPUT_SPLITS:
+            rows = table[table["split"] == name]
+            if len(rows):  # the cases have no dataset/group columns, the sources no case ones
+                rows = rows.dropna(axis=1, how="all")
+            save_split(args.out, name, images[rows.index.to_numpy()], rows.reset_index(drop=True))
+            log.info("%s: %d images -> %s", name, len(rows), args.out / f"{name}.npy")
 
         args.metrics.parent.mkdir(parents=True, exist_ok=True)
-        counts = split_counts(pd.concat([main_pool, adult_check]))
+        counts = split_counts(table[table["cohort"] != "cases"])
+        counts["near_duplicates"] = duplicates | {"threshold": params.near_duplicate_threshold}
         args.metrics.write_text(json.dumps(counts, indent=2, sort_keys=True) + "\n")
 
 

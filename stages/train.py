@@ -15,8 +15,8 @@ from dvclive import Live
 
 from cxr.arrays import load_split
 from cxr.cli import setup_logging, user_errors
-from cxr.config import load_base, load_split_params, load_train_params, preprocessing
-from cxr.data import labels_for, seed_everything
+from cxr.config import TrainParams, load_base, load_split_params, load_train_params, preprocessing
+from cxr.data import allowed_classes, labels_for, seed_everything, strata_for
 from cxr.models import build_model, save_checkpoint
 from cxr.train import EpochResult, configure_cpu, train_model
 
@@ -46,6 +46,15 @@ def log_epoch(live: Live, res: EpochResult) -> None:
     live.make_summary()
 
 
+def training_rows(images, table, p: TrainParams):
+    """Leave out images of unknown type when the partial-label loss is off."""
+    if p.partial_labels or p.task == "binary":
+        return images, table
+    keep = labels_for(table, p.task) >= 0
+    log.info("partial_labels: false, leaving out %d image(s) of unknown type", (~keep).sum())
+    return images[keep], table[keep].reset_index(drop=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     setup_logging()
@@ -56,6 +65,7 @@ def main(argv: list[str] | None = None) -> None:
         configure_cpu(p.threads)
         train_x, train_table = load_split(args.data, "train")
         val_x, val_table = load_split(args.data, "val")
+        train_x, train_table = training_rows(train_x, train_table, p)
         if train_x.shape[1] != spec.image_size:
             raise ValueError(
                 f"{args.data} holds {train_x.shape[1]} px images, params say {spec.image_size}"
@@ -70,8 +80,11 @@ def main(argv: list[str] | None = None) -> None:
                 p,
                 train_images=train_x,
                 train_labels=labels_for(train_table, p.task),
+                train_allowed=allowed_classes(train_table, p.task),
+                train_strata=strata_for(train_table, p.task, p.balance_by),
                 val_images=val_x,
                 val_labels=labels_for(val_table, p.task),
+                val_allowed=allowed_classes(val_table, p.task),
                 generator=generator,
                 on_epoch=lambda res: log_epoch(live, res),
             )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -11,8 +12,10 @@ import pytest
 import torch
 import yaml
 
+from cxr import report
 from cxr.arrays import save_split
 from cxr.config import BINARY_CLASSES, FOUR_CLASSES, EvaluateParams
+from cxr.data import labels_for
 from cxr.evaluate import Scored, evaluate_task
 from cxr.models import build_model, save_checkpoint
 from stages import evaluate as stage
@@ -20,15 +23,28 @@ from stages import evaluate as stage
 LABELS = ["covid", "viral", "bacterial", "normal"]
 
 
+# Default source of each label: (dataset, age group). Pediatric rows take the `dataset` argument.
+SOURCE = {"covid": ("ieee8023", "adult"), "pneumonia": ("nih", "adult")}
+
+
 def table(
-    labels: list[str], groups: list[str] | None = None, dataset: str = "kermany"
+    labels: list[str],
+    groups: list[str] | None = None,
+    dataset: str = "kermany",
+    sources: list[tuple[str, str]] | None = None,
 ) -> pd.DataFrame:
+    sources = sources or [SOURCE.get(lab, (dataset, "pediatric")) for lab in labels]
     return pd.DataFrame({
         "label": labels,
-        "dataset": [("ieee8023" if lab == "covid" else dataset) for lab in labels],
-        "age_group": [("adult" if lab == "covid" else "pediatric") for lab in labels],
+        "dataset": [ds for ds, _ in sources],
+        "age_group": [age for _, age in sources],
         "group_id": groups or [f"g{i}" for i in range(len(labels))],
     })  # fmt: skip
+
+
+def scored(name: str, t: pd.DataFrame, prob: list[list[float]], task: str) -> Scored:
+    """A Scored split with labels from the real `labels_for` (pneumonia -> -1 for four-class)."""
+    return Scored(name, t, labels_for(t, task), np.array(prob))
 
 
 def test_binary_threshold_is_chosen_on_validation_and_applied_to_test():
@@ -50,20 +66,179 @@ def test_binary_threshold_is_chosen_on_validation_and_applied_to_test():
     # argmax: all three covid -> accuracy 2/3
     assert result["test"]["accuracy"] == pytest.approx(2 / 3)
     assert result["adult_check"]["covid_call_rate"] == pytest.approx(0.5)  # 0.55 > 0.45
-    assert result["adult_check_at_threshold"]["covid_call_rate"] == 0.0  # 0.55 < 0.8
+    assert result["adult_check"]["at_threshold"]["call_rate"]["point"] == 0.0  # 0.55 < 0.8
     sub = result["test"]["subgroups"]
-    assert sub["normal"]["kermany_pediatric"] == {"n": 1, "accuracy": 0.0, "covid_call_rate": 1.0}
+    assert sub["normal"]["kermany_pediatric"] == {
+        "n": 1, "accuracy": 0.0, "covid_call_rate": 1.0, "covid_call_rate_at_threshold": 0.0
+    }  # fmt: skip
 
 
-def tiny_split(root: Path, size: int = 32) -> None:
+# A four-class example worked by hand (columns covid, viral, bacterial, normal).
+# Validation: covid p(covid) 0.9, 0.5; non-covid 0.4, 0.1 -> Youden threshold 0.5 (TPR 1, FPR 0).
+VAL4 = (["covid", "covid", "normal", "pneumonia"],
+        [[0.9, 0.05, 0.03, 0.02], [0.5, 0.2, 0.2, 0.1], [0.4, 0.1, 0.1, 0.4], [0.1, 0.4, 0.4, 0.1]])  # fmt: skip
+# Test rows:                                     p(covid)  argmax  >= 0.5
+TEST4 = [
+    ("covid", "ieee8023", "adult", [0.7, 0.1, 0.1, 0.1]),  #     0.7   covid   yes
+    ("covid", "hannover", "adult", [0.4, 0.3, 0.2, 0.1]),  #     0.4   covid   no
+    ("covid", "ieee8023", "adult", [0.2, 0.5, 0.2, 0.1]),  #     0.2   viral   no
+    ("normal", "rsna", "adult", [0.6, 0.1, 0.1, 0.2]),  #        0.6   covid   yes
+    ("normal", "rsna", "adult", [0.1, 0.1, 0.1, 0.7]),  #        0.1   normal  no
+    ("pneumonia", "nih", "adult", [0.45, 0.1, 0.4, 0.05]),  #    0.45  covid   no
+    ("pneumonia", "nih", "adult", [0.1, 0.3, 0.5, 0.1]),  #      0.1   bacterial no
+    ("normal", "kermany", "pediatric", [0.9, 0.05, 0.03, 0.02]),  # 0.9 covid  yes
+    ("viral", "kermany", "pediatric", [0.1, 0.8, 0.05, 0.05]),  #   0.1 viral  no
+]
+# adult_check: p(covid) 0.55 (argmax covid, >= 0.5), 0.45 (argmax covid, < 0.5), 0.1 (normal)
+ADULT4 = [[0.55, 0.15, 0.15, 0.15], [0.45, 0.2, 0.2, 0.15], [0.1, 0.1, 0.1, 0.7]]
+BOOT = 200
+
+
+@pytest.fixture(scope="module")
+def four() -> dict:
+    labels, sources = [r[0] for r in TEST4], [(r[1], r[2]) for r in TEST4]
+    splits = {
+        "val": scored("val", table(VAL4[0]), VAL4[1], "four_class"),
+        "test": scored("test", table(labels, sources=sources), [r[3] for r in TEST4], "four_class"),
+        "adult_check": scored("adult_check", table(["normal"] * 3, sources=[("nih", "adult")] * 3),
+                              ADULT4, "four_class"),
+    }  # fmt: skip
+    return evaluate_task(
+        "four_class", list(FOUR_CLASSES), splits, EvaluateParams(bootstrap=BOOT), 0
+    )
+
+
+def test_four_class_threshold_is_chosen_on_validation(four):
+    assert four["threshold"]["value"] == 0.5
+    assert four["threshold"]["chosen_on"] == "val"
+
+
+def test_four_class_report_leaves_out_unknown_class_rows(four):
+    test = four["test"]
+    # 7 rows of known class; argmax right on rows 1, 2, 5, 9 (covid, covid, normal, viral)
+    assert (test["n"], test["n_unknown"]) == (7, 2)
+    assert test["accuracy"] == pytest.approx(4 / 7)
+    assert sum(map(sum, test["confusion"])) == 7
+    assert test["per_class"]["covid"]["support"] == 3
+    # pneumonia rows: right when called viral or bacterial (row 7 yes, row 6 no: covid)
+    assert test["subgroups"]["pneumonia"]["nih_adult"] == {
+        "n": 2, "accuracy": 0.5, "covid_call_rate": 0.5, "covid_call_rate_at_threshold": 0.0
+    }  # fmt: skip
+
+
+def test_four_class_covid_vs_rest_at_threshold_and_argmax(four):
+    calls = four["test"]["covid_vs_rest"]
+    # all 9 rows, COVID-19 = rows 1-3. At 0.5: calls 1, 4, 8 -> TP 1, FN 2, FP 2, TN 4
+    at = {k: v["point"] for k, v in calls["at_threshold"].items()}
+    assert at == pytest.approx({"accuracy": 5 / 9, "sensitivity": 1 / 3, "specificity": 4 / 6,
+                                "balanced_accuracy": 1 / 2, "call_rate": 3 / 9})  # fmt: skip
+    assert four["test"]["at_threshold"]["confusion"] == [[4, 2], [2, 1]]
+    # argmax calls 1, 2, 4, 6, 8 -> TP 2, FN 1, FP 3, TN 3
+    am = {k: v["point"] for k, v in calls["argmax"].items()}
+    assert am == pytest.approx({"accuracy": 5 / 9, "sensitivity": 2 / 3, "specificity": 3 / 6,
+                                "balanced_accuracy": 7 / 12, "call_rate": 5 / 9})  # fmt: skip
+
+
+def test_at_threshold_cis_contain_the_point_and_count_valid_resamples(four):
+    for how in ("at_threshold", "argmax"):
+        for name, ci in four["test"]["covid_vs_rest"][how].items():
+            assert ci["low"] <= ci["point"] <= ci["high"], (how, name)
+            assert ci["low"] < ci["high"], (how, name)  # 9 groups: a real spread
+        ci = four["test"]["covid_vs_rest"][how]
+        # sensitivity is undefined on resamples without a COVID-19 patient (P = (6/9)^9 ~ 2.6%
+        # each, ~5 of 200) and skipped there, as is balanced accuracy; the others never are
+        # (no non-COVID patient: P = (3/9)^9 ~ 0.005%)
+        assert ci["sensitivity"]["n_valid"] == ci["balanced_accuracy"]["n_valid"]
+        assert 0.9 * BOOT < ci["sensitivity"]["n_valid"] < BOOT, how
+        for name in ("accuracy", "specificity", "call_rate"):
+            assert ci[name]["n_valid"] == BOOT, (how, name)
+
+
+def test_adult_only_metrics_by_hand(four):
+    adult = four["test"]["adult_only"]
+    # rows 1-7: COVID-19 p 0.7 0.4 0.2 vs non-COVID 0.6 0.1 0.45 0.1 (the pediatric 0.9 is out)
+    assert adult["n"] == 7 and adult["n_by_class"] == {"covid": 3, "non_covid": 4}
+    assert adult["n_by_source"] == {"covid": {"hannover": 1, "ieee8023": 2},
+                                    "normal": {"rsna": 2}, "pneumonia": {"nih": 2}}  # fmt: skip
+    # AUC: 0.7 beats 4, 0.4 beats 2, 0.2 beats 2 -> 8 of 12 pairs
+    assert adult["roc_auc"]["point"] == pytest.approx(8 / 12)
+    # at 0.5: sensitivity 1/3 (0.7), specificity 3/4 (0.6 is the one false call)
+    assert adult["at_threshold"]["sensitivity"]["point"] == pytest.approx(1 / 3)
+    assert adult["at_threshold"]["specificity"]["point"] == pytest.approx(3 / 4)
+    # argmax: covid rows 1, 2 called (2/3); non-COVID rows 4, 6 called (specificity 2/4)
+    assert adult["argmax"]["sensitivity"]["point"] == pytest.approx(2 / 3)
+    assert adult["argmax"]["specificity"]["point"] == pytest.approx(2 / 4)
+    for ci in (adult["roc_auc"], adult["at_threshold"]["specificity"]):
+        assert ci["low"] <= ci["point"] <= ci["high"] and 0 < ci["n_valid"] <= BOOT
+
+
+def test_pneumonia_rates_by_hand(four):
+    pneu = four["test"]["pneumonia"]
+    # rows 6 (p 0.45, argmax covid) and 7 (p 0.1, argmax bacterial)
+    assert pneu["n"] == 2 and pneu["n_by_dataset"] == {"nih": 2}
+    assert pneu["argmax"]["call_rate"]["point"] == pytest.approx(1 / 2)
+    assert pneu["at_threshold"]["call_rate"]["point"] == 0.0
+    assert pneu["viral_or_bacterial_rate"]["point"] == pytest.approx(1 / 2)
+    assert pneu["at_threshold"]["sensitivity"]["point"] is None  # no COVID-19 among them
+
+
+def test_adult_check_call_rates_by_hand(four):
+    ac = four["adult_check"]
+    assert ac["n"] == 3
+    assert ac["at_threshold"]["call_rate"]["point"] == pytest.approx(1 / 3)  # 0.55 only
+    assert ac["argmax"]["call_rate"]["point"] == pytest.approx(2 / 3)  # 0.55 and 0.45
+    assert ac["covid_call_rate"] == pytest.approx(2 / 3)
+    ci = ac["at_threshold"]["call_rate"]
+    assert ci["low"] <= ci["point"] <= ci["high"] and ci["n_valid"] == BOOT
+    assert "external" not in four  # none given
+    json.dumps(four, allow_nan=False)  # plain types only, for DVC metrics
+
+
+def test_external_report_per_dataset_by_hand():
+    val = scored("val", table(VAL4[0]), VAL4[1], "four_class")
+    # hannover: COVID-19 p 0.8 (yes), 0.3 (argmax viral, no), 0.6 (yes) -> sensitivity 2/3
+    # rsna: normals p 0.55 (yes), 0.2 (no) -> specificity 1/2
+    ext = scored("external", table(["covid"] * 3 + ["normal"] * 2,
+                                   sources=[("hannover", "adult")] * 3 + [("rsna", "adult")] * 2),
+                 [[0.8, 0.1, 0.05, 0.05], [0.3, 0.4, 0.2, 0.1], [0.6, 0.2, 0.1, 0.1],
+                  [0.55, 0.15, 0.15, 0.15], [0.2, 0.1, 0.1, 0.6]], "four_class")  # fmt: skip
+    splits = {"val": val, "test": val, "adult_check": val, "external": ext}
+    result = evaluate_task(
+        "four_class", list(FOUR_CLASSES), splits, EvaluateParams(bootstrap=50), 0
+    )
+    by = result["external"]["by_dataset"]
+    assert result["external"]["n"] == 5 and list(by) == ["hannover", "rsna"]
+    h, r = by["hannover"], by["rsna"]
+    assert (h["n"], h["n_covid"], h["n_non_covid"]) == (3, 3, 0)
+    assert h["at_threshold"]["sensitivity"]["point"] == pytest.approx(2 / 3)
+    assert h["at_threshold"]["call_rate"]["point"] == pytest.approx(2 / 3)
+    assert h["argmax"]["sensitivity"]["point"] == pytest.approx(2 / 3)
+    assert h["at_threshold"]["specificity"]["point"] is None
+    assert (r["n"], r["n_covid"], r["n_non_covid"]) == (2, 0, 2)
+    assert r["at_threshold"]["specificity"]["point"] == pytest.approx(1 / 2)
+    assert r["at_threshold"]["sensitivity"]["point"] is None
+    # an empty external split adds no section
+    splits["external"] = ext.subset(np.zeros(5, dtype=bool))
+    empty = evaluate_task("four_class", list(FOUR_CLASSES), splits, EvaluateParams(bootstrap=5), 0)
+    assert "external" not in empty
+
+
+def tiny_split(root: Path, size: int = 32, external: int | None = 3) -> None:
+    """val/test with every label (incl. pneumonia and an adult rsna normal), adult_check, and
+    `external` hannover COVID-19 rows (None: no external files at all, as in old data dirs)."""
     rng = np.random.default_rng(0)
-    for name, labels in {
-        "val": LABELS * 2,
-        "test": LABELS * 2,
-        "adult_check": ["normal"] * 3,
-    }.items():
-        images = rng.integers(0, 255, (len(labels), size, size), dtype=np.uint8)
-        save_split(root, name, images, table(labels))
+    rsna = [("rsna", "adult")]
+    splits = {
+        "val": table([*LABELS * 2, "pneumonia"]),
+        "test": table([*LABELS * 2, "pneumonia", "normal"],
+                      sources=[SOURCE.get(lab, ("kermany", "pediatric")) for lab in LABELS * 2]
+                      + [("nih", "adult")] + rsna),
+        "adult_check": table(["normal"] * 3, sources=[("nih", "adult")] * 3),
+    }  # fmt: skip
+    if external is not None:
+        splits["external"] = table(["covid"] * external, sources=[("hannover", "adult")] * external)
+    for name, t in splits.items():
+        save_split(root, name, rng.integers(0, 255, (len(t), size, size), dtype=np.uint8), t)
 
 
 def checkpoint(path: Path, task: str) -> Path:
@@ -81,6 +256,10 @@ def checkpoint(path: Path, task: str) -> Path:
 @pytest.fixture
 def workdir(tmp_path) -> Path:
     tiny_split(tmp_path / "split")
+    return make_workdir(tmp_path)
+
+
+def make_workdir(tmp_path: Path) -> Path:
     params = {"base": {"seed": 1, "image_size": 32}, "evaluate": {"bootstrap": 20}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     (tmp_path / "data.json").write_text(
@@ -101,7 +280,9 @@ def test_stage_writes_metrics_plots_and_reports(workdir):
     torch.set_num_threads(1)
     stage.main(argv(workdir))
     four = json.loads((workdir / "metrics" / "four_class.json").read_text())
-    assert four["test"]["n"] == 8 and set(four["test"]["per_class"]) == set(FOUR_CLASSES)
+    assert four["test"]["n"] == 9 and four["test"]["n_unknown"] == 1  # the pneumonia row
+    assert set(four["test"]["per_class"]) == set(FOUR_CLASSES)
+    assert four["external"]["by_dataset"]["hannover"]["n"] == 3
     binary = json.loads((workdir / "metrics" / "binary.json").read_text())
     assert 0.0 <= binary["threshold"]["value"] <= 1.0
     for name in (
@@ -112,8 +293,55 @@ def test_stage_writes_metrics_plots_and_reports(workdir):
     ):
         assert (workdir / "plots" / name).stat().st_size > 0
     assert (workdir / "plots" / "four_class_roc" / "covid.csv").exists()
-    assert "study reported" in (workdir / "reports" / "summary.md").read_text()
-    assert "Not a diagnostic device" in (workdir / "reports" / "model_card.md").read_text()
+    # the K-class figures cover the 9 rows of known class, not the pneumonia row
+    assert len(pd.read_csv(workdir / "plots" / "four_class_confusion.csv")) == 9
+    summary = (workdir / "reports" / "summary.md").read_text()
+    assert "study reported" in summary and "External cohort" in summary
+    assert "(1 row(s) labelled `pneumonia`, type unknown, left out" in summary
+    assert "This run vs reference runs" not in summary  # no --reference given
+    card = (workdir / "reports" / "model_card.md").read_text()
+    assert "Not a diagnostic device" in card and "not an unseen hospital" in card
+    assert "Adult non-COVID test images in this run: normal: rsna 1; pneumonia: nih 1." in card
+
+
+@pytest.mark.parametrize("external", [0, None], ids=["empty", "missing"])
+def test_stage_without_external_rows(tmp_path, external):
+    tiny_split(tmp_path / "split", external=external)
+    workdir = make_workdir(tmp_path)
+    torch.set_num_threads(1)
+    stage.main(argv(workdir))
+    assert "external" not in json.loads((workdir / "metrics" / "four_class.json").read_text())
+    assert "External cohort" not in (workdir / "reports" / "summary.md").read_text()
+
+
+def test_stage_compares_with_reference_runs(workdir):
+    # an old-style reference run: no adult-only or at-threshold keys yet
+    run = workdir / "reference" / "no_adult_controls"
+    run.mkdir(parents=True)
+    (run / "binary.json").write_text(json.dumps({"test": {"accuracy": 0.75}}))
+    (run / "four_class.json").write_text(json.dumps({"test": {}}))
+    (run / "run.yaml").write_text(yaml.safe_dump({"name": "pediatric controls only",
+        "description": "before adult controls", "command": "dvc exp run -S split.adult_controls=false"}))  # fmt: skip
+    torch.set_num_threads(1)
+    stage.main([*argv(workdir), "--reference", str(workdir / "reference")])
+    for doc in ("summary.md", "model_card.md"):
+        text = (workdir / "reports" / doc).read_text()
+        assert "| metric | model | this run | pediatric controls only |" in text
+        assert "| adult-only ROC AUC | binary | " in text
+        row = next(
+            line for line in text.splitlines() if line.startswith("| test accuracy | binary")
+        )
+        assert row.endswith("| 75.0% |")  # no CI in the reference file: the point alone
+        assert "`dvc exp run -S split.adult_controls=false`" in text
+
+
+def test_reference_folder_missing_a_file_fails_clearly(workdir, capsys):
+    run = workdir / "reference" / "broken"
+    run.mkdir(parents=True)
+    (run / "binary.json").write_text("{}")
+    with pytest.raises(SystemExit):
+        stage.main([*argv(workdir), "--reference", str(workdir / "reference")])
+    assert "missing four_class.json, run.yaml" in capsys.readouterr().err
 
 
 def test_missing_checkpoint_fails_clearly(workdir, capsys):
@@ -129,3 +357,68 @@ def test_checkpoint_of_the_wrong_task_fails_clearly(workdir, capsys):
         stage.main(argv(workdir, binary="four_class.pt"))
     assert exc.value.code == 1
     assert "expected 'binary'" in capsys.readouterr().err
+
+
+def ci(point: float, low: float, high: float) -> dict:
+    return {"point": point, "low": low, "high": high, "n_valid": 10}
+
+
+def test_reference_table_by_hand_with_missing_keys():
+    this = {
+        "binary": {
+            "adult_check": {"at_threshold": {"call_rate": ci(0.1, 0.05, 0.2)}},
+            "test": {"accuracy": 0.9, "ci": {"accuracy": ci(0.9, 0.8, 0.95)}},
+        },
+        "four_class": {"test": {"adult_only": {"roc_auc": ci(0.6, 0.5, 0.7)}}},
+    }
+    old = {"name": "no | controls", "description": "old run", "command": "dvc exp run",
+           "binary": {"adult_check": {"covid_call_rate": 0.8}, "test": {"accuracy": 0.7}},
+           "four_class": {}}  # fmt: skip
+    lines = report.reference_lines(this, [old])
+    assert "| metric | model | this run | no / controls |" in lines  # a | would split the cell
+    assert (
+        "| adult_check called COVID-19, at threshold | binary | 10.0% [5.0%, 20.0%] | n/a |"
+        in lines
+    )
+    assert "| test accuracy | binary | 90.0% [80.0%, 95.0%] | 70.0% |" in lines
+    assert "| adult-only ROC AUC | four-class | 60.0% [50.0%, 70.0%] | n/a |" in lines
+    assert "| test macro F1 | four-class | n/a | n/a |" in lines
+    assert len([line for line in lines if line.startswith("|")]) == 2 + len(report.REFERENCE_ROWS)
+    assert "- **no | controls**: old run (`dvc exp run`)" in lines
+    assert report.reference_lines(this, []) == []
+
+
+def test_read_reference_runs(tmp_path):
+    run = tmp_path / "b_run"
+    run.mkdir()
+    (run / "binary.json").write_text('{"task": "binary"}')
+    (run / "four_class.json").write_text('{"task": "four_class"}')
+    (run / "run.yaml").write_text("description: d\ncommand: c\n")
+    (tmp_path / "README.md").write_text("files beside the run folders are ignored")
+    (runs,) = report.read_reference_runs(tmp_path)
+    assert runs["name"] == "b_run"  # no name key: the folder's name
+    assert (runs["description"], runs["command"]) == ("d", "c")
+    assert runs["four_class"] == {"task": "four_class"}
+    with pytest.raises(FileNotFoundError, match="not a folder"):
+        report.read_reference_runs(tmp_path / "nothing")
+
+
+def test_report_sections_from_the_hand_worked_example(four):
+    # the same numbers serve as the binary model's, less the key only four-class has
+    binary = copy.deepcopy(four)
+    del binary["test"]["pneumonia"]["viral_or_bacterial_rate"]
+    results = {"binary": binary, "four_class": four}
+    adult = report.adult_only_lines(results)
+    assert adult[0].startswith("Adult test images only: 3 COVID-19 vs 4 adult non-COVID")
+    assert "covid: hannover 1, ieee8023 2; normal: rsna 2; pneumonia: nih 2" in adult[0]
+    auc = next(line for line in adult if line.startswith("| ROC AUC"))
+    assert auc.startswith("| ROC AUC of p(COVID-19) | 66.7% [")
+    sens = next(line for line in adult if line.startswith("| sensitivity, at threshold"))
+    assert sens.startswith("| sensitivity, at threshold | 33.3% [")
+    pneu = report.pneumonia_lines(results)
+    row = next(line for line in pneu if line.startswith("| called viral or bacterial"))
+    assert row.startswith("| called viral or bacterial, argmax | - | 50.0% [")
+    assert report.external_lines(results) == []  # no external split in this example
+    assert report.controls_line(results).startswith("Adult non-COVID test images in this run")
+    no_controls = {"four_class": {"test": {"adult_only": {"n_by_source": {"covid": {"x": 1}}}}}}
+    assert "age alone can separate" in report.controls_line(no_controls)

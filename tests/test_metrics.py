@@ -390,3 +390,64 @@ def test_positive_rate():
     assert metrics.positive_rate(prob, positive_class=2) == pytest.approx(0.4)
     assert metrics.positive_rate(prob, positive_class=1) == pytest.approx(0.2)
     assert metrics.positive_rate(prob, positive_class=3) == 0.0
+
+
+# COVID-19 calls of a four-class model (covid = column 0), threshold 0.5. y: 1 = COVID-19.
+#   row  p(covid)  argmax   >= 0.5   truth
+#   0    0.7       covid    yes      1
+#   1    0.4       covid    no       1   (0.4 is still the top class)
+#   2    0.2       viral    no       1
+#   3    0.6       covid    yes      0
+#   4    0.1       normal   no       0
+#   5    0.45      covid    no       0
+YK = np.array([1, 1, 1, 0, 0, 0])
+PK = np.array(
+    [
+        [0.7, 0.1, 0.1, 0.1],
+        [0.4, 0.3, 0.2, 0.1],
+        [0.2, 0.5, 0.2, 0.1],
+        [0.6, 0.1, 0.1, 0.2],
+        [0.1, 0.1, 0.1, 0.7],
+        [0.45, 0.1, 0.4, 0.05],
+    ]
+)
+
+
+def test_covid_call_statistics_at_threshold_by_hand():
+    stats = metrics.covid_call_statistics(positive_class=0, threshold=0.5)
+    # calls rows 0 and 3: TP 1, FN 2, FP 1, TN 2
+    assert stats["sensitivity"](YK, PK) == pytest.approx(1 / 3)
+    assert stats["specificity"](YK, PK) == pytest.approx(2 / 3)
+    assert stats["accuracy"](YK, PK) == pytest.approx(3 / 6)
+    assert stats["balanced_accuracy"](YK, PK) == pytest.approx(1 / 2)
+    assert stats["call_rate"](YK, PK) == pytest.approx(2 / 6)
+    # a score exactly at the threshold is a COVID-19 call
+    assert stats["call_rate"](np.array([0]), np.array([[0.5, 0.5, 0, 0]])) == 1.0
+
+
+def test_covid_call_statistics_at_argmax_by_hand():
+    stats = metrics.covid_call_statistics(positive_class=0, threshold=None)
+    # argmax calls rows 0, 1, 3, 5: TP 2, FN 1, FP 2, TN 1
+    assert stats["sensitivity"](YK, PK) == pytest.approx(2 / 3)
+    assert stats["specificity"](YK, PK) == pytest.approx(1 / 3)
+    assert stats["accuracy"](YK, PK) == pytest.approx(3 / 6)
+    assert stats["call_rate"](YK, PK) == pytest.approx(4 / 6)
+    # undefined without positives (sensitivity, balanced accuracy); specificity still defined
+    neg = YK == 0
+    assert math.isnan(stats["sensitivity"](YK[neg], PK[neg]))
+    assert math.isnan(stats["balanced_accuracy"](YK[neg], PK[neg]))
+    assert stats["specificity"](YK[neg], PK[neg]) == pytest.approx(1 / 3)
+
+
+def test_covid_auc_statistic_by_hand():
+    auc = metrics.covid_auc_statistic(positive_class=0)
+    # pos 0.7 0.4 0.2 vs neg 0.6 0.1 0.45: 3 + 1 + 1 = 5 of 9 pairs
+    assert auc(YK, PK) == pytest.approx(5 / 9)
+    assert math.isnan(auc(YK[:3], PK[:3]))  # positives only
+
+
+def test_argmax_in_statistic_by_hand():
+    # argmax: covid, covid, viral, covid, normal, covid -> viral or bacterial 1 of 6
+    assert metrics.argmax_in_statistic([1, 2])(YK, PK) == pytest.approx(1 / 6)
+    assert metrics.argmax_in_statistic([2, 1])(YK, PK) == pytest.approx(1 / 6)  # any order
+    assert metrics.argmax_in_statistic([0])(YK, PK) == pytest.approx(4 / 6)

@@ -39,6 +39,11 @@ def tiny_sources(mirror: Path) -> pd.DataFrame:
     ]
     # a few adult non-COVID images too, so subgroup breakdowns have two sources per class
     picked.append(main[(main["dataset"] == "ieee8023") & (main["label"] != "covid")].head(4))
+    # adult controls: rsna normals and nih pneumonia of unknown type
+    picked += [main[main["dataset"] == "rsna"].head(4), main[main["label"] == "pneumonia"].head(4)]
+    # the ieee8023 pictures that are also Grad-CAM cases (they must end up in test)
+    cases = pd.read_csv(mirror / "cases.csv", keep_default_na=False, dtype=str)
+    picked.append(sources[sources["path"].isin(cases["twin_path"])])
     picked.append(sample[sample["cohort"] == "adult_check"].head(4))
     out = pd.concat(picked).drop_duplicates("path")
     out.loc[:, "sample"] = "1"
@@ -103,6 +108,19 @@ def test_split_is_patient_disjoint_and_counted(repro):
     manifest = pd.read_csv(root / "data" / "raw" / "manifest.csv")
     assert len(manifest) == len(pd.read_csv(root / "data" / "sources" / "sources.csv"))
     assert (root / "data" / "split" / "cases.npy").exists()
+    assert counts["near_duplicates"]["groups_forced_to_test"] == 5
+
+
+def test_case_twins_are_never_trained_on_and_pneumonia_is_used(repro):
+    root, _, _ = repro
+    read = lambda s: pd.read_csv(root / "data" / "split" / f"{s}.csv", keep_default_na=False)  # noqa: E731
+    twins = set(read("cases")["twin_group_id"]) - {""}
+    assert len(twins) == 5
+    train_val = set(read("train")["group_id"]) | set(read("val")["group_id"])
+    assert not twins & train_val
+    assert twins <= set(read("test")["group_id"])
+    assert "pneumonia" in set(read("train")["label"]) | set(read("val")["label"])
+    assert len(read("external")) == 0
 
 
 def test_every_stage_wrote_its_outputs(repro):

@@ -1,0 +1,12 @@
+"""Errors a user can act on, in a module of their own so that importing them (cxr.cli, which every
+stage imports) does not make every stage depend on the fetch and split code."""
+
+from __future__ import annotations
+
+
+class FetchError(RuntimeError):
+    """One or more files could not be fetched and verified."""
+
+
+class LeakageError(RuntimeError):
+    """A patient group, an identical file or the same picture sits on both sides of a split."""
