@@ -56,6 +56,10 @@ def main(argv: list[str] | None = None) -> None:
         case_x, cases = load_split(args.data, "cases")
         if test_x.shape[1:] != (size, size) or case_x.shape[1:] != (size, size):
             raise ValueError(f"{args.data} holds {test_x.shape[1]} px images, the model {size} px")
+        # Galleries and per-class checks need one true class: images of unknown type
+        # (`pneumonia`) are left out here.
+        known = test_table["label"].isin(names).to_numpy()
+        test_x, test_table = test_x[known], test_table[known].reset_index(drop=True)
         labels = label_indices(test_table, names, args.data)
         run = {"method": p.method, "batch_size": p.batch_size}
 

@@ -17,7 +17,10 @@ import yaml
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.e2e
-COPIED = ["dvc.yaml", "params.yaml", "pyproject.toml", ".dvcignore", ".gitignore", "cxr", "stages"]
+COPIED = [
+    "dvc.yaml", "params.yaml", "pyproject.toml", ".dvcignore", ".gitignore", "cxr", "stages",
+    "reports/reference",
+]  # fmt: skip
 
 
 def run(cmd: list[str], cwd: Path, env: dict, check: bool = True) -> subprocess.CompletedProcess:
