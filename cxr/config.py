@@ -121,6 +121,7 @@ class EvaluateParams:
     bootstrap: int = 1000
     ci_level: float = 0.95
     threshold: Literal["youden", "sensitivity"] = "youden"
+    threshold_on: Literal["all", "adult"] = "adult"  # which validation images choose it
     target_sensitivity: float = 0.95
     calibration_bins: int = 10
 

@@ -60,8 +60,17 @@ def covid_truth(s: Scored, positive: int) -> np.ndarray:
 
 def operating_point(val: Scored, p: EvaluateParams, positive: int) -> dict:
     """The COVID-19-vs-rest threshold on p(covid), chosen on validation and frozen for test,
-    adult_check, external and predict."""
-    score, truth = val.prob[:, positive], covid_truth(val, positive)
+    adult_check, external and predict.
+
+    `threshold_on: adult` chooses it on adult validation images only. Pediatric non-COVID
+    images are easy negatives (p(covid) near 0); with them in, Youden's J is high at a
+    threshold low enough to call many adult non-COVID films COVID-19, and adults are whom a
+    user of `predict` will show it.
+    """
+    rows = np.ones(len(val.y), dtype=bool)
+    if p.threshold_on == "adult":
+        rows = val.table["age_group"].to_numpy() == "adult"
+    score, truth = val.prob[rows, positive], covid_truth(val, positive)[rows]
     if p.threshold == "youden":
         value = metrics.youden_threshold(truth, score)
     else:
@@ -69,7 +78,8 @@ def operating_point(val: Scored, p: EvaluateParams, positive: int) -> dict:
     return {
         "value": float(value),
         "method": p.threshold,
-        "chosen_on": "val",
+        "chosen_on": "val" if p.threshold_on == "all" else "val (adult images)",
+        "n": int(rows.sum()),
         "val": metrics.binary_at_threshold(truth, score, value),
     }
 

@@ -57,7 +57,8 @@ def _training_line(meta: dict) -> str:
     return (
         f"{p['arch']}, {meta['image_size']} px, weights={p['weights']}, {t['epochs_run']} epoch(s) "
         f"(best {t['best_epoch']} by val {p['select_metric']}), {p['optimizer']} lr {p['lr']}, "
-        f"balance={p['balance']}, {t['wall_seconds']:.0f} s"
+        f"balance={p['balance']} by {'x'.join(p.get('balance_by', ['class']))}, "
+        f"partial_labels={p.get('partial_labels', 'n/a')}, {t['wall_seconds']:.0f} s"
     )
 
 
@@ -378,7 +379,8 @@ def write_summary(
         "- **Patient-level split**: train/val/test are disjoint by patient group (and by file hash); the study split by image, so one patient's images could be in train and test.",
         "- **Validation-only selection**: the best epoch and both models' COVID-19 thresholds are chosen on the validation split; the study picked checkpoints on the test set.",
         "- **Harmonised preprocessing**: every image goes through the same 224 px squash + JPEG q75 round trip the pediatric (Kermany) images went through, so format and size do not reveal the source.",
-        "- **Smaller and shorter by default**: trained from random initialisation (no ImageNet weights offline), on the small `sample` subset, at a reduced image size, for a few epochs, so that `dvc repro` runs in minutes on 2 CPU cores. See README for the study configuration.",
+        "- **Smaller and shorter by default**: trained from random initialisation (no ImageNet weights offline), with a smaller network, at a reduced image size, for a few epochs, so that `dvc repro` fits in 20 minutes on 2 CPU cores (the training line below says which network, size and data). See README for the study configuration.",
+        "- **Adult controls**: 800 adult normals (rsna) and 80 adult pneumonia images of unknown type (nih, trained with a partial-label loss) that the study did not have.",
         "",
         "## Training",
         "",
@@ -462,7 +464,7 @@ def write_model_card(
         "",
         "- Adult radiographs of any kind may be pushed towards COVID-19 (see adult_check and the adult-only numbers).",
         "- Source shortcut: COVID-19 and adult non-COVID images come from different hospitals, so adult-only metrics may still measure the hospital, not the disease.",
-        "- Trained on a small sample at low resolution from random initialisation: weak, high-variance estimates; CIs are wide.",
+        "- Trained at low resolution from random initialisation with a small network: one seed's run; the CIs do not include run-to-run variation.",
         "- Lateral views, CT slices, photos of films, annotated or cropped images and non-chest images are out of scope and not detected as such.",
         "- Probabilities are not calibrated for clinical prevalence (ECE above).",
         "",

@@ -56,7 +56,7 @@ def test_binary_threshold_is_chosen_on_validation_and_applied_to_test():
                   np.array([[0.15, 0.85], [0.25, 0.75], [0.4, 0.6]]))  # fmt: skip
     adult = Scored("adult_check", table(["normal", "normal"], dataset="nih"), np.array([0, 0]),
                    np.array([[0.45, 0.55], [0.9, 0.1]]))  # fmt: skip
-    p = EvaluateParams(bootstrap=50)
+    p = EvaluateParams(bootstrap=50, threshold_on="all")
     result = evaluate_task(
         "binary", list(BINARY_CLASSES), {"val": val, "test": test, "adult_check": adult}, p, 0
     )
@@ -71,6 +71,22 @@ def test_binary_threshold_is_chosen_on_validation_and_applied_to_test():
     assert sub["normal"]["kermany_pediatric"] == {
         "n": 1, "accuracy": 0.0, "covid_call_rate": 1.0, "covid_call_rate_at_threshold": 0.0
     }  # fmt: skip
+
+
+def test_threshold_on_adult_validation_images_ignores_easy_pediatric_negatives():
+    from cxr.evaluate import operating_point
+
+    # covid 0.9, 0.4 (adult); rsna normal 0.5 (adult); three Kermany children at 0.01.
+    # All rows: Youden J at 0.4 = 1 - 1/4 = 0.75 beats 0.9 (J = 0.5). Adults only: J at 0.9 =
+    # 0.5, at 0.4 = 1 - 1 = 0, so 0.9.
+    labels = ["covid", "covid", "normal", "normal", "normal", "normal"]
+    sources = [("ieee8023", "adult")] * 2 + [("rsna", "adult")] + [("kermany", "pediatric")] * 3
+    prob = [[0.1, 0.9], [0.6, 0.4], [0.5, 0.5], [0.99, 0.01], [0.99, 0.01], [0.99, 0.01]]
+    val = scored("val", table(labels, sources=sources), prob, "binary")
+    everyone = operating_point(val, EvaluateParams(threshold_on="all"), 1)
+    adults = operating_point(val, EvaluateParams(threshold_on="adult"), 1)
+    assert everyone["value"] == pytest.approx(0.4) and everyone["n"] == 6
+    assert adults["value"] == pytest.approx(0.9) and adults["n"] == 3
 
 
 # A four-class example worked by hand (columns covid, viral, bacterial, normal).
@@ -110,7 +126,7 @@ def four() -> dict:
 
 def test_four_class_threshold_is_chosen_on_validation(four):
     assert four["threshold"]["value"] == 0.5
-    assert four["threshold"]["chosen_on"] == "val"
+    assert four["threshold"]["chosen_on"] == "val (adult images)"
 
 
 def test_four_class_report_leaves_out_unknown_class_rows(four):
