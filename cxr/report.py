@@ -118,8 +118,8 @@ def operating_point_lines(results: dict) -> list[str]:
         thr = results[task]["threshold"]
         val = thr["val"]
         lines.append(
-            f"- {title}: threshold {thr['value']:.4f} on p(COVID-19), chosen on validation "
-            f"({thr['method']}; val sensitivity {pct(val['sensitivity'])}, specificity "
+            f"- {title}: threshold {thr['value']:.4f} on p(COVID-19), chosen on "
+            f"{thr.get('chosen_on', 'val')} ({thr['method']}; val sensitivity {pct(val['sensitivity'])}, specificity "
             f"{pct(val['specificity'])}), then frozen for test, adult_check and external."
         )
     return lines
