@@ -104,6 +104,20 @@ def resolve_mirror(env: Mapping[str, str], default: Path) -> Path | None:
     return default if default.is_dir() else None
 
 
+def default_mirror(start: Path) -> Path:
+    """`shared/cxr-mirror` in the nearest folder above `start` that has one.
+
+    Beside the repository (`../shared/cxr-mirror`) for a normal checkout, and still found from
+    the temporary copies that `dvc exp run --queue` / `--temp` run in (`.dvc/tmp/exps/...`),
+    several levels further down. Returns the path beside `start` when none exists.
+    """
+    for folder in start.resolve().parents:
+        candidate = folder / "shared" / "cxr-mirror"
+        if candidate.is_dir():
+            return candidate
+    return start.resolve().parent / "shared" / "cxr-mirror"
+
+
 def resolve_base_url(env: Mapping[str, str]) -> str:
     """The download base URL: $CXR_BASE_URL or raw.githubusercontent.com, ending in '/'."""
     url = env.get("CXR_BASE_URL", "") or DEFAULT_BASE_URL

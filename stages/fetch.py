@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> None:
         dataset = load_dataset_param(args.params)
         sources = fetch.select_sources(fetch.read_table(args.sources), dataset)
         cases = fetch.read_table(args.cases)
-        mirror = fetch.resolve_mirror(os.environ, REPO_ROOT.parent / "shared" / "cxr-mirror")
+        mirror = fetch.resolve_mirror(os.environ, fetch.default_mirror(REPO_ROOT))
         log.info("%s: %d images + %d cases, mirror %s", dataset, len(sources), len(cases), mirror)
         counts = fetch.fetch_dataset(
             sources, cases, args.out, mirror=mirror, base_url=fetch.resolve_base_url(os.environ),

@@ -114,6 +114,17 @@ def test_select_sources_sample_full_and_bad_value() -> None:
     assert "'tiny'" in str(err.value) and "sample" in str(err.value) and "full" in str(err.value)
 
 
+def test_default_mirror_is_found_from_an_experiment_copy_deep_below(tmp_path: Path) -> None:
+    mirror = tmp_path / "shared" / "cxr-mirror"
+    repo = tmp_path / "main"
+    exp_copy = repo / ".dvc" / "tmp" / "exps" / "tmpabc123"
+    exp_copy.mkdir(parents=True)
+    assert fetch.default_mirror(repo) == tmp_path / "shared" / "cxr-mirror"  # not there yet
+    mirror.mkdir(parents=True)
+    assert fetch.default_mirror(repo) == mirror
+    assert fetch.default_mirror(exp_copy) == mirror
+
+
 def test_resolve_mirror(tmp_path: Path) -> None:
     env_dir, default = tmp_path / "env", tmp_path / "default"
     env_dir.mkdir()
