@@ -2,43 +2,78 @@
 
     python -m cxr predict scans/ extra.png --four-class models/four_class.pt \
         --binary models/binary.pt --threshold-from metrics/binary.json \
-        --out predictions.csv [--cam plots/predict] [--batch-size 16]
+        --out predictions.csv [--cam plots/predict] [--batch-size 16] [--strict]
 
-Files (PNG, JPEG, ... decoded by content; DICOM by its "DICM" magic or .dcm/.dicom suffix) and
-folders (searched recursively) go through the same preprocessing as the training images, the
-spec read from the checkpoints. Every new image is harmonised, as the split stage does for all
-sources but the already-harmonised Kermany set. A file that cannot be read gets an error row;
-the others are still predicted.
+Every file given, and every regular file under a folder given (searched recursively, symlinked
+folders followed once), gets one row: a prediction or an error. Whether a file is an image is
+decided by its content, not its name: DICOM by its "DICM" magic or .dcm/.dicom suffix, anything
+else by trying to decode it (PNG, JPEG, WebP, TIFF, BMP, ...), as the split stage does. Hidden
+entries (names starting with "."), such as .DS_Store or .git, are skipped inside folders and
+counted in the summary; a hidden file named on the command line is predicted. Symlink loops,
+dangling links, devices and FIFOs get error rows and are never read.
 
-Exit status: 0 all images predicted, 1 some failed, 2 bad usage, checkpoint or threshold.
+Images go through the same preprocessing as the training images, the spec read from the
+checkpoints; every new image is harmonised, as the split stage does for all sources but the
+already-harmonised Kermany set. Each prediction is sanity-checked first (near-constant, extreme
+aspect ratio, tiny: see the limits below); what is odd goes in the `warning` column.
+
+Exit status: 0 all images predicted, 1 some failed (or, with --strict, some got a warning, or
+--out could not be written), 2 bad usage, checkpoint, threshold or --out, 130 interrupted
+(Ctrl-C; the rows done so far are written to --out).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
+import errno
 import json
 import logging
 import math
+import os
+import secrets
+import stat
 import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TextIO
 
 import numpy as np
 
 from cxr.cli import setup_logging
-from cxr.dicom import DICOM_SUFFIXES, has_dicom_magic, is_dicom, read_dicom
-from cxr.images import ImageError, Preprocessing, load_image, preprocess, preprocess_gray
+from cxr.dicom import DICOM_SUFFIXES, read_dicom
+from cxr.images import ImageError, Preprocessing, decode, preprocess_gray, to_grayscale
 from cxr.models import CheckpointError, CXRNet, load_checkpoint
 from cxr.train import configure_cpu, predict_proba
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 OUT_FORMATS = (".json", ".csv")
-EXIT_OK, EXIT_IMAGE_ERRORS, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_IMAGE_ERRORS, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+# A real radiograph is far smaller (a 4,300 x 3,500 px 16-bit DICOM is 30 MB uncompressed);
+# 200 MB leaves room for uncompressed colour or multi-frame files while capping the memory and
+# time one file can take. Larger files get an error row without being read.
+MAX_FILE_BYTES = 200_000_000
+
+# Sanity checks on what is classified. Across the 7,301 radiographs of the mirror the widest is
+# 1.55:1 and the smallest short side 156 px; the flattest of the 518 sample images has a pixel
+# std of 15.5 (at 32 and 112 px). The limits sit well outside that, to flag what is not a chest
+# film rather than an unusual one.
+# Std of the model-input pixels (0-255, after preprocessing: what the models see): below 5 gray
+# levels a blank, constant or fully transparent image has no anatomy left to classify, yet the
+# models still answer confidently.
+MIN_PIXEL_STD = 5.0
+# Long side / short side of the original: the squash-resize to a square would shrink one axis
+# of a 3:1 image to a third, twice the distortion of the widest mirror image (real chest films
+# are about 0.7-1.4); a strip, a screenshot or two films side by side lands beyond it.
+MAX_ASPECT_RATIO = 3.0
+# Short side of the original, px: below this, resizing up to the model input invents the
+# detail the model reads (icons, thumbnails); the smallest mirror image is 156 px.
+MIN_SIDE = 64
 
 
 class UsageError(ValueError):
@@ -64,6 +99,14 @@ class Input:
     error: str | None = None
 
 
+@dataclass
+class Inputs:
+    """What the paths given expand to, and how many hidden entries the folder walk skipped."""
+
+    items: list[Input] = field(default_factory=list)
+    hidden: int = 0
+
+
 # --- arguments, threshold, checkpoints --------------------------------------------------------
 
 
@@ -86,14 +129,57 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--cam", type=Path, default=None, help="folder for Grad-CAM overlays")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = cores)")
+    parser.add_argument(
+        "--strict", action="store_true",
+        help="exit 1 when any image gets a sanity warning (near-constant, odd shape, tiny)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
-    if args.out is not None and args.out.suffix.lower() not in OUT_FORMATS:
-        parser.error(f"--out must end in {' or '.join(OUT_FORMATS)}, got {args.out}")
     if args.batch_size < 1:
         parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:
         parser.error(f"--threshold must be in [0, 1], got {args.threshold}")
     return args
+
+
+def check_out(path: Path) -> None:
+    """Refuse an --out that cannot be written before any image is read, so no work is lost."""
+    if path.suffix.lower() not in OUT_FORMATS:
+        raise UsageError(f"--out must end in {' or '.join(OUT_FORMATS)}, got {path}")
+    if path.is_dir():
+        raise UsageError(f"--out {path} is a folder; give a file, e.g. {path / 'predictions.csv'}")
+    if path.exists() and not path.is_file():
+        raise UsageError(f"--out {path} exists and is not a regular file; choose another name")
+    check_writable_folder(path.parent, f"--out {path}")
+
+
+def check_cam(folder: Path) -> None:
+    """Refuse a --cam that is a file or lies in a read-only place, before any work."""
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"--cam {folder} exists and is not a folder; choose another path")
+    check_writable_folder(folder, f"--cam {folder}")
+
+
+def check_writable_folder(folder: Path, what: str) -> None:
+    """`folder` exists or can be created, and files can be created in it.
+
+    Checked on the nearest existing ancestor, by creating and removing a probe file: permission
+    bits say nothing about read-only mounts or ACLs. Nothing is created for good here.
+    """
+    existing = folder.absolute()
+    while not existing.exists() and existing != existing.parent:
+        if existing.is_symlink():
+            raise UsageError(f"{what}: {existing} is a dangling symlink")
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UsageError(f"{what}: {existing} is not a folder, so {folder} cannot be created")
+    probe = existing / f".predict-probe-{secrets.token_hex(4)}"
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        os.unlink(probe)
+    except OSError as exc:
+        raise UsageError(
+            f"{what}: cannot write in {existing} ({exc.strerror or exc}); choose a writable folder"
+        ) from exc
 
 
 def read_threshold(path: Path) -> float:
@@ -155,64 +241,212 @@ def load_models(four_class_path: Path, binary_path: Path) -> Models:
 # --- inputs -----------------------------------------------------------------------------------
 
 
-def _is_candidate(path: Path) -> bool:
-    suffix = path.suffix.lower()
-    if suffix in IMAGE_SUFFIXES or suffix in DICOM_SUFFIXES:
-        return True
-    return suffix == "" and has_dicom_magic(path)
+def stat_path(path: Path) -> tuple[os.stat_result | None, str | None]:
+    """stat() following links, or why not: a dangling link or a loop is named as such."""
+    try:
+        return os.stat(path), None
+    except FileNotFoundError:
+        if not path.is_symlink():
+            return None, "no such file or folder"
+        try:
+            target = os.readlink(path)
+        except OSError:
+            target = "?"
+        return None, f"dangling symlink (its target {target} does not exist)"
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return None, "symlink loop (following the links never ends); not followed"
+        return None, f"cannot read ({exc.strerror or exc})"
 
 
-def find_images(folder: Path) -> list[Path]:
-    """Image and DICOM files under `folder`, recursively, in a stable (sorted) order."""
-    return sorted(p for p in folder.rglob("*") if p.is_file() and _is_candidate(p))
+def file_kind(mode: int) -> str:
+    """A name for what a non-regular, non-folder stat mode is."""
+    kinds = (
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+    )
+    return next((name for test, name in kinds if test(mode)), "a special file")
 
 
-def collect_inputs(paths: list[Path]) -> list[Input]:
-    """Files as given, folders expanded; each duplicate once; missing or empty paths flagged."""
-    inputs: list[Input] = []
-    seen: set[Path] = set()
+def not_regular(mode: int) -> str:
+    return f"not a regular file ({file_kind(mode)}); refused without reading it"
+
+
+def walk(folder: Path, folder_stat: os.stat_result) -> Inputs:
+    """Every regular file under `folder`, and an error entry for each thing that cannot be one.
+
+    Symlinked folders are followed, each folder searched once; a link back to a folder being
+    searched (a loop) is reported instead of followed. Hidden entries are counted, not listed.
+    """
+    found = Inputs()
+    searched: dict[tuple[int, int], Path] = {_key(folder_stat): folder}
+    stack = [(folder, (_key(folder_stat),))]
+    while stack:
+        directory, ancestors = stack.pop()
+        try:
+            with os.scandir(directory) as scan:
+                names = sorted(entry.name for entry in scan)
+        except OSError as exc:
+            found.items.append(Input(directory, f"cannot list folder ({exc.strerror or exc})"))
+            continue
+        for name in names:
+            if name.startswith("."):
+                found.hidden += 1
+                continue
+            path = directory / name
+            st, problem = stat_path(path)
+            if st is None:
+                found.items.append(Input(path, problem))
+            elif stat.S_ISDIR(st.st_mode):
+                key = _key(st)
+                if key in ancestors:
+                    message = f"symlink loop (leads back to {searched[key]}); not followed"
+                    found.items.append(Input(path, message))
+                elif key not in searched:  # else: a second way into a folder already listed
+                    searched[key] = path
+                    stack.append((path, (*ancestors, key)))
+            elif stat.S_ISREG(st.st_mode):
+                found.items.append(Input(path))
+            else:
+                found.items.append(Input(path, not_regular(st.st_mode)))
+    found.items.sort(key=lambda item: item.path)
+    return found
+
+
+def _key(st: os.stat_result) -> tuple[int, int]:
+    return st.st_dev, st.st_ino
+
+
+def expand(path: Path) -> Inputs:
+    """One command-line path: a folder walked, a file as it is, anything else an error entry."""
+    st, problem = stat_path(path)
+    if st is None:
+        return Inputs([Input(path, problem)])
+    if not stat.S_ISDIR(st.st_mode):
+        return Inputs([Input(path)])  # devices and FIFOs are refused when read, with a row
+    found = walk(path, st)
+    if not found.items:
+        skipped = f"; {found.hidden} hidden entries skipped" if found.hidden else ""
+        found.items.append(Input(path, f"no files in folder (searched recursively{skipped})"))
+    return found
+
+
+def collect_inputs(paths: list[Path]) -> Inputs:
+    """Files as given, folders expanded; each file once; missing or empty paths flagged."""
+    inputs = Inputs()
+    seen: set[str] = set()
     for path in paths:
-        if path.is_dir():
-            found = find_images(path)
-            if not found:
-                kinds = ", ".join(IMAGE_SUFFIXES + DICOM_SUFFIXES)
-                error = f"no images in folder (looked for {kinds} and DICOM files, recursively)"
-                inputs.append(Input(path, error))
-        elif path.exists():
-            found = [path]
-        else:
-            inputs.append(Input(path, "no such file or folder"))
-            found = []
-        for file in found:
-            if file.resolve() not in seen:
-                seen.add(file.resolve())
-                inputs.append(Input(file))
-    if not any(item.error is None for item in inputs):
-        problems = "; ".join(f"{item.path}: {item.error}" for item in inputs)
-        raise UsageError(f"no images to predict ({problems})")
+        found = expand(path)
+        inputs.hidden += found.hidden
+        for item in found.items:
+            key = str(item.path) if item.error else os.path.realpath(item.path)
+            if key not in seen:
+                seen.add(key)
+                inputs.items.append(item)
+    if not any(item.error is None for item in inputs.items):
+        problems = [f"{item.path}: {item.error}" for item in inputs.items]
+        more = f"; and {len(problems) - 3} more" if len(problems) > 3 else ""
+        raise UsageError(f"no images to predict ({'; '.join(problems[:3])}{more})")
     return inputs
 
 
-def load_input(path: Path, spec: Preprocessing) -> np.ndarray:
-    """One file -> the model's uint8 input, through the shared preprocessing.
+def read_capped(path: Path) -> bytes:
+    """The file's bytes; devices and FIFOs refused unread, files over MAX_FILE_BYTES too.
+
+    stat() first, so a device is never opened (opening some has effects, a FIFO blocks); the
+    open is non-blocking and checked again, in case the path changed in between.
+    """
+    try:
+        if not stat.S_ISREG(mode := os.stat(path).st_mode):
+            raise ImageError(f"{path}: {not_regular(mode)}")
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as exc:
+        raise ImageError(f"{path}: cannot read file ({exc.strerror or exc})") from exc
+    with open(fd, "rb") as fh:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ImageError(f"{path}: {not_regular(st.st_mode)}")
+        data = b"" if st.st_size > MAX_FILE_BYTES else fh.read(MAX_FILE_BYTES + 1)
+    if st.st_size > MAX_FILE_BYTES or len(data) > MAX_FILE_BYTES:
+        raise ImageError(
+            f"{path}: file larger than {MAX_FILE_BYTES / 1e6:.0f} MB, refused "
+            "(no radiograph is that large)"
+        )
+    return data
+
+
+def read_gray(path: Path) -> np.ndarray:
+    """One file -> its 2-D uint8 grayscale image at the original size (DICOM windowed)."""
+    data = read_capped(path)
+    if path.suffix.lower() in DICOM_SUFFIXES or data[128:132] == b"DICM":
+        return read_dicom(path)  # within the cap: read_capped just measured it
+    return to_grayscale(decode(data, str(path)))
+
+
+def sanity_warnings(original: np.ndarray, pixels: np.ndarray) -> list[str]:
+    """What makes this image an unlikely chest radiograph, judged on the original and the
+    model input; the models answer for anything, so this is the only hint that they guessed."""
+    height, width = original.shape
+    warnings = []
+    spread = float(pixels.std(dtype=np.float64))
+    if spread < MIN_PIXEL_STD:
+        warnings.append(
+            f"near-constant image (pixel std {spread:.1f} < {MIN_PIXEL_STD:g}): blank, "
+            "transparent or not a radiograph"
+        )
+    ratio = max(height, width) / max(min(height, width), 1)
+    if ratio > MAX_ASPECT_RATIO:
+        warnings.append(
+            f"extreme aspect ratio ({width}x{height} px, {ratio:.1f}:1 > "
+            f"{MAX_ASPECT_RATIO:g}:1): not a single chest film"
+        )
+    if min(height, width) < MIN_SIDE:
+        warnings.append(
+            f"tiny image ({width}x{height} px, short side < {MIN_SIDE}): too little detail"
+        )
+    return warnings
+
+
+def load_input(path: Path, spec: Preprocessing) -> tuple[np.ndarray, str]:
+    """One file -> the model's uint8 input through the shared preprocessing, and its warnings.
 
     New images are harmonised like every training source but Kermany's, whose publisher had
     already squashed them to 224 px JPEG (see cxr.images.Preprocessing).
     """
-    if is_dicom(path):
-        return preprocess_gray(read_dicom(path), spec, already_harmonised=False)
-    return preprocess(load_image(path), spec, already_harmonised=False)
+    original = read_gray(path)
+    pixels = preprocess_gray(original, spec, already_harmonised=False)
+    return pixels, "; ".join(sanity_warnings(original, pixels))
 
 
 # --- prediction -------------------------------------------------------------------------------
 
 
+def printable(text: str) -> str:
+    """`text` as valid UTF-8: bytes of a file name that are not UTF-8 become \\xNN escapes.
+
+    Linux allows any bytes in a name; Python keeps the bad ones as lone surrogates, which no
+    UTF-8 writer (CSV, stdout) accepts, so one odd name used to lose every result.
+    """
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a surrogate no file name decodes to: escape it as it is
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return raw.decode("utf-8", "backslashreplace")
+
+
 def ok_record(
-    path: Path, probs: np.ndarray, p_covid: float, threshold: float, names: list[str]
+    path: Path,
+    probs: np.ndarray,
+    p_covid: float,
+    threshold: float,
+    names: list[str],
+    warning: str,
 ) -> dict[str, Any]:
     best = int(np.argmax(probs))
     return {
-        "file": str(path),
+        "file": printable(str(path)),
         "status": "ok",
         "predicted": names[best],
         "p_predicted": float(probs[best]),
@@ -221,38 +455,41 @@ def ok_record(
         "threshold": threshold,
         "covid_positive": bool(p_covid >= threshold),
         "cam": None,
+        "warning": warning,
         "message": "",
     }
 
 
 def error_record(path: Path, message: str, names: list[str]) -> dict[str, Any]:
     record = dict.fromkeys(columns(names))
-    return record | {"file": str(path), "status": "error", "message": message}
+    return record | {"file": printable(str(path)), "status": "error", "message": printable(message)}
 
 
 def columns(names: list[str]) -> list[str]:
     """Output columns, the same for every row and for JSON and CSV."""
     probs = [f"p_{name}" for name in names]
     return ["file", "status", "predicted", "p_predicted", *probs, "binary_p_covid",
-            "threshold", "covid_positive", "cam", "message"]  # fmt: skip
+            "threshold", "covid_positive", "cam", "warning", "message"]  # fmt: skip
 
 
 def read_inputs(
     items: list[Input], spec: Preprocessing
-) -> tuple[list[np.ndarray], list[int], dict[int, str]]:
-    """Preprocessed images, the positions in `items` they came from, and the errors by position."""
-    images, where, errors = [], [], {}
+) -> tuple[list[np.ndarray], list[int], dict[int, str], dict[int, str]]:
+    """Preprocessed images, the positions in `items` they came from, and the warnings and
+    errors by position."""
+    images, where, warnings, errors = [], [], {}, {}
     for i, item in enumerate(items):
         if item.error is not None:
             errors[i] = f"{item.path}: {item.error}"
             continue
         try:
-            images.append(load_input(item.path, spec))
+            pixels, warnings[i] = load_input(item.path, spec)
+            images.append(pixels)
             where.append(i)
         except (ImageError, OSError, ValueError) as exc:  # PIL/NumPy on odd modes: still the file
             message = str(exc)
             errors[i] = message if message.startswith(str(item.path)) else f"{item.path}: {message}"
-    return images, where, errors
+    return images, where, warnings, errors
 
 
 def predict_chunk(
@@ -260,13 +497,15 @@ def predict_chunk(
 ) -> tuple[list[dict[str, Any]], np.ndarray]:
     """Records for `items` in order (error rows for unreadable ones) and the images read."""
     names, size = models.class_names, models.spec.image_size
-    images, where, errors = read_inputs(items, models.spec)
+    images, where, warnings, errors = read_inputs(items, models.spec)
     batch = np.stack(images) if images else np.zeros((0, size, size), dtype=np.uint8)
     four = predict_proba(models.four_class, batch, batch_size=batch_size)
     covid = predict_proba(models.binary, batch, batch_size=batch_size)[:, models.covid_index]
     records = {i: error_record(items[i].path, message, names) for i, message in errors.items()}
     for row, i in enumerate(where):
-        records[i] = ok_record(items[i].path, four[row], float(covid[row]), threshold, names)
+        records[i] = ok_record(
+            items[i].path, four[row], float(covid[row]), threshold, names, warnings[i]
+        )
     return [records[i] for i in range(len(items))], batch
 
 
@@ -288,7 +527,7 @@ def write_cams(
     for record, image, cam in zip(ok, images, cams, strict=True):
         out = folder / _unique_name(Path(record["file"]).stem, used)
         Image.fromarray(overlay(image, cam)).save(out)
-        record["cam"] = str(out)
+        record["cam"] = printable(str(out))
 
 
 def _unique_name(stem: str, used: set[str]) -> str:
@@ -304,9 +543,9 @@ def _unique_name(stem: str, used: set[str]) -> str:
 def predict_all(
     inputs: list[Input], models: Models, *, threshold: float, batch_size: int,
     cam_dir: Path | None,
-) -> list[dict[str, Any]]:  # fmt: skip
-    """Predict in chunks of `batch_size` files, so memory stays flat for any number of files."""
-    records: list[dict[str, Any]] = []
+) -> Iterator[list[dict[str, Any]]]:  # fmt: skip
+    """Records chunk by chunk of `batch_size` files, so memory stays flat for any number of
+    files and an interruption keeps every chunk finished before it."""
     used: set[str] = set()
     for start in range(0, len(inputs), batch_size):
         chunk, images = predict_chunk(
@@ -314,25 +553,42 @@ def predict_all(
         )
         if cam_dir is not None:
             write_cams(chunk, images, models, cam_dir, batch_size, used)
-        records += chunk
-    return records
+        yield chunk
 
 
 # --- output -----------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def atomic_open(path: Path) -> Iterator[TextIO]:
+    """A UTF-8 text file written beside `path` and renamed over it when the block succeeds.
+
+    Readers never see half a file; a failed or interrupted write removes its temporary file and
+    leaves any earlier `path` as it was. The temporary name is hidden and random, so it never
+    clobbers a user's file.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # 0o666: the umask applies
+    try:
+        with open(fd, "w", encoding="utf-8", newline="") as fh:
+            yield fh
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
 def write_records(records: list[dict[str, Any]], path: Path, names: list[str]) -> None:
     """JSON (a list of records) or CSV by the suffix, written atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    if path.suffix.lower() == ".json":
-        tmp.write_text(json.dumps(records, indent=2) + "\n")
-    else:
-        with open(tmp, "w", newline="") as fh:
+    with atomic_open(path) as fh:
+        if path.suffix.lower() == ".json":
+            fh.write(json.dumps(records, indent=2) + "\n")
+        else:
             writer = csv.DictWriter(fh, fieldnames=columns(names))
             writer.writeheader()
             writer.writerows(records)
-    tmp.replace(path)
 
 
 def format_table(records: list[dict[str, Any]]) -> str:
@@ -343,18 +599,99 @@ def format_table(records: list[dict[str, Any]]) -> str:
         name = r["file"] if len(r["file"]) <= width else "..." + r["file"][-(width - 3) :]
         if r["status"] == "ok":
             decision = "COVID-19 positive" if r["covid_positive"] else "negative"
+            warning = f"  WARNING: {r['warning']}" if r["warning"] else ""
             lines.append(
                 f"{name:<{width}}  {r['predicted']:<10} {r['p_predicted']:>7.3f} "
-                f"{r['binary_p_covid']:>8.3f}  {decision}"
+                f"{r['binary_p_covid']:>8.3f}  {decision}{warning}"
             )
         else:
             lines.append(f"{name:<{width}}  ERROR: {r['message']}")
     return "\n".join(lines)
 
 
-def fail(message: str) -> NoReturn:
+def save(records: list[dict[str, Any]], out: Path | None, names: list[str]) -> str | None:
+    """Write --out if given; the reason it failed, or None."""
+    if out is None:
+        return None
+    try:
+        write_records(records, out, names)
+    except OSError as exc:
+        return f"could not write {out} ({exc.strerror or exc})"
+    return None
+
+
+def summary(
+    records: list[dict[str, Any]], total: int, seconds: float, hidden: int, saved: Path | None
+) -> str:
+    """One line for stderr that counts every file seen, so none can go missing unnoticed."""
+    n_ok = sum(r["status"] == "ok" for r in records)
+    n_warned = sum(bool(r["warning"]) for r in records)
+    rate = n_ok / seconds if seconds > 0 else math.inf
+    line = f"{n_ok} of {total} files predicted in {seconds:.2f} s ({rate:.1f} images/s)"
+    line += f"; {n_warned} with warnings" if n_warned else ""
+    line += f"; {hidden} hidden entries skipped" if hidden else ""
+    return line + (f"; predictions in {saved}" if saved else "")
+
+
+def interrupted_outcome(done: int, saved: Path | None, problem: str | None) -> str:
+    """What became of the rows finished before Ctrl-C."""
+    if done == 0:
+        return "nothing was finished, nothing written"
+    if saved is not None:
+        return f"the {done} rows done are saved in {saved} (re-run for the rest)"
+    return f"the {done} rows done are only in the table above ({problem or 'no --out given'})"
+
+
+def fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
     print(f"error: {message}", file=sys.stderr)
-    sys.exit(EXIT_USAGE)
+    sys.exit(code)
+
+
+def prepare(args: argparse.Namespace) -> tuple[float, Models, Inputs]:
+    """Everything checked before the first image is read: outputs, threshold, models, inputs."""
+    if args.out is not None:
+        check_out(args.out)
+    if args.cam is not None:
+        check_cam(args.cam)
+    threshold = args.threshold
+    if threshold is None:
+        threshold = read_threshold(args.threshold_from)
+    return threshold, load_models(args.four_class, args.binary), collect_inputs(args.paths)
+
+
+def exit_code(records: list[dict[str, Any]], strict: bool) -> int:
+    if any(r["status"] != "ok" for r in records):
+        return EXIT_IMAGE_ERRORS
+    return EXIT_IMAGE_ERRORS if strict and any(r["warning"] for r in records) else EXIT_OK
+
+
+def finish(
+    records: list[dict[str, Any]],
+    inputs: Inputs,
+    args: argparse.Namespace,
+    names: list[str],
+    seconds: float,
+    interrupted: bool,
+) -> NoReturn:
+    """Print the table, write --out, say what happened and exit with the matching status."""
+    try:
+        if records:
+            print(format_table(records))
+        out = args.out if records or not interrupted else None  # keep an earlier --out
+        problem = save(records, out, names)
+    except KeyboardInterrupt:
+        fail(f"interrupted while writing {args.out}; it was left as it was", EXIT_INTERRUPTED)
+    saved = out if out is not None and problem is None else None
+    print(summary(records, len(inputs.items), seconds, inputs.hidden, saved), file=sys.stderr)
+    if interrupted:
+        fail(
+            f"interrupted (Ctrl-C) after {len(records)} of {len(inputs.items)} files; "
+            + interrupted_outcome(len(records), saved, problem),
+            EXIT_INTERRUPTED,
+        )
+    if problem:
+        fail(f"{problem}; the predictions are only in the table above", EXIT_IMAGE_ERRORS)
+    sys.exit(exit_code(records, args.strict))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -362,29 +699,21 @@ def main(argv: list[str] | None = None) -> None:
     setup_logging()
     configure_cpu(args.threads)
     try:
-        threshold = args.threshold
-        if threshold is None:
-            threshold = read_threshold(args.threshold_from)
-        models = load_models(args.four_class, args.binary)
-        inputs = collect_inputs(args.paths)
+        threshold, models, inputs = prepare(args)
     except (UsageError, CheckpointError) as exc:
         fail(str(exc))
-    start = time.perf_counter()
-    records = predict_all(
-        inputs, models, threshold=threshold, batch_size=args.batch_size, cam_dir=args.cam
+    except KeyboardInterrupt:
+        fail("interrupted before any image was predicted; nothing written", EXIT_INTERRUPTED)
+    chunks = predict_all(
+        inputs.items, models, threshold=threshold, batch_size=args.batch_size, cam_dir=args.cam
     )
-    seconds = time.perf_counter() - start
-    if args.out is not None:
-        write_records(records, args.out, models.class_names)
-    print(format_table(records))
-    n_ok = sum(r["status"] == "ok" for r in records)
-    rate = n_ok / seconds if seconds > 0 else math.inf
-    print(
-        f"{n_ok} of {len(records)} images predicted in {seconds:.2f} s ({rate:.1f} images/s)"
-        + (f"; predictions in {args.out}" if args.out else ""),
-        file=sys.stderr,
-    )
-    sys.exit(EXIT_OK if n_ok == len(records) else EXIT_IMAGE_ERRORS)
+    start, records, interrupted = time.perf_counter(), [], False
+    try:
+        for chunk in chunks:
+            records += chunk
+    except KeyboardInterrupt:  # keep the chunks finished; the one in progress is lost
+        interrupted = True
+    finish(records, inputs, args, models.class_names, time.perf_counter() - start, interrupted)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,12 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
+import shutil
 import struct
+import subprocess
+import threading
+import time
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,7 +36,8 @@ PREP = {"image_size": 32, "harmonise": True, "harmonise_size": 224, "jpeg_qualit
 # One thread: on 2 shared cores a second OpenMP thread makes these tiny batches far slower.
 THREADS = ["--threads", "1"]
 COLUMNS = ["file", "status", "predicted", "p_predicted", "p_covid", "p_viral", "p_bacterial",
-           "p_normal", "binary_p_covid", "threshold", "covid_positive", "cam", "message"]  # fmt: skip
+           "p_normal", "binary_p_covid", "threshold", "covid_positive", "cam", "warning",
+           "message"]  # fmt: skip
 
 
 # --- fixtures and writers ---------------------------------------------------------------------
@@ -147,7 +153,7 @@ def bomb_png(path: Path, side: int = 30_000) -> Path:
 
 
 def good_folder(root: Path) -> dict[str, Path]:
-    """One of each supported kind, plus a non-image file the folder walk must skip."""
+    """One of each supported kind, from 8-bit PNG to a DICOM file without a suffix."""
     gray = radiograph(seed=1)
     rgba = np.dstack(
         [np.stack([radiograph(seed=s) for s in (2, 3, 4)], -1), np.full_like(gray, 200)]
@@ -160,7 +166,6 @@ def good_folder(root: Path) -> dict[str, Path]:
         "dicom": write_dicom(root / "e.dcm", ramp()),
         "dicom_bare": write_dicom(root / "sub" / "f_no_suffix", ramp()[::-1]),
     }
-    (root / "notes.txt").write_text("not an image, and not named like one")
     return files
 
 
@@ -223,11 +228,11 @@ def test_every_supported_kind_is_predicted_like_the_model_directly(
     code, stdout, stderr = run(capsys, args(ckpt, tmp_path / "in", "--out", out, "--batch-size", 4))
     assert code == 0, stderr
     records = json.loads(out.read_text())
-    assert [r["file"] for r in records] == sorted(str(p) for p in files.values())  # not notes.txt
+    assert [r["file"] for r in records] == sorted(str(p) for p in files.values())
     by_file = {Path(r["file"]): r for r in records}
     for r in records:
         assert list(r) == COLUMNS
-        assert r["status"] == "ok" and r["message"] == ""
+        assert r["status"] == "ok" and r["message"] == "" and r["warning"] == ""
         probs = np.array([r[f"p_{c}"] for c in FOUR])
         assert probs.sum() == pytest.approx(1.0, abs=1e-5)
         assert r["predicted"] == FOUR[int(probs.argmax())] and r["p_predicted"] == probs.max()
@@ -329,14 +334,15 @@ def test_bad_files_get_error_rows_and_the_rest_is_predicted(
     assert stdout.count("ERROR") == len(expected)
 
 
-def test_empty_folder_is_a_clear_error(
+def test_folder_without_files_is_a_clear_error(
     tmp_path: Path, ckpt: dict[str, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
     (tmp_path / "empty" / "sub").mkdir(parents=True)
-    (tmp_path / "empty" / "readme.txt").write_text("no images here")
-    code, _, err = run(capsys, args(ckpt, tmp_path / "empty"))
-    assert code == 2 and err.startswith("error: no images") and "empty" in err
-    assert "Traceback" not in err
+    (tmp_path / "empty" / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    code, stdout, err = run(capsys, args(ckpt, tmp_path / "empty"))
+    assert code == 2 and err.startswith("error: no images") and str(tmp_path / "empty") in err
+    assert "no files in folder" in err and "1 hidden entries skipped" in err
+    assert "Traceback" not in err and stdout == ""
 
 
 # --- checkpoints ------------------------------------------------------------------------------
@@ -439,8 +445,372 @@ def test_real_radiographs_from_the_mirror(
         assert record["binary_p_covid"] == pytest.approx(want_covid, abs=1e-5)
 
 
+@pytest.mark.mirror
+def test_real_radiographs_get_no_warning(
+    tmp_path: Path, ckpt: dict[str, Path], mirror: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every sample radiograph of every dataset (518: adults and children, PNG and JPEG,
+    224 to 2,828 px) passes the sanity checks: the warnings flag odd inputs, not real films."""
+    sources = pd.read_csv(mirror / "sources.csv", keep_default_na=False)
+    sample = sources[sources["sample"] == 1]
+    assert set(sample["dataset"]) == {"ieee8023", "hannover", "kermany", "nih", "rsna"}
+    files = [mirror / path for path in sample["path"]]
+    out = tmp_path / "pred.json"
+    code, _, err = run(capsys, args(ckpt, *files, "--out", out, "--batch-size", 64, "--strict"))
+    records = json.loads(out.read_text())
+    assert len(records) == len(files) >= 500
+    flagged = [(r["file"], r["warning"] or r["message"]) for r in records if r["warning"] != ""]
+    assert flagged == [] and code == 0, flagged[:10]
+
+
 def test_dicom_fixture_is_a_part10_file(tmp_path: Path) -> None:
     """Guards the DICOM fixture itself: a real Part 10 file with the tags the reader uses."""
     ds = pydicom.dcmread(write_dicom(tmp_path / "x.dcm", ramp(8)))
     assert ds.PhotometricInterpretation == "MONOCHROME1" and float(ds.RescaleSlope) == 2.0
     assert (tmp_path / "x.dcm").read_bytes()[128:132] == b"DICM"
+
+
+# --- --out checked before any work, written atomically ----------------------------------------
+
+
+def make_read_only(folder: Path) -> None:
+    """chmod the folder read-only; as root (where chmod does not stop writes) make it immutable;
+    skip when neither works."""
+    folder.mkdir(parents=True, exist_ok=True)
+    folder.chmod(0o555)
+    if os.access(folder, os.W_OK) and shutil.which("chattr"):
+        subprocess.run(["chattr", "+i", str(folder)], capture_output=True, check=False)
+    try:
+        (folder / "probe").touch()
+    except OSError:
+        return
+    (folder / "probe").unlink()
+    pytest.skip("cannot make a read-only folder here (root without chattr)")
+
+
+@pytest.fixture
+def read_only(tmp_path: Path) -> Iterator[Path]:
+    folder = tmp_path / "ro"
+    make_read_only(folder)
+    yield folder
+    if shutil.which("chattr"):
+        subprocess.run(["chattr", "-i", str(folder)], capture_output=True, check=False)
+    folder.chmod(0o755)
+
+
+def listing(folder: Path) -> list[str]:
+    """Every name under `folder`, hidden ones included: a leftover temporary file shows here."""
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+@pytest.mark.parametrize("case", ["folder", "parent_is_file", "read_only", "suffix", "cam_file"])
+def test_unwritable_out_is_refused_before_any_work(
+    tmp_path: Path,
+    ckpt: dict[str, Path],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    request: pytest.FixtureRequest,
+    case: str,
+) -> None:
+    image = save(Image.fromarray(radiograph()), tmp_path / "x.png")
+    (tmp_path / "existing").mkdir()
+    (tmp_path / "notes.txt").write_text("a file, not a folder")
+    extra = {
+        "folder": ["--out", tmp_path / "existing"],
+        "parent_is_file": ["--out", tmp_path / "notes.txt" / "sub" / "pred.csv"],
+        "read_only": ["--out", tmp_path / "ro" / "new" / "pred.json"],
+        "suffix": ["--out", tmp_path / "pred.txt"],
+        "cam_file": ["--cam", tmp_path / "notes.txt", "--out", tmp_path / "pred.csv"],
+    }[case]
+    if case == "read_only":
+        request.getfixturevalue("read_only")
+    before = listing(tmp_path)
+
+    def never(*_: object) -> None:
+        raise AssertionError("models were loaded although --out is unusable")
+
+    monkeypatch.setattr(predict, "load_models", never)
+    code, stdout, err = run(capsys, args(ckpt, image, *extra))
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    assert str(extra[1]) in err and "Traceback" not in err and stdout == ""
+    assert listing(tmp_path) == before  # no .tmp, no probe, no folder created
+
+
+def test_a_failed_write_leaves_no_temporary_file(
+    tmp_path: Path,
+    ckpt: dict[str, Path],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """--out turns into a folder while predicting: the rename fails; the table still shows all."""
+    image = save(Image.fromarray(radiograph()), tmp_path / "in" / "x.png")
+    out = tmp_path / "results" / "pred.csv"
+    real = predict.predict_chunk
+
+    def chunk_then_block_out(*a: object, **k: object) -> object:
+        out.mkdir(parents=True)
+        return real(*a, **k)
+
+    monkeypatch.setattr(predict, "predict_chunk", chunk_then_block_out)
+    code, stdout, err = run(capsys, args(ckpt, image, "--out", out))
+    assert code == 1 and f"error: could not write {out}" in err and "Traceback" not in err
+    assert "/x.png " in stdout and ("negative" in stdout or "positive" in stdout)
+    assert listing(tmp_path / "results") == ["pred.csv"]  # the folder only, no temporary file
+
+
+def test_rewriting_out_replaces_it_whole(
+    tmp_path: Path, ckpt: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "pred.json"
+    out.write_text("old content that is longer than nothing" * 100)
+    image = save(Image.fromarray(radiograph()), tmp_path / "in" / "x.png")
+    assert run(capsys, args(ckpt, image, "--out", out))[0] == 0
+    assert [r["file"] for r in json.loads(out.read_text())] == [str(image)]
+    assert listing(tmp_path) == ["in", "in/x.png", "pred.json"]
+
+
+# --- file names that are not UTF-8 ------------------------------------------------------------
+
+
+def test_printable_escapes_only_the_bytes_that_are_not_utf8() -> None:
+    assert predict.printable(os.fsdecode(b"scan\xff\xfe.png")) == "scan\\xff\\xfe.png"
+    assert predict.printable("röntgen/Ωmega.png") == "röntgen/Ωmega.png"
+    assert predict.printable("lone \ud800 surrogate") == "lone \\ud800 surrogate"
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".json"])
+def test_a_file_name_that_is_not_utf8_is_written(
+    tmp_path: Path, ckpt: dict[str, Path], capsys: pytest.CaptureFixture[str], suffix: str
+) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    try:
+        odd = save(Image.fromarray(radiograph(seed=3)), folder / os.fsdecode(b"\xff.png"))
+    except (OSError, UnicodeEncodeError):
+        pytest.skip("this file system refuses names that are not UTF-8")
+    good = save(Image.fromarray(radiograph(seed=4)), folder / "ok.png")
+    out = tmp_path / f"pred{suffix}"
+    code, stdout, err = run(capsys, args(ckpt, folder, "--out", out))
+    assert code == 0, err
+    text = out.read_bytes().decode("utf-8")  # strict: the whole file is valid UTF-8
+    if suffix == ".csv":
+        files = pd.read_csv(io.StringIO(text))["file"].tolist()
+    else:
+        files = [r["file"] for r in json.loads(text)]
+    assert files == [str(good), str(folder / "\\xff.png")]  # bytes sort: "o" < 0xff
+    assert "/\\xff.png " in stdout and odd.exists()
+
+
+# --- the folder walk --------------------------------------------------------------------------
+
+
+def fifo_with_watchdog(path: Path, seconds: float = 20.0) -> threading.Thread:
+    """A FIFO, and a thread that unblocks a reader stuck on it after `seconds` (opening it
+    read-write counts as a writer), so a regression fails the test instead of hanging it."""
+    os.mkfifo(path)
+
+    def unblock() -> None:
+        fd = os.open(path, os.O_RDWR | os.O_NONBLOCK)
+        os.write(fd, b"not an image")
+        os.close(fd)
+
+    timer = threading.Timer(seconds, unblock)
+    timer.daemon = True
+    timer.start()
+    return timer
+
+
+def test_folder_walk_gives_every_file_a_row(
+    tmp_path: Path, ckpt: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    root, other = tmp_path / "in", tmp_path / "elsewhere"
+    img = Image.fromarray(radiograph())
+    for name, fmt in [("a.png", "PNG"), ("b.webp", "WEBP"), ("c.jfif", "JPEG"), ("d.tif", "TIFF"),
+                      ("e.bmp", "BMP"), ("f.jpg", "PNG"), ("g_no_suffix", "PNG"),
+                      ("sub/deep.gif", "GIF"), (".hidden/x.png", "PNG")]:  # fmt: skip
+        save(img, root / name, format=fmt)
+    save(img, other / "h.png")
+    (root / "notes.txt").write_text("not an image")
+    (root / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    (root / "linked").symlink_to(other, target_is_directory=True)
+    (root / "sub" / "loop").symlink_to(root, target_is_directory=True)
+    (root / "self").symlink_to(root / "self")
+    (root / "dangling.png").symlink_to(tmp_path / "gone.png")
+    timer = fifo_with_watchdog(root / "pipe.png")
+    out = tmp_path / "pred.json"
+    code, _, err = run(capsys, args(ckpt, root, "--out", out))
+    timer.cancel()
+    assert code == 1
+    rows = {str(Path(r["file"]).relative_to(root)): r for r in json.loads(out.read_text())}
+    ok = {"a.png", "b.webp", "c.jfif", "d.tif", "e.bmp", "f.jpg", "g_no_suffix", "sub/deep.gif",
+          "linked/h.png"}  # fmt: skip
+    errors = {
+        "notes.txt": "not a readable image",
+        "sub/loop": "symlink loop",
+        "self": "symlink loop",
+        "dangling.png": "dangling symlink",
+        "pipe.png": "not a regular file (a FIFO)",
+    }
+    assert set(rows) == ok | set(errors)  # nothing hidden, nothing dropped
+    assert all(rows[name]["status"] == "ok" for name in ok)
+    for name, words in errors.items():
+        assert rows[name]["status"] == "error" and words in rows[name]["message"], name
+    assert str(root) in rows["sub/loop"]["message"]  # names the folder it leads back to
+    assert "9 of 14 files predicted" in err and "2 hidden entries skipped" in err
+
+
+def test_devices_fifos_and_huge_files_are_refused_unread(
+    tmp_path: Path, ckpt: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    good = save(Image.fromarray(radiograph()), tmp_path / "good.png")
+    huge = tmp_path / "huge.png"
+    with open(huge, "wb") as fh:  # sparse: no disk used, and never read
+        fh.truncate(predict.MAX_FILE_BYTES + 1)
+    at_cap = save(Image.fromarray(radiograph(seed=2)), tmp_path / "at_cap.png")
+    with open(at_cap, "ab") as fh:  # PNG ignores bytes after IEND: exactly at the cap is fine
+        fh.truncate(predict.MAX_FILE_BYTES)
+    timer = fifo_with_watchdog(tmp_path / "pipe")
+    out = tmp_path / "pred.json"
+    started = time.perf_counter()
+    paths = ["/dev/zero", tmp_path / "pipe", huge, at_cap, good]
+    code, _, err = run(capsys, args(ckpt, *paths, "--out", out))
+    timer.cancel()
+    assert code == 1 and time.perf_counter() - started < 15
+    rows = {r["file"]: r for r in json.loads(out.read_text())}
+    assert rows[str(good)]["status"] == "ok" and rows[str(at_cap)]["status"] == "ok"
+    assert "not a regular file (a character device)" in rows["/dev/zero"]["message"]
+    assert "not a regular file (a FIFO)" in rows[str(tmp_path / "pipe")]["message"]
+    assert "larger than 200 MB" in rows[str(huge)]["message"]
+    assert "2 of 5 files predicted" in err
+
+
+# --- sanity warnings --------------------------------------------------------------------------
+
+
+def pattern(width: int, height: int) -> np.ndarray:
+    """Smooth light and dark bands at any shape: survives the squash-resize with its contrast."""
+    yy, xx = np.meshgrid(np.linspace(0, 1, height), np.linspace(0, 1, width), indexing="ij")
+    return np.clip(128 + 90 * np.sin(4 * np.pi * xx) * np.cos(3 * np.pi * yy), 0, 255).astype(
+        np.uint8
+    )
+
+
+def transparent(path: Path) -> Path:
+    """A radiograph under alpha 0: composited onto black, as every transparent pixel is."""
+    rgba = np.dstack([np.stack([radiograph()] * 3, -1), np.zeros((64, 64), np.uint8)])
+    return save(Image.fromarray(rgba, mode="RGBA"), path)
+
+
+ODD_IMAGES = {
+    "transparent": (transparent, {"near-constant"}),
+    "constant": (lambda p: save(Image.new("L", (256, 256), 128), p), {"near-constant"}),
+    "one_pixel": (lambda p: save(Image.new("L", (1, 1), 200), p), {"near-constant", "tiny"}),
+    "strip_4000x50": (
+        lambda p: save(Image.fromarray(pattern(4000, 50)), p),
+        {"extreme aspect ratio", "tiny"},
+    ),
+    "wide_4to1": (lambda p: save(Image.fromarray(pattern(800, 200)), p), {"extreme aspect ratio"}),
+    "tall_1to4": (lambda p: save(Image.fromarray(pattern(200, 800)), p), {"extreme aspect ratio"}),
+    "small": (lambda p: save(Image.fromarray(pattern(48, 40)), p), {"tiny"}),
+    "small_dicom": (
+        lambda p: write_dicom(p.with_suffix(".dcm"), ramp(32)),
+        {"tiny"},  # the original size comes from the DICOM too
+    ),
+}
+WARNING_KINDS = ("near-constant", "extreme aspect ratio", "tiny")
+
+
+@pytest.mark.parametrize("case", ODD_IMAGES)
+def test_odd_images_are_predicted_with_a_warning(
+    tmp_path: Path, ckpt: dict[str, Path], capsys: pytest.CaptureFixture[str], case: str
+) -> None:
+    make, expected = ODD_IMAGES[case]
+    odd = make(tmp_path / f"{case}.png")
+    normal = save(Image.fromarray(radiograph()), tmp_path / "normal.png")
+    out = tmp_path / "pred.csv"
+    code, stdout, err = run(capsys, args(ckpt, odd, normal, "--out", out))
+    assert code == 0, err  # warnings alone do not fail the run
+    table = pd.read_csv(out, keep_default_na=False).set_index("file")
+    warning = table.loc[str(odd), "warning"]
+    assert {kind for kind in WARNING_KINDS if kind in warning} == expected, warning
+    assert table.loc[str(odd), "status"] == "ok" and table.loc[str(normal), "warning"] == ""
+    odd_line = next(line for line in stdout.splitlines() if f"/{odd.name} " in line)
+    assert f"WARNING: {warning}" in odd_line and "WARNING" not in stdout.replace(odd_line, "")
+    assert "1 with warnings" in err
+    assert run(capsys, args(ckpt, odd, normal, "--strict"))[0] == 1
+    assert run(capsys, args(ckpt, normal, "--strict"))[0] == 0
+
+
+def test_warning_thresholds_are_the_documented_ones() -> None:
+    """Just inside each limit: no warning; just outside: that warning only."""
+    flat = np.zeros((32, 32), np.uint8)
+    flat[:, :16] = 10  # std exactly 5.0
+    lively = np.tile(np.arange(0, 256, 8, dtype=np.uint8), (32, 1))  # std ~74
+    square = np.zeros((100, 100), np.uint8)
+
+    def kinds(original: np.ndarray, pixels: np.ndarray) -> list[str]:
+        found = predict.sanity_warnings(original, pixels)
+        return [kind for warning in found for kind in WARNING_KINDS if warning.startswith(kind)]
+
+    assert predict.MIN_PIXEL_STD == 5.0
+    assert kinds(square, flat) == []
+    flatter = flat.copy()
+    flatter[0, 0] = 0  # std just under 5
+    assert kinds(square, flatter) == ["near-constant"]
+    assert (predict.MAX_ASPECT_RATIO, predict.MIN_SIDE) == (3.0, 64)
+    assert kinds(np.zeros((64, 192), np.uint8), lively) == []
+    assert kinds(np.zeros((193, 64), np.uint8), lively) == ["extreme aspect ratio"]
+    assert kinds(np.zeros((63, 100), np.uint8), lively) == ["tiny"]
+
+
+# --- Ctrl-C -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".json"])
+def test_ctrl_c_saves_the_rows_done_and_exits_130(
+    tmp_path: Path,
+    ckpt: dict[str, Path],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    suffix: str,
+) -> None:
+    files = [save(Image.fromarray(radiograph(seed=s)), tmp_path / f"{s}.png") for s in range(3)]
+    real, calls = predict.predict_chunk, []
+
+    def interrupt_second_chunk(*a: object, **k: object) -> object:
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(predict, "predict_chunk", interrupt_second_chunk)
+    out = tmp_path / "out" / f"pred{suffix}"
+    code, stdout, err = run(capsys, args(ckpt, *files, "--batch-size", 1, "--out", out))
+    assert code == 130 and "Traceback" not in err and len(calls) == 2
+    assert "interrupted" in err and "after 1 of 3 files" in err and f"saved in {out}" in err
+    rows = pd.read_csv(out) if suffix == ".csv" else pd.DataFrame(json.loads(out.read_text()))
+    assert rows["file"].tolist() == [str(files[0])] and rows["status"].tolist() == ["ok"]
+    assert "/0.png " in stdout and "/1.png " not in stdout  # the table shows the rows saved
+    assert listing(tmp_path / "out") == [out.name]
+
+
+def test_ctrl_c_before_any_row_keeps_an_earlier_out(
+    tmp_path: Path,
+    ckpt: dict[str, Path],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    image = save(Image.fromarray(radiograph()), tmp_path / "in" / "x.png")
+    out = tmp_path / "pred.csv"
+    out.write_text("yesterday's predictions\n")
+
+    def interrupt(*_: object, **__: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(predict, "predict_chunk", interrupt)
+    code, stdout, err = run(capsys, args(ckpt, image, "--out", out))
+    assert code == 130 and "Traceback" not in err and stdout == ""
+    assert "after 0 of 1 files; nothing was finished, nothing written" in err
+    assert out.read_text() == "yesterday's predictions\n" and listing(tmp_path) == [
+        "in", "in/x.png", "pred.csv"
+    ]  # fmt: skip
