@@ -74,3 +74,22 @@ def test_bad_params_are_refused():
         split(make_table(), group_by="hospital")
     with pytest.raises(ValueError, match="fractions"):
         split(make_table(), val_fraction=0.6, test_fraction=0.5)
+
+
+def test_external_datasets_leave_the_main_pool_and_a_typo_is_refused(tmp_path):
+    from cxr.config import SplitParams
+    from cxr.params import ParamsError
+    from stages.split import all_rows
+
+    pd.DataFrame({
+        "path": ["a", "b", "c", "d"], "dataset": ["hannover", "ieee8023", "nih", "hannover"],
+        "cohort": ["main", "main", "adult_check", "main"], "label": ["covid", "covid", "normal", "covid"],
+    }).to_csv(tmp_path / "manifest.csv", index=False)  # fmt: skip
+    pd.DataFrame({"path": ["case00"], "label": ["covid"]}).to_csv(
+        tmp_path / "cases.csv", index=False
+    )
+    rows = all_rows(tmp_path, SplitParams(external=["hannover"]))
+    assert rows["cohort"].tolist() == ["external", "main", "adult_check", "external", "cases"]
+    assert all_rows(tmp_path, SplitParams())["cohort"].tolist()[:2] == ["main", "main"]
+    with pytest.raises(ParamsError, match="hanover"):
+        all_rows(tmp_path, SplitParams(external=["hanover"]))
