@@ -15,6 +15,8 @@ FOUR_CLASSES = ["covid", "viral", "bacterial", "normal"]
 PARTIAL_LABELS = {"pneumonia": ("viral", "bacterial")}
 LABELS = [*FOUR_CLASSES, *PARTIAL_LABELS]
 BINARY_CLASSES = ["non_covid", "covid"]
+# Columns `train_*.balance_by` may combine into balancing strata (see cxr.data.strata_for).
+BALANCE_BY = ("class", "age_group", "dataset")
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 
 
@@ -100,10 +102,9 @@ class TrainParams:
             raise ParamsError(f"{self.task}: epochs and batch_size must be >= 1")
         if self.lr <= 0:
             raise ParamsError(f"{self.task}: lr must be > 0, got {self.lr}")
-        allowed = ("class", "age_group", "dataset")
-        if not self.balance_by or set(self.balance_by) - set(allowed):
+        if not self.balance_by or set(self.balance_by) - set(BALANCE_BY):
             raise ParamsError(
-                f"train_{self.task}.balance_by must list some of {list(allowed)}, "
+                f"train_{self.task}.balance_by must list some of {list(BALANCE_BY)}, "
                 f"got {self.balance_by}"
             )
         self.augmentation()  # validates the augment mapping

@@ -10,7 +10,14 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from cxr.config import BINARY_CLASSES, FOUR_CLASSES, LABELS, PARTIAL_LABELS, AugmentParams
+from cxr.config import (
+    BALANCE_BY,
+    BINARY_CLASSES,
+    FOUR_CLASSES,
+    LABELS,
+    PARTIAL_LABELS,
+    AugmentParams,
+)
 
 UNKNOWN = -1  # label index of a row whose class is only known as a set (see allowed_classes)
 
@@ -99,9 +106,6 @@ def augment_batch(x: torch.Tensor, aug: AugmentParams, generator: torch.Generato
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     out = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     return out.contiguous(memory_format=torch.channels_last)
-
-
-BALANCE_BY = ("class", "age_group", "dataset")
 
 
 def strata_for(table: pd.DataFrame, task: str, by: list[str]) -> np.ndarray:

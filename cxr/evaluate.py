@@ -122,7 +122,7 @@ def counts(table: pd.DataFrame, by: list[str]) -> dict:
     return out
 
 
-def subgroups(s: Scored, class_names: list[str], threshold: float) -> dict:
+def subgroups(s: Scored, task: str, class_names: list[str], threshold: float) -> dict:
     """Accuracy and COVID-19 call rate (argmax and at threshold) per label x dataset x age group.
 
     Where a class comes from two sources (adult ieee8023 vs pediatric Kermany), a model that
@@ -132,7 +132,6 @@ def subgroups(s: Scored, class_names: list[str], threshold: float) -> dict:
     """
     pred = s.prob.argmax(1)
     covid = covid_index(class_names)
-    task = "binary" if len(class_names) == 2 else "four_class"
     correct = allowed_classes(s.table, task)[np.arange(len(pred)), pred]
     at_threshold = s.prob[:, covid] >= threshold
     out: dict = {}
@@ -217,7 +216,7 @@ def pneumonia_report(
 
 
 def evaluate_test_split(
-    s: Scored, class_names: list[str], threshold: float, p: EvaluateParams, seed: int
+    s: Scored, task: str, class_names: list[str], threshold: float, p: EvaluateParams, seed: int
 ) -> dict:
     """Everything reported for the test split.
 
@@ -228,7 +227,7 @@ def evaluate_test_split(
     known = known_class(s)
     report = split_report(known, class_names, p, seed)
     report["n_unknown"] = int(len(s.y) - len(known.y))
-    report["subgroups"] = subgroups(s, class_names, threshold)
+    report["subgroups"] = subgroups(s, task, class_names, threshold)
     report["at_threshold"] = metrics.binary_at_threshold(
         covid_truth(s, positive), s.prob[:, positive], threshold
     )
@@ -292,7 +291,7 @@ def evaluate_task(
         "task": task,
         "classes": class_names,
         "threshold": threshold,
-        "test": evaluate_test_split(scored["test"], class_names, value, p, seed),
+        "test": evaluate_test_split(scored["test"], task, class_names, value, p, seed),
         "adult_check": adult_check_report(scored["adult_check"], class_names, value, p, seed),
     }
     external = scored.get("external")

@@ -11,6 +11,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
+import numpy as np
+import pandas as pd
 from dvclive import Live
 
 from cxr.arrays import load_split
@@ -46,7 +48,9 @@ def log_epoch(live: Live, res: EpochResult) -> None:
     live.make_summary()
 
 
-def training_rows(images, table, p: TrainParams):
+def training_rows(
+    images: np.ndarray, table: pd.DataFrame, p: TrainParams
+) -> tuple[np.ndarray, pd.DataFrame]:
     """Leave out images of unknown type when the partial-label loss is off."""
     if p.partial_labels or p.task == "binary":
         return images, table
