@@ -16,8 +16,10 @@ import torch
 from torch import nn
 
 from cxr.config import AugmentParams, TrainParams
+from cxr.infer import configure_cpu
 from cxr.models import build_model
-from cxr.train import configure_cpu, make_optimizer, train_epoch
+from cxr.params import non_negative_int
+from cxr.train import make_optimizer, train_epoch
 
 
 def raw_throughput(model: nn.Module, batch: int, size: int, steps: int, warmup: int) -> float:
@@ -62,7 +64,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=5, help="timed batches per measurement")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds; best kept")
-    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument(
+        "--threads", type=non_negative_int, default=0, help="torch CPU threads (0 = one per core)"
+    )
     args = parser.parse_args(argv)
     configure_cpu(args.threads)
     torch.manual_seed(0)

@@ -39,8 +39,8 @@ from tqdm import tqdm
 
 from cxr.config import GradcamParams
 from cxr.data import to_input
+from cxr.infer import predict_proba
 from cxr.models import CXRNet, build_model
-from cxr.train import predict_proba
 
 log = logging.getLogger(__name__)
 

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from cxr.images import Preprocessing
+from cxr.images import INTENSITY, Preprocessing
 from cxr.params import ParamsError, from_section, load_params, section
 
 FOUR_CLASSES = ["covid", "viral", "bacterial", "normal"]
@@ -20,6 +21,21 @@ BALANCE_BY = ("class", "age_group", "dataset")
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 
 
+def require(ok: bool, key: str, rule: str, value: Any) -> None:
+    """Raise the one-line ParamsError `<key> must be <rule>, got <value>` unless `ok`.
+
+    Write `ok` as the condition a good value meets (`0 < x < 1`), never as the bad case: every
+    comparison with nan is false, so a YAML `.nan` fails the check instead of slipping through.
+    """
+    if not ok:
+        raise ParamsError(f"{key} must be {rule}, got {value!r}")
+
+
+def finite(x: float) -> bool:
+    """True for a real number that is not inf, -inf or nan (YAML `.inf`, `.nan`)."""
+    return math.isfinite(x)
+
+
 @dataclass(frozen=True)
 class BaseParams:
     """Values several stages read."""
@@ -28,6 +44,8 @@ class BaseParams:
     image_size: int = 112
 
     def validate(self) -> None:
+        # NumPy's legacy seeding (np.random.seed, cxr.data.seed_everything) takes 0..2**32-1.
+        require(0 <= self.seed < 2**32, "base.seed", "an integer in 0..2**32-1", self.seed)
         if not 16 <= self.image_size <= 1024:
             raise ParamsError(f"base.image_size must be in 16..1024, got {self.image_size}")
 
@@ -42,6 +60,8 @@ class SplitParams:
     jpeg_quality: int = 75
     # Datasets whose publisher already squashed images to 224 px JPEG q75 (see cxr.images).
     pre_harmonised: list[str] = field(default_factory=lambda: ["kermany"])
+    # Tone normalisation after harmonising: none | equalize (see cxr.images.Preprocessing).
+    intensity: str = "equalize"
     # false: no rsna/nih adult non-COVID rows in train/val (the study's data); test unchanged.
     adult_controls: bool = True
     # Whole datasets moved out of train/val/test into the `external` evaluation cohort.
@@ -49,6 +69,32 @@ class SplitParams:
     near_duplicate_threshold: float = 0.99  # thumbnail correlation (see cxr.duplicates)
 
     def validate(self) -> None:
+        for key in ("val_fraction", "test_fraction"):
+            value = getattr(self, key)
+            require(0 < value < 1, f"split.{key}", "a fraction in (0, 1)", value)
+        total = self.val_fraction + self.test_fraction
+        require(
+            total < 1,
+            "split.val_fraction + split.test_fraction",
+            "below 1 (train needs the rest)",
+            total,
+        )
+        require(
+            self.harmonise_size >= 16,
+            "split.harmonise_size",
+            "an integer >= 16 (pixels)",
+            self.harmonise_size,
+        )
+        require(
+            1 <= self.jpeg_quality <= 100,
+            "split.jpeg_quality",
+            "an integer in 1..100",
+            self.jpeg_quality,
+        )
+        if self.intensity not in INTENSITY:
+            raise ParamsError(
+                f"split.intensity must be one of {list(INTENSITY)}, got {self.intensity!r}"
+            )
         if not 0.5 <= self.near_duplicate_threshold <= 1.0:
             raise ParamsError(
                 "split.near_duplicate_threshold must be in 0.5..1.0 (a correlation), "
@@ -62,6 +108,32 @@ class AugmentParams:
     degrees: float = 15.0
     translate: float = 0.1
     scale: list[float] = field(default_factory=lambda: [0.9, 1.1])
+
+    def check(self, where: str = "augment") -> None:
+        """Range checks, naming keys `<where>.<key>` (TrainParams.augmentation passes
+        `train_<task>.augment`). Not called `validate`, so from_section leaves it to the caller,
+        which knows the section's full name."""
+        require(
+            finite(self.degrees) and 0 <= self.degrees <= 180,
+            f"{where}.degrees",
+            "a rotation in 0..180 (degrees)",
+            self.degrees,
+        )
+        # A fraction of the image: 1 or more would shift it out of the frame entirely.
+        require(
+            finite(self.translate) and 0 <= self.translate < 1,
+            f"{where}.translate",
+            "a fraction in [0, 1)",
+            self.translate,
+        )
+        # cxr.data.augment_batch divides by the drawn scale: 0 or below is no image at all.
+        low, high = [*self.scale, math.nan, math.nan][:2]
+        require(
+            len(self.scale) == 2 and finite(high) and 0 < low <= high,
+            f"{where}.scale",
+            "a list [low, high] with 0 < low <= high (finite)",
+            self.scale,
+        )
 
 
 @dataclass(frozen=True)
@@ -94,14 +166,44 @@ class TrainParams:
     threads: int = 0  # torch CPU threads; 0 = one per core
 
     def validate(self) -> None:
+        name = f"train_{self.task}"
         if self.arch not in ARCHS:
             raise ParamsError(
-                f"{self.task}: unknown arch {self.arch!r}; choose one of {list(ARCHS)}"
+                f"{name}.arch: unknown arch {self.arch!r}; choose one of {list(ARCHS)}"
             )
-        if self.epochs < 1 or self.batch_size < 1:
-            raise ParamsError(f"{self.task}: epochs and batch_size must be >= 1")
-        if self.lr <= 0:
-            raise ParamsError(f"{self.task}: lr must be > 0, got {self.lr}")
+        require(self.epochs >= 1, f"{name}.epochs", "an integer >= 1", self.epochs)
+        require(self.batch_size >= 1, f"{name}.batch_size", "an integer >= 1", self.batch_size)
+        require(finite(self.lr) and self.lr > 0, f"{name}.lr", "a finite number > 0", self.lr)
+        require(
+            finite(self.momentum) and 0 <= self.momentum < 1,
+            f"{name}.momentum",
+            "in [0, 1)",
+            self.momentum,
+        )
+        require(
+            finite(self.weight_decay) and self.weight_decay >= 0,
+            f"{name}.weight_decay",
+            "a finite number >= 0",
+            self.weight_decay,
+        )
+        # MultiStepLR multiplies the rate by gamma at each milestone: 1 keeps it, above grows it.
+        require(0 < self.gamma <= 1, f"{name}.gamma", "in (0, 1]", self.gamma)
+        ms = self.milestones
+        require(
+            all(m >= 1 for m in ms) and all(a < b for a, b in zip(ms, ms[1:], strict=False)),
+            f"{name}.milestones",
+            "positive, strictly increasing epochs",
+            ms,
+        )
+        require(
+            self.patience >= 0,
+            f"{name}.patience",
+            "an integer >= 0 (0 = no early stopping)",
+            self.patience,
+        )
+        require(
+            self.threads >= 0, f"{name}.threads", "an integer >= 0 (0 = one per core)", self.threads
+        )
         if not self.balance_by or set(self.balance_by) - set(BALANCE_BY):
             raise ParamsError(
                 f"train_{self.task}.balance_by must list some of {list(BALANCE_BY)}, "
@@ -110,7 +212,10 @@ class TrainParams:
         self.augmentation()  # validates the augment mapping
 
     def augmentation(self) -> AugmentParams:
-        return from_section(AugmentParams, self.augment, f"train_{self.task}.augment")
+        where = f"train_{self.task}.augment"
+        aug = from_section(AugmentParams, self.augment, where)
+        aug.check(where)
+        return aug
 
     @property
     def class_names(self) -> list[str]:
@@ -126,6 +231,29 @@ class EvaluateParams:
     target_sensitivity: float = 0.95
     calibration_bins: int = 10
 
+    def validate(self) -> None:
+        # 0 resamples is allowed: point estimates only, every CI null (`n/a` in the report).
+        require(
+            self.bootstrap >= 0,
+            "evaluate.bootstrap",
+            "an integer >= 0 (0 = no CIs)",
+            self.bootstrap,
+        )
+        require(0 < self.ci_level < 1, "evaluate.ci_level", "in (0, 1)", self.ci_level)
+        require(
+            0 < self.target_sensitivity <= 1,
+            "evaluate.target_sensitivity",
+            "in (0, 1]",
+            self.target_sensitivity,
+        )
+        # One bin is a single point, not a reliability curve.
+        require(
+            self.calibration_bins >= 2,
+            "evaluate.calibration_bins",
+            "an integer >= 2",
+            self.calibration_bins,
+        )
+
 
 @dataclass(frozen=True)
 class GradcamParams:
@@ -136,6 +264,86 @@ class GradcamParams:
     border_fraction: float = 0.12
     faithfulness_top_percent: float = 20.0
     batch_size: int = 8
+    # Grad-CAM's layer: layer4 (4 x 4 grid at 112 px) or layer3 (7 x 7); chosen on validation.
+    target_layer: Literal["layer4", "layer3"] = "layer4"
+    # ROAD (Rong et al. 2022) removal percentiles: MoRF and LeRF averaged over these.
+    road_percentiles: list[int] = field(default_factory=lambda: [20, 40, 60, 80])
+    bootstrap: int = 1000  # resamples for the CIs of the case means (zone lift, pointing)
+
+    def validate(self) -> None:
+        # The ranges cxr.cam.border_mask and cxr.cam.confidence_drop accept: checked here so a bad
+        # value stops the stage before the maps are computed, not after.
+        require(
+            0 < self.border_fraction < 0.5,
+            "gradcam.border_fraction",
+            "in (0, 0.5)",
+            self.border_fraction,
+        )
+        require(
+            0 < self.faithfulness_top_percent < 100,
+            "gradcam.faithfulness_top_percent",
+            "a percentage in (0, 100)",
+            self.faithfulness_top_percent,
+        )
+        require(self.batch_size >= 1, "gradcam.batch_size", "an integer >= 1", self.batch_size)
+        require(
+            self.gallery_per_group >= 0,
+            "gradcam.gallery_per_group",
+            "an integer >= 0 (0 = no gallery images)",
+            self.gallery_per_group,
+        )
+        require(
+            bool(self.road_percentiles) and all(0 < q < 100 for q in self.road_percentiles),
+            "gradcam.road_percentiles",
+            "a non-empty list of percentages in 1..99",
+            self.road_percentiles,
+        )
+        require(self.bootstrap >= 1, "gradcam.bootstrap", "an integer >= 1", self.bootstrap)
+
+
+@dataclass(frozen=True)
+class SegmentParams:
+    """The lung segmenter (cxr.segmenter): a small U-Net trained from scratch."""
+
+    size: int = 64  # network input, pixels: the split arrays are area-downsampled to it
+    channels: int = 8  # width of the top level; doubles at each level down
+    depth: int = 4  # levels (3 poolings at depth 4)
+    epochs: int = 20
+    batch_size: int = 16
+    lr: float = 3.0e-3  # one-cycle peak, AdamW
+    weight_decay: float = 1.0e-4
+    augment: bool = True  # flip, rotate, scale, shift image and mask together
+    threshold: float = 0.5  # on the lung probability
+    min_component: float = 0.005  # pieces under this share of the image are dropped
+    threads: int = 0  # torch CPU threads; 0 = one per core
+
+    def validate(self) -> None:
+        step = 2 ** (self.depth - 1)
+        require(2 <= self.depth <= 6, "segment.depth", "an integer in 2..6", self.depth)
+        require(
+            16 <= self.size <= 1024 and self.size % step == 0,
+            "segment.size",
+            f"in 16..1024 and divisible by 2^(depth-1) = {step}",
+            self.size,
+        )
+        require(1 <= self.channels <= 64, "segment.channels", "an integer in 1..64", self.channels)
+        require(self.epochs >= 1, "segment.epochs", "an integer >= 1", self.epochs)
+        require(self.batch_size >= 1, "segment.batch_size", "an integer >= 1", self.batch_size)
+        require(finite(self.lr) and self.lr > 0, "segment.lr", "a number > 0", self.lr)
+        require(
+            finite(self.weight_decay) and self.weight_decay >= 0,
+            "segment.weight_decay",
+            "a number >= 0",
+            self.weight_decay,
+        )
+        require(0 < self.threshold < 1, "segment.threshold", "in (0, 1)", self.threshold)
+        require(
+            0 <= self.min_component < 0.5,
+            "segment.min_component",
+            "a share of the image in [0, 0.5)",
+            self.min_component,
+        )
+        require(self.threads >= 0, "segment.threads", "an integer >= 0", self.threads)
 
 
 def load_base(path: str | Path) -> BaseParams:
@@ -162,6 +370,10 @@ def load_gradcam_params(path: str | Path) -> GradcamParams:
     return from_section(GradcamParams, section(load_params(path), "gradcam"), "gradcam")
 
 
+def load_segment_params(path: str | Path) -> SegmentParams:
+    return from_section(SegmentParams, section(load_params(path), "segment"), "segment")
+
+
 def preprocessing(base: BaseParams, split: SplitParams) -> Preprocessing:
     """The preprocessing spec every stage shares (it travels in each checkpoint too)."""
     return Preprocessing(
@@ -169,4 +381,5 @@ def preprocessing(base: BaseParams, split: SplitParams) -> Preprocessing:
         harmonise=split.harmonise,
         harmonise_size=split.harmonise_size,
         jpeg_quality=split.jpeg_quality,
+        intensity=split.intensity,
     )

@@ -8,6 +8,7 @@ import random
 import numpy as np
 import pandas as pd
 import torch
+from torch.utils.data import WeightedRandomSampler
 import torch.nn.functional as F
 
 from cxr.config import (
@@ -169,4 +170,5 @@ def epoch_order(
         return torch.randperm(n, generator=generator)
     counts = np.bincount(strata)
     weights = torch.tensor(1.0 / counts[strata], dtype=torch.double)
-    return torch.multinomial(weights, n, replacement=True, generator=generator)
+    sampler = WeightedRandomSampler(weights, n, replacement=True, generator=generator)
+    return torch.tensor(list(sampler), dtype=torch.long)

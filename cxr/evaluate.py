@@ -16,7 +16,7 @@ import pandas as pd
 from cxr import metrics
 from cxr.config import EvaluateParams
 from cxr.data import allowed_classes, labels_for
-from cxr.train import predict_proba
+from cxr.infer import predict_proba
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,8 @@ Each file is taken from a local mirror (a folder laid out like raw.githubusercon
 is there, and downloaded otherwise. Either way the bytes are hashed while they are written to a temp
 file beside the destination, and only a file with the expected digest is moved into place, so an
 interrupted or failed run never leaves a half-written or wrong image behind, and a re-run skips
-the files that are already correct.
+the files that are already correct. Files get the mode the user's umask gives (0644 under umask
+022), not mkstemp's private 0600.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import tempfile
 import threading
 import urllib.parse
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -38,6 +39,8 @@ MANIFEST_NAME = "manifest.csv"
 CASES_NAME = "cases.csv"
 CHUNK_SIZE = 1 << 20
 MAX_LISTED_FAILURES = 5
+MIRROR_ENV = "CXR_MIRROR"
+MIRROR_SUBPATH = Path("shared") / "cxr-mirror"
 # Origins reported per file, in the order they are logged.
 ORIGINS = ("mirror", "downloaded", "present")
 
@@ -75,6 +78,27 @@ class _Context:
     offline: threading.Event
     cancel: threading.Event
     local: threading.local
+    mode: int = 0o644  # permission bits of each written file (file_mode(), read before the workers)
+
+
+@dataclass(frozen=True)
+class MirrorLookup:
+    """Where the mirror was looked for and what was found, so an offline failure can say so."""
+
+    path: Path | None
+    env_value: str = ""  # $CXR_MIRROR as set; "" = unset
+    tried: tuple[Path, ...] = ()  # candidate folders that were checked, nearest first
+
+    def describe(self) -> str:
+        """The places looked, one per line, for the offline error."""
+        if self.env_value:
+            return f"  ${MIRROR_ENV}={self.env_value!r}"
+        lines = [f"  ${MIRROR_ENV}: not set"]
+        lines += [
+            f"  {folder}: {'found' if folder == self.path else 'not there'}"
+            for folder in self.tried
+        ]
+        return "\n".join(lines)
 
 
 def select_sources(df: pd.DataFrame, dataset: str) -> pd.DataFrame:
@@ -87,35 +111,91 @@ def select_sources(df: pd.DataFrame, dataset: str) -> pd.DataFrame:
     raise ValueError(f"fetch.dataset must be one of {', '.join(DATASETS)}; got {dataset!r}")
 
 
-def resolve_mirror(env: Mapping[str, str], default: Path) -> Path | None:
-    """The mirror folder: $CXR_MIRROR if set, else `default` if it exists, else None (download).
+def _env_mirror(env: Mapping[str, str]) -> Path | None:
+    """$CXR_MIRROR as a folder, None when unset; set but not a folder is an error, not a silent
+    fall-back to a long download."""
+    value = env.get(MIRROR_ENV, "")
+    if not value:
+        return None
+    path = Path(value).expanduser()
+    if not path.is_dir():
+        raise ValueError(
+            f"{MIRROR_ENV}={value!r} is not a directory; point it at the cxr-mirror folder "
+            "(see its README) or unset it to download"
+        )
+    return path
 
-    A CXR_MIRROR that is set but wrong is an error, not a silent fall-back to a long download.
-    """
-    value = env.get("CXR_MIRROR", "")
-    if value:
-        path = Path(value).expanduser()
-        if not path.is_dir():
-            raise ValueError(
-                f"CXR_MIRROR={value!r} is not a directory; point it at the cxr-mirror folder "
-                "(see its README) or unset it to download"
-            )
+
+def resolve_mirror(env: Mapping[str, str], default: Path) -> Path | None:
+    """The mirror folder: $CXR_MIRROR if set, else `default` if it exists, else None (download)."""
+    path = _env_mirror(env)
+    if path is not None:
         return path
     return default if default.is_dir() else None
 
 
-def default_mirror(start: Path) -> Path:
-    """`shared/cxr-mirror` in the nearest folder above `start` that has one.
+def mirror_candidates(starts: Iterable[Path]) -> list[Path]:
+    """`shared/cxr-mirror` in each start folder and every folder above it, nearest first, each
+    once: `../shared/cxr-mirror` beside a checkout, and still found from the temporary copies
+    that `dvc exp run --queue` / `--temp` run in (`.dvc/tmp/exps/...`), several levels down."""
+    seen: dict[Path, None] = {}
+    for start in starts:
+        resolved = start.resolve()
+        for folder in (resolved, *resolved.parents):
+            seen.setdefault(folder / MIRROR_SUBPATH, None)
+    return list(seen)
 
-    Beside the repository (`../shared/cxr-mirror`) for a normal checkout, and still found from
-    the temporary copies that `dvc exp run --queue` / `--temp` run in (`.dvc/tmp/exps/...`),
-    several levels further down. Returns the path beside `start` when none exists.
-    """
-    for folder in start.resolve().parents:
-        candidate = folder / "shared" / "cxr-mirror"
+
+def default_mirror(start: Path) -> Path:
+    """The nearest existing candidate above `start` (see mirror_candidates); the path beside
+    `start` (`../shared/cxr-mirror`) when none exists."""
+    for candidate in mirror_candidates([start]):
         if candidate.is_dir():
             return candidate
-    return start.resolve().parent / "shared" / "cxr-mirror"
+    return start.resolve().parent / MIRROR_SUBPATH
+
+
+def search_starts(repo_root: Path) -> list[Path]:
+    """Where the search for the mirror starts: the working directory, then the repository."""
+    try:
+        cwd = [Path.cwd()]
+    except OSError:  # the working directory was deleted
+        cwd = []
+    return [*cwd, repo_root]
+
+
+def find_mirror(env: Mapping[str, str], starts: Sequence[Path]) -> MirrorLookup:
+    """$CXR_MIRROR if set (it must exist), else the first existing of mirror_candidates(starts),
+    else no mirror; the result also records every place looked, for the offline error."""
+    value = env.get(MIRROR_ENV, "")
+    if value:
+        return MirrorLookup(path=_env_mirror(env), env_value=value)
+    tried: list[Path] = []
+    for candidate in mirror_candidates(starts):
+        tried.append(candidate)
+        if candidate.is_dir():
+            return MirrorLookup(path=candidate, tried=tuple(tried))
+    return MirrorLookup(path=None, tried=tuple(tried))
+
+
+def current_umask() -> int:
+    """The process umask. Read from /proc where there is one, without changing it: fetch threads
+    create files meanwhile. Elsewhere set (to the strict 077) and restore at once."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    """Permission bits of a file created now under the user's umask (0o644 under 022)."""
+    return 0o666 & ~current_umask()
 
 
 def resolve_base_url(env: Mapping[str, str]) -> str:
@@ -169,11 +249,13 @@ def fetch_files(
     timeout: float = 30.0,
     retries: int = 3,
     backoff: float = 1.0,
+    lookup: MirrorLookup | None = None,
 ) -> Counter[str]:
     """Fetch every spec to `dest_dir/<path>`; return counts by origin (mirror/downloaded/present).
 
     Raises FetchError listing the failures after trying every file, so one bad file does not hide
-    the others.
+    the others. `lookup` (from find_mirror) lets an offline failure name where the mirror was
+    looked for.
     """
     unique = list({s.path: s for s in specs}.values())
     ctx = _Context(
@@ -185,6 +267,7 @@ def fetch_files(
         offline=threading.Event(),
         cancel=threading.Event(),
         local=threading.local(),
+        mode=file_mode(),  # here, before the workers start creating files
     )
     counts: Counter[str] = Counter({o: 0 for o in ORIGINS})
     failures: list[tuple[str, _FileError]] = []
@@ -207,7 +290,7 @@ def fetch_files(
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
     if failures:
-        raise FetchError(_failure_message(failures, len(unique)))
+        raise FetchError(_failure_message(failures, len(unique), lookup))
     return counts
 
 
@@ -221,6 +304,7 @@ def fetch_dataset(
     workers: int = 8,
     timeout: float = 30.0,
     retries: int = 3,
+    lookup: MirrorLookup | None = None,
 ) -> Counter[str]:
     """Fetch the selected sources and all cases into `out/images`, then write both manifests.
 
@@ -240,6 +324,7 @@ def fetch_dataset(
         workers=workers,
         timeout=timeout,
         retries=retries,
+        lookup=lookup,
     )
     write_csv_atomic(sources, out / MANIFEST_NAME)
     write_csv_atomic(cases, out / CASES_NAME)
@@ -259,7 +344,8 @@ def remove_stale_parts(folder: Path) -> int:
 
 def write_csv_atomic(df: pd.DataFrame, path: Path) -> None:
     """Write a CSV via a temp file and os.replace, so readers never see a partial manifest."""
-    _write_atomic(path, lambda fh: fh.write(df.to_csv(index=False).encode("utf-8")))
+    data = df.to_csv(index=False).encode("utf-8")
+    _write_atomic(path, lambda fh: fh.write(data), mode=file_mode())
 
 
 def _with_file_column(df: pd.DataFrame) -> pd.DataFrame:
@@ -283,7 +369,9 @@ def _fetch_or_skip(spec: FileSpec, dest: Path, ctx: _Context) -> str:
     source = ctx.mirror / spec.path if ctx.mirror is not None else None
     if source is not None and source.is_file():
         with open(source, "rb") as src:
-            _write_verified(dest, spec, lambda fh: _copy_stream(src, fh, ctx), where=str(source))
+            _write_verified(
+                dest, spec, lambda fh: _copy_stream(src, fh, ctx), where=str(source), mode=ctx.mode
+            )
         return "mirror"
     _download(spec, dest, ctx)
     return "downloaded"
@@ -296,7 +384,7 @@ def _download(spec: FileSpec, dest: Path, ctx: _Context) -> None:
         if ctx.offline.is_set():
             raise _FileError("network unreachable (skipped after earlier failures)", offline=True)
         try:
-            _write_verified(dest, spec, lambda fh: _get(url, fh, ctx), where=url)
+            _write_verified(dest, spec, lambda fh: _get(url, fh, ctx), where=url, mode=ctx.mode)
             return
         except (_Retryable, requests.ConnectionError, requests.Timeout) as exc:
             offline = isinstance(exc, requests.ConnectionError)
@@ -352,7 +440,7 @@ def _hash_chunks(chunks: Iterable[bytes], fh: BinaryIO, ctx: _Context) -> str:
 
 
 def _write_verified(
-    dest: Path, spec: FileSpec, fill: Callable[[BinaryIO], str], *, where: str
+    dest: Path, spec: FileSpec, fill: Callable[[BinaryIO], str], *, where: str, mode: int
 ) -> None:
     """Fill a temp file, check its sha256 against `spec`, and only then move it onto `dest`."""
 
@@ -366,23 +454,27 @@ def _write_verified(
                 f"{expected_size}, got {actual} ({size} bytes)"
             )
 
-    _write_atomic(dest, fill_and_check)
+    _write_atomic(dest, fill_and_check, mode=mode)
 
 
-def _write_atomic(dest: Path, fill: Callable[[BinaryIO], object]) -> None:
-    """Run `fill` on a temp file next to `dest`, then os.replace; delete the temp on any failure."""
+def _write_atomic(dest: Path, fill: Callable[[BinaryIO], object], *, mode: int) -> None:
+    """Run `fill` on a temp file next to `dest`, give it `mode`, then os.replace; delete the temp
+    on any failure. mkstemp makes the temp 0600 whatever the umask, hence the chmod."""
     fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as fh:
             fill(fh)
+        os.chmod(tmp, mode)
         os.replace(tmp, dest)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
 
 
-def _failure_message(failures: list[tuple[str, _FileError]], total: int) -> str:
+def _failure_message(
+    failures: list[tuple[str, _FileError]], total: int, lookup: MirrorLookup | None = None
+) -> str:
     """One message for all failures: how many, the first few with reasons, and what to do."""
     failures = sorted(failures, key=lambda f: f[0])
     lines = [f"{len(failures)} of {total} files could not be fetched and verified:"]
@@ -390,10 +482,28 @@ def _failure_message(failures: list[tuple[str, _FileError]], total: int) -> str:
     if len(failures) > MAX_LISTED_FAILURES:
         lines.append(f"  ... and {len(failures) - MAX_LISTED_FAILURES} more")
     offline = sum(exc.offline for _, exc in failures)
-    if offline:
+    if not offline:
+        return "\n".join(lines)
+    if lookup is None:
         lines.append(
             f"{offline} of {total} files are not in a mirror and could not be downloaded "
-            "(network unreachable). Point CXR_MIRROR at a local copy of the mirror (see README) "
+            f"(network unreachable). Point {MIRROR_ENV} at a local copy of the mirror (see README) "
             "or check your connection."
         )
+    elif lookup.path is not None:
+        lines.append(
+            f"{offline} of {total} files are not in the mirror at {lookup.path} and could not be "
+            f"downloaded (network unreachable). The mirror looks incomplete: point {MIRROR_ENV} "
+            "at a complete copy (see README) or check your connection."
+        )
+    else:
+        lines += [
+            f"{offline} of {total} files could not be downloaded (network unreachable), and no "
+            "local mirror was found. Looked for it in:",
+            lookup.describe(),
+            f"To fix, point {MIRROR_ENV} at a local copy of the mirror "
+            f"(export {MIRROR_ENV}=/path/to/cxr-mirror; see README), or put the mirror at "
+            f"../{MIRROR_SUBPATH.as_posix()} beside the repository, or restore the network "
+            "connection; then re-run.",
+        ]
     return "\n".join(lines)

@@ -1,4 +1,4 @@
-"""THE one preprocessing definition: decode, grayscale, harmonise, resize.
+"""THE one preprocessing definition: decode, grayscale, harmonise, tone-normalise, resize.
 
 Every stage that turns a radiograph into model input (split, gradcam, predict) goes through
 `preprocess`, so the training, evaluation and inference images are made the same way.
@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 log = logging.getLogger(__name__)
 
@@ -36,12 +36,21 @@ class Preprocessing:
     their native size and compression, resolution and JPEG artefacts would tell a model the
     source, and the source tells it the class. So `harmonise` sends every image that has not
     been through that round trip through the same one.
+
+    `intensity` removes a second source fingerprint, the tone curve: one redistributor of the
+    RSNA adult normals re-windowed them (darker lungs, more contrast) while the NIH images of
+    the same hospital pool kept theirs, so brightness alone told "rsna normal" from "NIH". With
+    `equalize` every image's grey levels are spread evenly over 0..255 (histogram
+    equalisation, PIL's ImageOps.equalize), whatever window its source chose. The default here
+    stays `none` so that checkpoints written before the field existed keep their meaning;
+    params.yaml sets the pipeline's choice.
     """
 
     image_size: int = 112
     harmonise: bool = True
     harmonise_size: int = 224
     jpeg_quality: int = 75
+    intensity: str = "none"  # none | equalize
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -106,6 +115,18 @@ def harmonise(gray: np.ndarray, size: int = 224, quality: int = 75) -> np.ndarra
     return np.asarray(Image.open(buf).convert("L"), dtype=np.uint8)
 
 
+INTENSITY = ("none", "equalize")
+
+
+def normalise_intensity(gray: np.ndarray, method: str) -> np.ndarray:
+    """Apply the tone normalisation `method` (one of INTENSITY) to a 2-D uint8 array."""
+    if method == "none":
+        return gray
+    if method == "equalize":
+        return np.asarray(ImageOps.equalize(Image.fromarray(gray, mode="L")), dtype=np.uint8)
+    raise ValueError(f"unknown intensity normalisation {method!r}; choose one of {INTENSITY}")
+
+
 def resize(gray: np.ndarray, size: int) -> np.ndarray:
     """Squash-resize to the model's square input (antialiased, so downscaling does not alias)."""
     if gray.shape == (size, size):
@@ -127,6 +148,8 @@ def preprocess_gray(
     """2-D uint8 grayscale array (e.g. a windowed DICOM) -> the model's input array."""
     if spec.harmonise and not already_harmonised:
         gray = harmonise(gray, spec.harmonise_size, spec.jpeg_quality)
+    # After the harmonising round trip, so every source reaches it with the same history.
+    gray = normalise_intensity(gray, spec.intensity)
     return resize(gray, spec.image_size)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import types
 import typing
@@ -15,6 +16,17 @@ T = TypeVar("T")
 
 class ParamsError(ValueError):
     """params.yaml is missing, malformed or has a wrong key or value."""
+
+
+def non_negative_int(text: str) -> int:
+    """argparse `type=` for counts such as --threads: an int >= 0, else a usage error (exit 2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {value}")
+    return value
 
 
 def load_params(path: str | Path) -> dict[str, Any]:

@@ -46,8 +46,9 @@ import numpy as np
 from cxr.cli import setup_logging
 from cxr.dicom import DICOM_SUFFIXES, read_dicom
 from cxr.images import ImageError, Preprocessing, decode, preprocess_gray, to_grayscale
+from cxr.infer import configure_cpu, predict_proba
 from cxr.models import CheckpointError, CXRNet, load_checkpoint
-from cxr.train import configure_cpu, predict_proba
+from cxr.params import non_negative_int
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +129,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=None, help="predictions .json or .csv")
     parser.add_argument("--cam", type=Path, default=None, help="folder for Grad-CAM overlays")
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = cores)")
+    parser.add_argument(
+        "--threads", type=non_negative_int, default=0, help="torch CPU threads (0 = one per core)"
+    )
     parser.add_argument(
         "--strict", action="store_true",
         help="exit 1 when any image gets a sanity warning (near-constant, odd shape, tiny)",

@@ -15,9 +15,9 @@ from cxr.arrays import load_split
 from cxr.cli import setup_logging, user_errors
 from cxr.config import load_base, load_evaluate_params
 from cxr.evaluate import evaluate_task, known_class, score_split
+from cxr.infer import configure_cpu
 from cxr.models import load_checkpoint
 from cxr.report import read_reference_runs, write_model_card, write_summary
-from cxr.train import configure_cpu
 
 log = logging.getLogger("evaluate")
 TASKS = ("binary", "four_class")

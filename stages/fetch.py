@@ -56,11 +56,13 @@ def main(argv: list[str] | None = None) -> None:
         dataset = load_dataset_param(args.params)
         sources = fetch.select_sources(fetch.read_table(args.sources), dataset)
         cases = fetch.read_table(args.cases)
-        mirror = fetch.resolve_mirror(os.environ, fetch.default_mirror(REPO_ROOT))
+        # $CXR_MIRROR, else shared/cxr-mirror above the working directory or the repository.
+        lookup = fetch.find_mirror(os.environ, fetch.search_starts(REPO_ROOT))
+        mirror = lookup.path
         log.info("%s: %d images + %d cases, mirror %s", dataset, len(sources), len(cases), mirror)
         counts = fetch.fetch_dataset(
             sources, cases, args.out, mirror=mirror, base_url=fetch.resolve_base_url(os.environ),
-            workers=args.workers, timeout=args.timeout, retries=args.retries,
+            workers=args.workers, timeout=args.timeout, retries=args.retries, lookup=lookup,
         )  # fmt: skip
     log.info("%(mirror)d from the mirror, %(downloaded)d downloaded, %(present)d already present",
              counts)  # fmt: skip

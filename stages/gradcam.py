@@ -19,8 +19,8 @@ from cxr.arrays import load_split
 from cxr.cli import setup_logging, user_errors
 from cxr.config import load_base, load_gradcam_params
 from cxr.data import seed_everything
+from cxr.infer import configure_cpu, predict_proba
 from cxr.models import load_checkpoint
-from cxr.train import configure_cpu, predict_proba
 
 log = logging.getLogger("gradcam")
 METRIC_IMAGES = 64  # test images for the map checks: enough for a mean, cheap on 2 cores

@@ -10,11 +10,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
+import numpy as np
 import pandas as pd
 
 from cxr.arrays import preprocess_files, save_split
 from cxr.cli import setup_logging, user_errors
 from cxr.config import SplitParams, load_base, load_split_params, preprocessing
+from cxr.images import Preprocessing
 from cxr.duplicates import near_duplicate_pairs
 from cxr.params import ParamsError
 from cxr.splits import (
@@ -80,6 +82,19 @@ def assign(table: pd.DataFrame, forced: set[str], params: SplitParams, seed: int
     return table
 
 
+def preprocess_rows(
+    table: pd.DataFrame, raw: Path, params: SplitParams, spec: Preprocessing, workers: int
+) -> np.ndarray:
+    """Every row's image through the one preprocessing definition.
+
+    Datasets in `split.pre_harmonised` (Kermany's) skip the 224 px JPEG round trip: their
+    publisher already did it, and a second one would blur them more than every other source.
+    """
+    done = table["dataset"].fillna("").isin(params.pre_harmonised).tolist()
+    files = [raw / f for f in table["file"]]
+    return preprocess_files(files, done, spec, workers=workers, desc="split")
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     setup_logging()
@@ -87,9 +102,7 @@ def main(argv: list[str] | None = None) -> None:
         base, params = load_base(args.params), load_split_params(args.params)
         spec = preprocessing(base, params)
         table = all_rows(args.raw, params)
-        done = table["dataset"].fillna("").isin(params.pre_harmonised).tolist()
-        files = [args.raw / f for f in table["file"]]
-        images = preprocess_files(files, done, spec, workers=args.workers, desc="split")
+        images = preprocess_rows(table, args.raw, params, spec, args.workers)
 
         pairs = near_duplicate_pairs(images, threshold=params.near_duplicate_threshold)
         twins = set(table["twin_group_id"]) - {""} if "twin_group_id" in table else set()

@@ -19,8 +19,9 @@ from cxr.arrays import load_split
 from cxr.cli import setup_logging, user_errors
 from cxr.config import TrainParams, load_base, load_split_params, load_train_params, preprocessing
 from cxr.data import allowed_classes, labels_for, seed_everything, strata_for
+from cxr.infer import configure_cpu
 from cxr.models import build_model, save_checkpoint
-from cxr.train import EpochResult, configure_cpu, train_model
+from cxr.train import EpochResult, train_model
 
 log = logging.getLogger("train")
 
@@ -66,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
         base, p = load_base(args.params), load_train_params(args.params, args.section)
         spec = preprocessing(base, load_split_params(args.params))
         generator = seed_everything(base.seed, p.deterministic)
-        configure_cpu(p.threads)
+        threads = configure_cpu(p.threads)
         train_x, train_table = load_split(args.data, "train")
         val_x, val_table = load_split(args.data, "val")
         train_x, train_table = training_rows(train_x, train_table, p)
@@ -105,11 +106,11 @@ def main(argv: list[str] | None = None) -> None:
             },
             "params": asdict(p),
             "seed": base.seed,
-            "training": result.summary(),
+            "training": result.summary() | {"threads": threads},
         }
         save_checkpoint(args.model, model, meta)
         args.metrics.parent.mkdir(parents=True, exist_ok=True)
-        args.metrics.write_text(json.dumps(result.summary(), indent=2) + "\n")
+        args.metrics.write_text(json.dumps(meta["training"], indent=2) + "\n")
         log.info("best epoch %d: %s -> %s", result.best_epoch, result.summary()["val"], args.model)
 
 

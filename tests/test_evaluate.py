@@ -300,7 +300,10 @@ def test_stage_writes_metrics_plots_and_reports(workdir):
     assert set(four["test"]["per_class"]) == set(FOUR_CLASSES)
     assert four["external"]["by_dataset"]["hannover"]["n"] == 3
     binary = json.loads((workdir / "metrics" / "binary.json").read_text())
-    assert 0.0 <= binary["threshold"]["value"] <= 1.0
+    # the frozen threshold reproduces its own validation confusion matrix
+    thr = binary["threshold"]
+    assert thr["val"]["threshold"] == thr["value"]
+    assert np.array(thr["val"]["confusion"]).sum() == thr["n"]
     for name in (
         "four_class_confusion.png",
         "four_class_roc.png",

@@ -6,6 +6,7 @@ import functools
 import hashlib
 import http.server
 import importlib.util
+import os
 import socket
 import threading
 import time
@@ -125,6 +126,64 @@ def test_default_mirror_is_found_from_an_experiment_copy_deep_below(tmp_path: Pa
     assert fetch.default_mirror(exp_copy) == mirror
 
 
+def test_find_mirror_searches_up_from_the_working_directory_then_the_repo(
+    tmp_path: Path,
+) -> None:
+    cwd, repo = tmp_path / "work" / "sub", tmp_path / "checkouts" / "repo"
+    cwd.mkdir(parents=True)
+    repo.mkdir(parents=True)
+    lookup = fetch.find_mirror({}, [cwd, repo])
+    assert lookup.path is None and lookup.env_value == ""
+    tried = list(lookup.tried)
+    mirror = Path("shared") / "cxr-mirror"
+    expected_first = [cwd / mirror, cwd.parent / mirror, tmp_path / mirror]
+    assert tried[:3] == [p.resolve() for p in expected_first]
+    assert (repo / mirror).resolve() in tried and (repo.parent / mirror).resolve() in tried
+    assert len(tried) == len(set(tried))  # shared ancestors (tmp_path, /) are tried once
+    assert tried == fetch.mirror_candidates([cwd, repo])
+
+    beside_repo = repo.parent / mirror  # ../shared/cxr-mirror beside the checkout
+    beside_repo.mkdir(parents=True)
+    found = fetch.find_mirror({}, [cwd, repo])
+    assert found.path == beside_repo.resolve() and found.tried[-1] == found.path
+    above_cwd = cwd.parent / mirror  # the working directory's search comes first
+    above_cwd.mkdir(parents=True)
+    assert fetch.find_mirror({}, [cwd, repo]).path == above_cwd.resolve()
+
+    env_dir = tmp_path / "env"
+    env_dir.mkdir()
+    by_env = fetch.find_mirror({"CXR_MIRROR": str(env_dir)}, [cwd, repo])
+    assert by_env.path == env_dir and by_env.tried == ()
+    with pytest.raises(ValueError, match="CXR_MIRROR.*not a directory"):
+        fetch.find_mirror({"CXR_MIRROR": str(tmp_path / "absent")}, [cwd, repo])
+
+
+def test_offline_without_mirror_names_every_place_looked_and_the_fix(tmp_path: Path) -> None:
+    cwd, repo = tmp_path / "work", tmp_path / "checkouts" / "repo"
+    cwd.mkdir()
+    repo.mkdir(parents=True)
+    lookup = fetch.find_mirror({}, [cwd, repo])
+    with pytest.raises(FetchError) as err:
+        run([spec(MIRRORED[0])], tmp_path / "out", base_url=closed_port_url(), lookup=lookup)
+    msg = str(err.value)
+    assert "network unreachable" in msg and "no local mirror was found" in msg
+    assert "$CXR_MIRROR: not set" in msg
+    for candidate in lookup.tried:
+        assert f"  {candidate}: not there" in msg.splitlines()
+    assert str(cwd.resolve() / "shared" / "cxr-mirror") in msg
+    assert str(repo.resolve().parent / "shared" / "cxr-mirror") in msg
+    assert "To fix, point CXR_MIRROR at a local copy" in msg
+    assert "export CXR_MIRROR=" in msg and "../shared/cxr-mirror" in msg
+
+
+def test_offline_with_an_incomplete_mirror_names_it(tmp_path: Path, mirror: Path) -> None:
+    lookup = fetch.MirrorLookup(path=mirror, env_value=str(mirror))
+    with pytest.raises(FetchError) as err:
+        run([spec(MISSING)], tmp_path / "out", mirror=mirror, base_url=closed_port_url(),
+            lookup=lookup)  # fmt: skip
+    assert f"not in the mirror at {mirror}" in str(err.value)
+
+
 def test_resolve_mirror(tmp_path: Path) -> None:
     env_dir, default = tmp_path / "env", tmp_path / "default"
     env_dir.mkdir()
@@ -223,6 +282,38 @@ def test_connection_refused_gives_offline_message_and_fails_fast(tmp_path: Path)
     assert leftovers(tmp_path / "out") == []
 
 
+@pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_written_files_get_the_umask_mode_not_mkstemps_0600(
+    tmp_path: Path, mirror: Path, server: tuple[str, list[str]], umask: int, mode: int
+) -> None:
+    out = tmp_path / "out"
+    sources = pd.DataFrame({"path": [MIRRORED[0], SERVED[0]],
+                            "sha256": [sha(FILES[MIRRORED[0]]), sha(FILES[SERVED[0]])]})  # fmt: skip
+    cases = pd.DataFrame({"path": [MIRRORED[2]], "sha256": [sha(FILES[MIRRORED[2]])]})
+    old = os.umask(umask)
+    try:
+        counts = fetch.fetch_dataset(
+            sources, cases, out, mirror=mirror, base_url=server[0], workers=2, retries=0
+        )
+    finally:
+        os.umask(old)
+    assert counts["mirror"] == 2 and counts["downloaded"] == 1
+    written = [out / "manifest.csv", out / "cases.csv"]
+    written += [out / fetch.IMAGES_DIR / p for p in (MIRRORED[0], SERVED[0], MIRRORED[2])]
+    for path in written:
+        assert path.stat().st_mode & 0o777 == mode, f"{path}: {oct(path.stat().st_mode & 0o777)}"
+
+
+def test_current_umask_reads_without_changing_it() -> None:
+    old = os.umask(0o027)
+    try:
+        assert fetch.current_umask() == 0o027
+        assert fetch.file_mode() == 0o640
+        assert os.umask(0o027) == 0o027  # unchanged by the reads
+    finally:
+        os.umask(old)
+
+
 def test_unsafe_path_is_rejected() -> None:
     with pytest.raises(ValueError, match="unsafe"):
         fetch.image_relpath("own/repo/../../etc/passwd")
@@ -286,6 +377,8 @@ def test_stage_offline_without_mirror_exits_1_with_one_error_line(
 ) -> None:
     monkeypatch.delenv("CXR_MIRROR", raising=False)
     monkeypatch.setattr(stage, "REPO_ROOT", tmp_path / "repo")  # no ../shared/cxr-mirror there
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")  # nor above the working directory
     monkeypatch.setenv("CXR_BASE_URL", closed_port_url())
     argv = write_inputs(tmp_path) + ["--retries", "0", "--timeout", "2"]
     with pytest.raises(SystemExit) as exit_:
@@ -295,8 +388,26 @@ def test_stage_offline_without_mirror_exits_1_with_one_error_line(
     assert "Traceback" not in err
     error_lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(error_lines) == 1 and "2 of 2 files" in error_lines[0]
-    assert "Point CXR_MIRROR at a local copy" in err
+    assert "point CXR_MIRROR at a local copy" in err and "$CXR_MIRROR: not set" in err
+    # every place looked: from the working directory up, then from the repository up
+    for start in (tmp_path / "work", tmp_path / "repo", tmp_path):
+        assert f"  {start.resolve() / 'shared' / 'cxr-mirror'}: not there" in err.splitlines()
     assert not (tmp_path / "raw" / "manifest.csv").exists()
+
+
+def test_stage_finds_the_mirror_above_the_working_directory(
+    tmp_path: Path, mirror: Path, stage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    found = tmp_path / "a" / "shared" / "cxr-mirror"
+    found.parent.mkdir(parents=True)
+    mirror.rename(found)
+    (tmp_path / "a" / "work").mkdir()
+    monkeypatch.delenv("CXR_MIRROR", raising=False)
+    monkeypatch.setattr(stage, "REPO_ROOT", tmp_path / "b" / "repo")  # none above the repo
+    monkeypatch.chdir(tmp_path / "a" / "work")
+    monkeypatch.setenv("CXR_BASE_URL", closed_port_url())
+    stage.main(write_inputs(tmp_path, "full"))
+    assert len(pd.read_csv(tmp_path / "raw" / "manifest.csv")) == 2
 
 
 def test_stage_missing_param_and_bad_dataset(

@@ -103,3 +103,30 @@ def test_a_corrupt_file_among_many_fails_the_batch_naming_the_file(tmp_path, wor
     files[17].write_bytes(good)
     out = preprocess_files(files, [False] * 40, Preprocessing(image_size=16), workers=workers)
     assert out.shape == (40, 16, 16) and out.dtype == np.uint8
+
+
+def test_split_routes_pre_harmonised_datasets_around_the_round_trip(tmp_path):
+    """A Kermany image (already squashed to 224 px JPEG q75 by its publisher) must not get a
+    second JPEG round trip; every other source must get one.
+
+    Checked by hand: making `preprocess_rows` in stages/split.py pass False for every row (the
+    routing off) turns this test red.
+    """
+    import pandas as pd
+
+    from cxr.config import SplitParams
+    from cxr.images import preprocess_file
+    from stages.split import preprocess_rows
+
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 255, (224, 224), dtype=np.uint8)
+    for name in ("k.jpg", "i.jpg"):
+        Image.fromarray(pixels, mode="L").save(tmp_path / name, quality=75)
+    table = pd.DataFrame({"dataset": ["kermany", "ieee8023"], "file": ["k.jpg", "i.jpg"]})
+    spec = Preprocessing(image_size=224)
+    out = preprocess_rows(table, tmp_path, SplitParams(), spec, workers=1)
+    untouched = preprocess_file(tmp_path / "k.jpg", spec, already_harmonised=True)
+    round_trip = preprocess_file(tmp_path / "i.jpg", spec, already_harmonised=False)
+    assert not np.array_equal(untouched, round_trip)  # the round trip is visible at all
+    assert np.array_equal(out[0], untouched)
+    assert np.array_equal(out[1], round_trip)

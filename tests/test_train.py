@@ -14,9 +14,10 @@ import yaml
 
 from cxr.config import AugmentParams, TrainParams
 from cxr.data import augment_batch, epoch_order, sample_weights, seed_everything, to_input
+from cxr.infer import predict_proba
 from cxr.models import CheckpointError, build_model, load_checkpoint, save_checkpoint
 from cxr.params import ParamsError, from_section
-from cxr.train import predict_proba, train_model
+from cxr.train import train_model
 
 
 def tiny_params(**kw) -> TrainParams:

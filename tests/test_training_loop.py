@@ -1,0 +1,211 @@
+"""The training loop's contracts, each written to fail for a specific plausible bug.
+
+Checked by hand (each bug made in the code, this file went red, then the code was restored):
+- deleting `model.load_state_dict(best_state)` in cxr.train.train_model (the last epoch is
+  kept): test_best_epoch_weights_are_restored fails;
+- drawing one angle/scale/shift for the whole batch in cxr.data.augment_batch:
+  test_every_image_gets_its_own_augmentation fails;
+- `patience` ignored: test_patience_stops_early fails; `select_metric: loss` treated as
+  macro_f1: test_select_metric_loss_picks_the_lowest_validation_loss fails;
+- weights not passed to the loss under `weighted_loss`: test_weighted_loss_* fails;
+- one parameter group with weight decay: test_no_weight_decay_on_norms_and_biases fails.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from cxr import train as train_module
+from cxr.config import AugmentParams, TrainParams
+from cxr.data import augment_batch, seed_everything, to_input
+from cxr.models import build_model
+from cxr.train import make_optimizer, make_scheduler, param_groups, train_model
+
+NO_AUG = {"hflip": False, "degrees": 0.0, "translate": 0.0, "scale": [1.0, 1.0]}
+
+
+def params(**kw) -> TrainParams:
+    base = dict(task="four_class", arch="resnet18", epochs=3, batch_size=8, lr=3.0e-3,
+                augment=NO_AUG, schedule="constant", threads=1)  # fmt: skip
+    return TrainParams(**(base | kw))
+
+
+def quadrant_set(n: int, size: int = 32, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Class k = a bright square in quadrant k: learnable in a few steps."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % 4
+    images = rng.integers(0, 60, (n, size, size), dtype=np.uint8)
+    half = size // 2
+    for i, k in enumerate(labels):
+        r, c = divmod(int(k), 2)
+        images[i, r * half : (r + 1) * half, c * half : (c + 1) * half] = 230
+    return images, labels
+
+
+def run(p: TrainParams, images, labels, val_images, val_labels, seed=0, snapshots=None):
+    torch.set_num_threads(1)
+    gen = seed_everything(seed, p.deterministic)
+    model = build_model(p.arch, len(p.class_names))
+
+    def on_epoch(res):
+        if snapshots is not None:
+            snapshots[res.epoch] = copy.deepcopy(model.state_dict())
+
+    result = train_model(model, p, train_images=images, train_labels=labels,
+                         val_images=val_images, val_labels=val_labels, generator=gen,
+                         on_epoch=on_epoch)  # fmt: skip
+    return model, result
+
+
+def same_weights(a: dict, b: dict) -> bool:
+    return all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_best_epoch_weights_are_restored():
+    """Validation labels are a permutation of the true ones, so learning the training set makes
+    validation worse: the best epoch is early and the final weights must be that epoch's."""
+    images, labels = quadrant_set(48)
+    wrong = (labels + 1) % 4
+    snaps: dict[int, dict] = {}
+    p = params(epochs=4, select_metric="loss")
+    model, result = run(p, images, labels, images[:24], wrong[:24], snapshots=snaps)
+    assert result.best_epoch < 4, "the scenario must make an early epoch best"
+    final = model.state_dict()
+    assert same_weights(final, snaps[result.best_epoch])
+    assert not same_weights(final, snaps[4])
+
+
+def test_select_metric_loss_picks_the_lowest_validation_loss():
+    images, labels = quadrant_set(48)
+    wrong = (labels + 1) % 4
+    _, result = run(params(epochs=4, select_metric="loss"), images, labels, images[:24], wrong[:24])
+    losses = [e.val_loss for e in result.history]
+    assert result.best_epoch == int(np.argmin(losses)) + 1
+
+
+def test_select_metric_macro_f1_picks_the_highest_validation_f1():
+    images, labels = quadrant_set(48)
+    _, result = run(params(epochs=3), images, labels, images[:24], labels[:24])
+    f1 = [e.val_macro_f1 for e in result.history]
+    assert result.best.val_macro_f1 == max(f1)
+    assert result.best_epoch == int(np.argmax(f1)) + 1  # first of ties
+
+
+def test_patience_stops_early():
+    """Validation gets worse every epoch (permuted labels): with patience 1 the loop stops after
+    the first epoch that does not improve, with patience 0 it runs every epoch."""
+    images, labels = quadrant_set(48)
+    wrong = (labels + 1) % 4
+    p = params(epochs=6, select_metric="loss", patience=1)
+    _, stopped = run(p, images, labels, images[:24], wrong[:24])
+    assert stopped.stopped_early and len(stopped.history) == stopped.best_epoch + 1
+    _, full = run(params(epochs=6, select_metric="loss"), images, labels, images[:24], wrong[:24])
+    assert not full.stopped_early and len(full.history) == 6
+
+
+def test_every_image_gets_its_own_augmentation():
+    """Eight copies of one image must come out as eight different images (one draw each)."""
+    one = np.random.default_rng(0).integers(0, 255, (1, 32, 32), dtype=np.uint8)
+    x = to_input(np.repeat(one, 8, axis=0))
+    for aug in (AugmentParams(hflip=False, degrees=15.0, translate=0.0, scale=[1.0, 1.0]),
+                AugmentParams(hflip=False, degrees=0.0, translate=0.1, scale=[1.0, 1.0]),
+                AugmentParams(hflip=False, degrees=0.0, translate=0.0, scale=[0.8, 1.2])):  # fmt: skip
+        out = augment_batch(x, aug, torch.Generator().manual_seed(0))
+        flat = out.reshape(8, -1)
+        distinct = {tuple(torch.round(r * 1e4).int().tolist()) for r in flat}
+        assert len(distinct) == 8, aug
+
+
+def test_weighted_loss_passes_inverse_frequency_weights(monkeypatch):
+    seen = []
+    real = train_module.partial_label_loss
+
+    def spy(logits, allowed, weight=None):
+        seen.append(None if weight is None else weight.clone())
+        return real(logits, allowed, weight)
+
+    monkeypatch.setattr(train_module, "partial_label_loss", spy)
+    images, labels = quadrant_set(40)
+    labels = np.where(np.arange(40) < 30, 0, labels)  # class 0 common, others rare
+    p = params(epochs=1, balance="weighted_loss", task="four_class")
+    run(p, images, labels, images[:8], labels[:8])
+    weights = [w for w in seen if w is not None]
+    assert weights, "weighted_loss must pass per-image weights to the loss"
+    w = torch.cat(weights)
+    # class 0 holds 30 + (10 of the rest) ... its images must weigh less than the rare ones
+    assert w.min() < 1.0 < w.max()
+    seen.clear()
+    run(params(epochs=1, balance="none"), images, labels, images[:8], labels[:8])
+    assert all(w is None for w in seen)
+
+
+def test_weighted_loss_changes_training_versus_none():
+    images, labels = quadrant_set(40)
+    labels = np.where(np.arange(40) < 30, 0, labels)
+    a, _ = run(params(epochs=1, balance="weighted_loss"), images, labels, images[:8], labels[:8])
+    b, _ = run(params(epochs=1, balance="none"), images, labels, images[:8], labels[:8])
+    assert not same_weights(a.state_dict(), b.state_dict())
+
+
+def test_multistep_sgd_lowers_the_rate_at_each_milestone():
+    model = build_model("resnet18", 4)
+    p = params(optimizer="sgd", schedule="multistep", milestones=[1, 2], gamma=0.1, lr=0.5)
+    opt = make_optimizer(model, p)
+    assert isinstance(opt, torch.optim.SGD) and opt.param_groups[0]["momentum"] == 0.9
+    sched = make_scheduler(opt, p, steps_per_epoch=3)
+    rates = []
+    for _ in range(9):
+        rates.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    np.testing.assert_allclose(rates, [0.5] * 3 + [0.05] * 3 + [0.005] * 3, rtol=1e-6)
+
+
+def test_multistep_sgd_trains():
+    images, labels = quadrant_set(48)
+    p = params(epochs=4, optimizer="sgd", schedule="multistep", milestones=[3], lr=0.05)
+    _, result = run(p, images, labels, images[:24], labels[:24])
+    assert result.history[-1].train_loss < result.history[0].train_loss
+
+
+def test_no_weight_decay_on_norms_and_biases():
+    model = build_model("resnet18", 4)
+    decay, no_decay = param_groups(model, 1e-4)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert decay["weight_decay"] == 1e-4 and no_decay["weight_decay"] == 0.0
+    assert all(".bn" in names[id(p)] or "bias" in names[id(p)] or "downsample.1" in names[id(p)]
+               for p in no_decay["params"])  # fmt: skip
+    assert all(p.ndim > 1 for p in decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+    opt = make_optimizer(model, params(weight_decay=1e-4))
+    assert [g["weight_decay"] for g in opt.param_groups] == [1e-4, 0.0]
+    # a BatchNorm scale with zero gradient is left alone by a step; a conv kernel decays
+    bn, conv = model.backbone.bn1.weight, model.backbone.conv1.weight
+    before_bn, before_conv = bn.detach().clone(), conv.detach().clone()
+    for q in model.parameters():
+        q.grad = torch.zeros_like(q)
+    opt.step()
+    assert torch.equal(bn.detach(), before_bn)
+    assert not torch.equal(conv.detach(), before_conv)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_deterministic_training_is_bit_identical(threads):
+    """Same inputs, seed and thread count: identical checkpoints (augmentation and oversampling
+    on, so every random draw is covered)."""
+    images, labels = quadrant_set(32)
+    p = params(epochs=2, deterministic=True, augment={}, balance="oversample", threads=threads)
+
+    def once():
+        torch.set_num_threads(threads)
+        gen = seed_everything(7, True)
+        model = build_model(p.arch, 4)
+        train_model(model, p, train_images=images, train_labels=labels,
+                    val_images=images[:8], val_labels=labels[:8], generator=gen)  # fmt: skip
+        return model.state_dict()
+
+    assert same_weights(once(), once())
