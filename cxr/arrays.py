@@ -52,10 +52,19 @@ def preprocess_files(
     return out
 
 
-def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
+def _atomic_save_npy(path: Path, array: np.ndarray, chunk_rows: int = 256) -> None:
+    """Write `array` as a plain .npy through a memory map, a block of rows at a time.
+
+    np.lib.format.open_memmap writes the ordinary .npy header, so every reader (np.load, with or
+    without mmap_mode) still works; copying in blocks never holds a second full copy in memory,
+    and `array` may itself be memory-mapped.
+    """
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        np.save(fh, array)
+    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=array.dtype, shape=array.shape)
+    for start in range(0, len(array), chunk_rows):
+        out[start : start + chunk_rows] = array[start : start + chunk_rows]
+    out.flush()
+    del out  # closes the map before the rename
     os.replace(tmp, path)
 
 
@@ -70,8 +79,15 @@ def save_split(directory: Path, name: str, array: np.ndarray, table: pd.DataFram
     os.replace(tmp, directory / f"{name}.csv")
 
 
-def load_split(directory: str | Path, name: str) -> tuple[np.ndarray, pd.DataFrame]:
-    """Read one split written by `save_split`, checking that array and manifest agree."""
+def load_split(
+    directory: str | Path, name: str, *, in_memory: bool = False
+) -> tuple[np.ndarray, pd.DataFrame]:
+    """Read one split written by `save_split`, checking that array and manifest agree.
+
+    The array is memory-mapped read-only (np.load's mmap_mode="r") unless `in_memory`: pages are
+    read when a batch touches them, a split larger than RAM still trains, and the processes of a
+    multi-process run share one copy through the page cache. Writing into it is an error.
+    """
     directory = Path(directory)
     npy, csv = directory / f"{name}.npy", directory / f"{name}.csv"
     for path in (npy, csv):
@@ -79,7 +95,7 @@ def load_split(directory: str | Path, name: str) -> tuple[np.ndarray, pd.DataFra
             raise FileNotFoundError(
                 f"{path} not found: run the split stage first (dvc repro split)"
             )
-    array = np.load(npy, allow_pickle=False)
+    array = np.load(npy, mmap_mode=None if in_memory else "r", allow_pickle=False)
     table = pd.read_csv(csv, keep_default_na=False)
     if array.ndim != 3 or array.dtype != np.uint8 or len(array) != len(table):
         raise ValueError(

@@ -2,9 +2,10 @@
 
     python -m cxr bench --arch resnet152 --image-size 112 --batch-size 16
 
-Both measurements run in one process on the same model, batch size and image size, so their
-ratio says how much the data path (gather, uint8->float, batched augmentation, optimizer
-step) costs on top of the model itself.
+Both measurements run in one process on the same model, batch size, image size and device
+(CUDA when present, with the training loop's bf16 autocast; else the CPU), so their ratio says
+how much the data path (gather from a host array, copy to the device, uint8->float, batched
+augmentation, optimizer step) costs on top of the model itself.
 """
 
 from __future__ import annotations
@@ -16,31 +17,45 @@ import torch
 from torch import nn
 
 from cxr.config import AugmentParams, TrainParams
-from cxr.infer import configure_cpu
+from cxr.infer import autocast, configure_cpu, pick_device
 from cxr.models import build_model
 from cxr.params import non_negative_int
 from cxr.train import make_optimizer, train_epoch
 
 
+def _clock(device: torch.device) -> float:
+    """Wall time once the device has finished its queued work (CUDA runs asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 def raw_throughput(model: nn.Module, batch: int, size: int, steps: int, warmup: int) -> float:
-    """Images/s of forward+backward alone on a random channels_last tensor."""
-    x = torch.rand(batch, 1, size, size).contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, model.backbone.fc.out_features, (batch,))
+    """Images/s of forward+backward alone on a random channels_last tensor already on the device."""
+    device = next(model.parameters()).device
+    x = torch.rand(batch, 1, size, size, device=device).contiguous(
+        memory_format=torch.channels_last
+    )
+    y = torch.randint(0, model.backbone.fc.out_features, (batch,), device=device)
     loss_fn = nn.CrossEntropyLoss()
     model.train()
     for i in range(warmup + steps):
         if i == warmup:
-            start = time.perf_counter()
+            start = _clock(device)
         model.zero_grad(set_to_none=True)
-        loss_fn(model(x), y).backward()
-    return batch * steps / (time.perf_counter() - start)
+        with autocast(device):
+            loss = loss_fn(model(x).float(), y)
+        loss.backward()
+    return batch * steps / (_clock(device) - start)
 
 
 def pipeline_throughput(model: nn.Module, batch: int, size: int, steps: int, warmup: int) -> float:
-    """Images/s of `train_epoch`, the loop the training stage runs, on uint8 images in memory."""
+    """Images/s of `train_epoch`, the loop the training stage runs, on uint8 images in host memory
+    (as the stage's memory-mapped split: gathered per batch, copied to the device)."""
+    device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(0)
     n = batch * (steps + warmup)
-    images = torch.randint(0, 256, (n, size, size), dtype=torch.uint8, generator=gen)
+    images = torch.randint(0, 256, (n, size, size), dtype=torch.uint8, generator=gen).numpy()
     num_classes = model.backbone.fc.out_features
     labels = torch.randint(0, num_classes, (n,), generator=gen)
     allowed = labels[:, None] == torch.arange(num_classes)[None, :]
@@ -51,9 +66,9 @@ def pipeline_throughput(model: nn.Module, batch: int, size: int, steps: int, war
         aug=AugmentParams(), generator=gen, desc="bench",
     )  # fmt: skip
     train_epoch(model, batches[:warmup], images, allowed, **kwargs)
-    start = time.perf_counter()
+    start = _clock(device)
     _, _, count = train_epoch(model, batches[warmup:], images, allowed, **kwargs)
-    return count / (time.perf_counter() - start)
+    return count / (_clock(device) - start)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -70,7 +85,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     configure_cpu(args.threads)
     torch.manual_seed(0)
-    model = build_model(args.arch, 4).to(memory_format=torch.channels_last)
+    device = pick_device()
+    model = build_model(args.arch, 4).to(device, memory_format=torch.channels_last)
     shape = (args.arch, args.batch_size, args.image_size, args.steps)
     # Alternate the two and keep each one's best round, so neither pays for the other's
     # warm-up or for a burst of load from elsewhere on the machine.
@@ -78,8 +94,9 @@ def main(argv: list[str] | None = None) -> None:
     for _ in range(args.rounds):
         raw = max(raw, raw_throughput(model, *shape[1:3], args.steps, args.warmup))
         pipe = max(pipe, pipeline_throughput(model, *shape[1:3], args.steps, args.warmup))
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"{args.arch} {args.image_size}px batch {args.batch_size}, {args.steps} timed batches, "
-          f"{torch.get_num_threads()} threads")  # fmt: skip
+          f"{where}, {torch.get_num_threads()} threads")  # fmt: skip
     print(f"raw forward+backward: {raw:8.2f} img/s")
     print(f"pipeline training:    {pipe:8.2f} img/s")
     print(f"ratio:                {pipe / raw:8.3f}")

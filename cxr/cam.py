@@ -2,15 +2,16 @@
 it depends on the learned weights at all. pytorch-grad-cam computes the maps.
 
 A map here is H x W float32 in [0, 1] at the input image's size, upsampled from the target
-layer's grid (S/32 x S/32 for a ResNet: 4 x 4 at 112 px), so it is coarse by construction.
-Orientation: images are stored as radiographs are read, so the patient's right is on the
-image's LEFT.
+layer's grid (the last block of `layer4`: S/32 x S/32 for a ResNet, 4 x 4 at 112 px; of
+`layer3`: S/16, 7 x 7), so it is coarse by construction. Orientation: images are stored as
+radiographs are read, so the patient's right is on the image's LEFT.
 """
 
 from __future__ import annotations
 
 import logging
 import textwrap
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -32,11 +33,20 @@ from pytorch_grad_cam import (
     XGradCAM,
 )
 from pytorch_grad_cam.base_cam import BaseCAM
+from pytorch_grad_cam.metrics.road import (
+    ROADLeastRelevantFirstAverage,
+    ROADMostRelevantFirstAverage,
+)
 from pytorch_grad_cam.utils.image import show_cam_on_image
-from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+from pytorch_grad_cam.utils.model_targets import (
+    ClassifierOutputSoftmaxTarget,
+    ClassifierOutputTarget,
+)
 from scipy.stats import spearmanr
+from torch import nn
 from tqdm import tqdm
 
+from cxr import lungs
 from cxr.config import GradcamParams
 from cxr.data import to_input
 from cxr.infer import predict_proba
@@ -52,6 +62,7 @@ METHODS: dict[str, type[BaseCAM]] = {
     "xgradcam": XGradCAM,
     "eigencam": EigenCAM,
 }
+TARGET_LAYERS = ("layer4", "layer3")
 DPI = 100  # figures live in git: keep each PNG well under ~150 kB
 ORIENTATION_NOTE = "R = patient's right, shown on the image's left (radiological convention)"
 
@@ -65,6 +76,13 @@ def cam_class(method: str) -> type[BaseCAM]:
     return METHODS[method]
 
 
+def target_layer(model: CXRNet, name: str = "layer4") -> nn.Module:
+    """The last residual block of ResNet stage `name` (layer4 = `model.cam_layer`)."""
+    if name not in TARGET_LAYERS:
+        raise ValueError(f"unknown target layer {name!r}; choose one of {list(TARGET_LAYERS)}")
+    return getattr(model.backbone, name)[-1]
+
+
 def compute_cams(
     model: CXRNet,
     images: np.ndarray,
@@ -72,15 +90,17 @@ def compute_cams(
     *,
     method: str = "gradcam",
     batch_size: int = 8,
+    layer: str = "layer4",
 ) -> np.ndarray:
-    """N x H x W maps in [0, 1] for uint8 N x H x W images, on `model.cam_layer`.
+    """N x H x W maps in [0, 1] for uint8 N x H x W images, on the last block of `layer`.
 
     `targets` are class indices (None: each image's predicted class). Every map is min-max
     scaled by pytorch-grad-cam, so maps show where, not how much; compare them by rank or share.
     """
     if targets is not None and len(targets) != len(images):
         raise ValueError(f"{len(targets)} targets for {len(images)} images")
-    cam = cam_class(method)(model=model, target_layers=[model.cam_layer])  # also sets eval()
+    layers = [target_layer(model, layer)]
+    cam = cam_class(method)(model=model, target_layers=layers)  # also sets eval()
     cam.batch_size = batch_size  # ScoreCAM's masked forward passes per batch
     device = next(model.parameters()).device
     out = np.zeros(images.shape, dtype=np.float32)
@@ -201,6 +221,67 @@ def confidence_drop(
     }
 
 
+def _ranks(cam: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The map's pixel ranks scaled to [0, 1], ties broken at random.
+
+    ROAD thresholds a map at percentiles. A Grad-CAM map is often exactly 0 over a large area,
+    and at a tied threshold ROAD removes far more or fewer pixels than the percentile says
+    (all of them, when the 20th percentile is 0). Ranks keep the order and make every
+    percentile exact.
+    """
+    perm = rng.permutation(cam.size)
+    order = perm[np.argsort(cam.ravel()[perm], kind="stable")]
+    ranks = np.empty(cam.size, dtype=np.float32)
+    ranks[order] = np.arange(cam.size, dtype=np.float32) / max(cam.size - 1, 1)
+    return ranks.reshape(cam.shape)
+
+
+def road(
+    model: CXRNet,
+    images: np.ndarray,
+    cams: np.ndarray,
+    targets: list[int] | np.ndarray,
+    *,
+    percentiles: list[int] | tuple[int, ...] = (20, 40, 60, 80),
+    seed: int = 0,
+    batch_size: int = 32,
+) -> dict[str, Any]:
+    """ROAD (Rong et al. 2022; pytorch-grad-cam's implementation): the change in target-class
+    probability when the most relevant pixels (MoRF) or the least relevant (LeRF) are filled
+    by noisy linear imputation from their neighbours, averaged over the removal percentiles.
+
+    Faithful: MoRF lowers the probability much more than LeRF, so `combined` =
+    (LeRF - MoRF) / 2 > 0. Imputation avoids the artefact of `confidence_drop` (a patch of
+    flat grey is itself a feature the model can react to), which is why both are reported.
+    """
+    rng = np.random.default_rng(seed)
+    ranked = np.stack([_ranks(c, rng) for c in cams]) if len(cams) else np.asarray(cams)
+    morf = ROADMostRelevantFirstAverage(list(percentiles))
+    lerf = ROADLeastRelevantFirstAverage(list(percentiles))
+    device = next(model.parameters()).device
+    targets = np.asarray(targets, dtype=np.int64)
+    model.eval()
+    by_morf, by_lerf = [], []
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        torch.manual_seed(seed)  # the imputer's noise
+        # pytorch-grad-cam's imputer passes a torch tensor to np.argwhere: NumPy 2 warns.
+        warnings.filterwarnings("ignore", "__array_wrap__ must accept", DeprecationWarning)
+        for start in tqdm(range(0, len(images), batch_size), desc="ROAD", leave=False):
+            sl = slice(start, start + batch_size)
+            x = to_input(images[sl]).to(device)
+            t = [ClassifierOutputSoftmaxTarget(int(k)) for k in targets[sl]]
+            by_morf.append(morf(x, ranked[sl], t, model))
+            by_lerf.append(lerf(x, ranked[sl], t, model))
+    m, lr = np.concatenate(by_morf), np.concatenate(by_lerf)
+    return {
+        "percentiles": [int(q) for q in percentiles],
+        "n_images": int(len(m)),
+        "morf": float(m.mean()),
+        "lerf": float(lr.mean()),
+        "combined": float(((lr - m) / 2).mean()),
+    }
+
+
 def _spearman(a: np.ndarray, b: np.ndarray) -> float:
     a, b = a.ravel(), b.ravel()
     if a.min() == a.max() or b.min() == b.max():
@@ -218,6 +299,7 @@ def randomisation_correlation(
     method: str = "gradcam",
     batch_size: int = 8,
     trained_cams: np.ndarray | None = None,
+    layer: str = "layer4",
 ) -> float:
     """Mean Spearman correlation between the trained and the random network's maps for the same
     images and targets (Adebayo et al. 2018). Near 1: the map does not depend on what the model
@@ -227,10 +309,11 @@ def randomisation_correlation(
     """
     if targets is None:
         targets = predict_proba(model_trained, images).argmax(1).tolist()
+    run = {"method": method, "batch_size": batch_size, "layer": layer}
     trained = trained_cams
     if trained is None:
-        trained = compute_cams(model_trained, images, targets, method=method, batch_size=batch_size)
-    rand = compute_cams(model_random, images, targets, method=method, batch_size=batch_size)
+        trained = compute_cams(model_trained, images, targets, **run)
+    rand = compute_cams(model_random, images, targets, **run)
     return float(np.mean([_spearman(a, b) for a, b in zip(trained, rand, strict=True)]))
 
 
@@ -263,23 +346,33 @@ def map_checks(
     p: GradcamParams,
     *,
     seed: int,
+    val: Maps,
 ) -> dict[str, Any]:
-    """The gradcam metrics: faithfulness and border share on test images and cases, model
-    randomisation on the test images; border share per true class of the test images."""
+    """The gradcam metrics: faithfulness (grey-fill check on val, test and cases; ROAD on val
+    and cases) and border share on test images and cases, model randomisation on the test
+    images; border share per true class of the test images. Validation, not test, is what
+    `target_layer` may be chosen on."""
     (x, cams, pred), (case_x, case_cams, case_pred) = test, cases
     f = p.border_fraction
     drop = {"top_percent": p.faithfulness_top_percent, "seed": seed}
+    imputed = {"percentiles": p.road_percentiles, "seed": seed}
     rho = randomisation_correlation(
         model, model_random, x, pred.tolist(), method=p.method, batch_size=p.batch_size,
-        trained_cams=cams,
+        trained_cams=cams, layer=p.target_layer,
     )  # fmt: skip
     by_class = border_share_by_class(cams, test_labels, class_names, f)
     return {
         "method": p.method,
+        "target_layer": p.target_layer,
         "n_test_images": len(x),
         "faithfulness": {
+            "val": confidence_drop(model, *val, **drop),
             "test": confidence_drop(model, x, cams, pred, **drop),
             "cases": confidence_drop(model, case_x, case_cams, case_pred, **drop),
+        },
+        "road": {
+            "val": road(model, *val, **imputed),
+            "cases": road(model, case_x, case_cams, case_pred, **imputed),
         },
         "randomisation": {"spearman": rho},
         "border_share": {
@@ -287,6 +380,90 @@ def map_checks(
             "cases": _plain(border_share(case_cams, f)),
             "test": {name: _plain(share) for name, share in by_class.items()},
             "uniform_reference": border_share(np.ones(x.shape[1:]), f),
+        },
+    }
+
+
+# --- where the map lies relative to the lungs ------------------------------------------------
+
+
+def case_zone_scores(cams: np.ndarray, masks: np.ndarray, named: list[str]) -> list[dict[str, Any]]:
+    """Per case: in-lung share of the map, the lungs' area share, and agreement with the
+    zones the radiologist named (`zones` strings like "R-upper;L-lower", patient's side).
+
+    `chance` is the named zones' share of the lung area: the pointing hit rate of a maximum
+    dropped at random inside the lungs (and the in-lung mass share a flat map gives them).
+    Zone scores are None for a case naming no zone; a case naming all six scores lift 1 and
+    chance 1 by construction (flagged `all_zones`).
+    """
+    out = []
+    for cam, mask, zones_text in zip(cams, masks, named, strict=True):
+        ids = lungs.zone_ids(str(zones_text))
+        zones = lungs.lung_zones(mask)
+        row: dict[str, Any] = {
+            "in_lung_share": _plain(lungs.in_lung_share(cam, mask)),
+            "lung_area_share": float(lungs.lung_area_share(mask)),
+            "zones": ";".join(lungs.ZONES[i - 1] for i in ids),
+            "all_zones": len(set(ids)) == len(lungs.ZONES),
+            "zone_lift": None, "pointing_hit": None, "chance": None,
+        }  # fmt: skip
+        if ids and (zones > 0).any():
+            row["zone_lift"] = _plain(lungs.zone_lift(cam, zones, row["zones"]))
+            row["pointing_hit"] = lungs.pointing_hit(cam, zones, row["zones"])
+            row["chance"] = float(np.isin(zones, ids).sum() / (zones > 0).sum())
+        out.append(row)
+    return out
+
+
+def _mean(values: list[Any]) -> float | None:
+    finite = [float(v) for v in values if v is not None and np.isfinite(float(v))]
+    return float(np.mean(finite)) if finite else None
+
+
+def lung_checks(
+    test: tuple[np.ndarray, np.ndarray, np.ndarray],
+    class_names: list[str],
+    case_scores: list[dict[str, Any]],
+    case_names: list[str],
+    *,
+    bootstrap: int,
+    seed: int,
+) -> dict[str, Any]:
+    """The lung part of metrics/gradcam.json.
+
+    `test` = (maps, predicted lung masks, predicted classes) of test images: in-lung share of
+    the maps per predicted class, next to the lungs' area share (what a flat map would score).
+    Cases: the same, plus zone lift and pointing hit per case and their means with bootstrap
+    CIs, over all cases and over the cases that name only some zones (the informative ones).
+    """
+    cams, masks, pred = test
+    shares, areas = lungs.in_lung_share(cams, masks), lungs.lung_area_share(masks)
+
+    def summary(keep: np.ndarray) -> dict[str, Any]:
+        return {"n": int(keep.sum()), "in_lung_share": _mean(list(shares[keep])),
+                "lung_area_share": _mean(list(areas[keep]))}  # fmt: skip
+
+    by_class = {name: summary(pred == c) for c, name in enumerate(class_names) if (pred == c).any()}
+    ci = {"n_resamples": bootstrap, "seed": seed}
+    specific = [r for r in case_scores if not r["all_zones"]]
+
+    def agreement(rows: list[dict[str, Any]]) -> dict[str, Any]:
+        lift = [np.nan if r["zone_lift"] is None else r["zone_lift"] for r in rows]
+        hits = [float(r["pointing_hit"]) for r in rows if r["pointing_hit"] is not None]
+        return {
+            "zone_lift": lungs.mean_ci(np.array(lift, dtype=float), **ci),
+            "pointing_hit": lungs.mean_ci(np.array(hits, dtype=float), **ci),
+            "pointing_chance": _mean([r["chance"] for r in rows]),
+        }
+
+    return {
+        "test": {"all": summary(np.ones(len(pred), dtype=bool)), "by_predicted_class": by_class},
+        "cases": {
+            "in_lung_share": _mean([r["in_lung_share"] for r in case_scores]),
+            "lung_area_share": _mean([r["lung_area_share"] for r in case_scores]),
+            "all_cases": agreement(case_scores),
+            "cases_naming_some_zones": agreement(specific),
+            "per_case": dict(zip(case_names, case_scores, strict=True)),
         },
     }
 
@@ -348,6 +525,50 @@ def _save(fig: Figure, path: Path) -> None:
     image.quantize(palette=palette, dither=Image.Dither.FLOYDSTEINBERG).save(path, optimize=True)
 
 
+NAMED_COLOUR = "#39ff14"  # the radiologist's zones: bright green, apart from jet's colours
+ZONE_LEGEND = (
+    "white: predicted lung outline (dotted: zone thirds); green: zones the radiologist named"
+)
+
+
+def _draw_lungs(ax: Any, mask: np.ndarray, named: str) -> None:
+    """Lung outline (white), the six zones (dotted white) and the named zones (green, with
+    their names) on an image axis. Contours run through pixel centres, as imshow places them."""
+    mask = np.asarray(mask) > 0
+    if not mask.any():
+        ax.text(0.5, 0.04, "no lungs found", transform=ax.transAxes, ha="center",
+                color="white", fontsize=7)  # fmt: skip
+        return
+    zones, ids = lungs.lung_zones(mask), set(lungs.zone_ids(named))
+    ax.contour(mask.astype(float), levels=[0.5], colors="white", linewidths=1.2)
+    for k, name in enumerate(lungs.ZONES, start=1):
+        region = zones == k
+        if not region.any():
+            continue
+        if k in ids:
+            ax.contour(region.astype(float), levels=[0.5], colors=NAMED_COLOUR, linewidths=1.4)
+            y, x = np.argwhere(region).mean(axis=0)
+            ax.text(x, y, name, ha="center", va="center", fontsize=6.5, color="black",
+                    bbox={"facecolor": NAMED_COLOUR, "alpha": 0.75, "pad": 0.6,
+                          "edgecolor": "none"})  # fmt: skip
+        else:
+            ax.contour(region.astype(float), levels=[0.5], colors="white", linewidths=0.9,
+                       linestyles="dotted")  # fmt: skip
+
+
+def _score_line(score: dict[str, Any]) -> str:
+    """One line of numbers for a case: where its map lies against its lungs and zones."""
+    parts = []
+    if score.get("in_lung_share") is not None:
+        parts.append(f"map mass in lungs {score['in_lung_share']:.2f} "
+                     f"(lungs {score['lung_area_share']:.2f} of the image)")  # fmt: skip
+    if score.get("zone_lift") is not None:
+        hit = "hit" if score["pointing_hit"] else "miss"
+        parts.append(f"named zones: lift {score['zone_lift']:.2f}, maximum {hit} "
+                     f"(chance {score['chance']:.2f})")  # fmt: skip
+    return ";  ".join(parts)
+
+
 def case_figure(
     image: np.ndarray,
     cam: np.ndarray,
@@ -358,14 +579,25 @@ def case_figure(
     comment: str,
     title: str,
     path: Path,
+    *,
+    lung_mask: np.ndarray | None = None,
+    zones: str = "",
+    score: dict[str, Any] | None = None,
 ) -> None:
-    """Radiograph | overlay, the prediction in the title, the radiologist's comment below."""
-    fig = Figure(figsize=(7.2, 5.1))
+    """Radiograph | overlay, the prediction in the title, the radiologist's comment below.
+
+    With `lung_mask`, the overlay also shows the lung outline, the zone thirds and the zones
+    the radiologist named (`zones`, patient's side), and `score` (from `case_zone_scores`)
+    adds a line of numbers.
+    """
+    fig = Figure(figsize=(7.2, 5.4))
     axes = fig.subplots(1, 2, gridspec_kw={"wspace": 0.05})
     axes[0].imshow(image, cmap="gray", vmin=0, vmax=255)
     axes[0].set_title("radiograph", fontsize=9)
     axes[1].imshow(overlay(image, cam))
     axes[1].set_title("class activation map", fontsize=9)
+    if lung_mask is not None:
+        _draw_lungs(axes[1], lung_mask, zones)
     for ax in axes:
         ax.set_xticks([])
         ax.set_yticks([])
@@ -373,10 +605,14 @@ def case_figure(
     fig.suptitle(f"{title}: predicted {class_names[predicted]} (p = {prob:.2f})", fontsize=12)
     all_probs = "   ".join(f"{n} {p:.2f}" for n, p in zip(class_names, probs, strict=True))
     caption = textwrap.fill(f"Radiologist: {comment}", width=95)
-    fig.text(0.5, 0.19, all_probs, ha="center", va="top", fontsize=8, color="0.3")
-    fig.text(0.5, 0.15, caption, ha="center", va="top", fontsize=8.5)
+    lines = [all_probs]
+    if lung_mask is not None:
+        lines += [ZONE_LEGEND, _score_line(score or {})]
+    for i, line in enumerate(lines):
+        fig.text(0.5, 0.245 - 0.03 * i, line, ha="center", va="top", fontsize=7.5, color="0.3")
+    fig.text(0.5, 0.245 - 0.03 * len(lines) - 0.01, caption, ha="center", va="top", fontsize=8.5)
     fig.text(0.01, 0.01, ORIENTATION_NOTE, ha="left", va="bottom", fontsize=7, color="0.4")
-    fig.subplots_adjust(left=0.02, right=0.91, top=0.89, bottom=0.21)
+    fig.subplots_adjust(left=0.02, right=0.91, top=0.9, bottom=0.26)
     box = axes[1].get_position()
     cax = fig.add_axes((box.x1 + 0.01, box.y0, 0.015, box.height))
     fig.colorbar(ScalarMappable(Normalize(0, 1), colormaps["jet"]), cax=cax)
@@ -434,18 +670,26 @@ def write_case_figures(
     cases: pd.DataFrame,
     class_names: list[str],
     out_dir: Path,
+    *,
+    lung_masks: np.ndarray | None = None,
+    scores: list[dict[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
-    """`cases/<case>.png` for each case (the map's target is the predicted class); returns
-    the rows `write_cases_page` lays out."""
+    """`cases/<case>.png` for each case (the map's target is the predicted class), with the
+    lungs and named zones drawn when `lung_masks` are given; returns the rows
+    `write_cases_page` lays out (with the case's `score`, if any)."""
     rows = []
     for i, case in enumerate(cases.to_dict("records")):
         k = int(probs[i].argmax())
         image = f"cases/{case['case']}.png"
         comment = str(case["radiologist_comment"])
+        score = scores[i] if scores is not None else None
+        lung = {} if lung_masks is None else {
+            "lung_mask": lung_masks[i], "zones": str(case.get("zones", "")), "score": score,
+        }  # fmt: skip
         case_figure(images[i], cams[i], k, float(probs[i, k]), class_names, probs[i], comment,
-                    str(case["case"]), out_dir / image)  # fmt: skip
+                    str(case["case"]), out_dir / image, **lung)  # fmt: skip
         rows.append({**case, "image": image, "predicted": class_names[k],
-                     "prob": float(probs[i, k]), "comment": comment})  # fmt: skip
+                     "prob": float(probs[i, k]), "comment": comment, "score": score})  # fmt: skip
     return rows
 
 
@@ -484,20 +728,28 @@ def write_cases_page(
     *,
     method: str = "gradcam",
     galleries: dict[str, str] | None = None,
+    layer: str = "layer4",
 ) -> None:
     """One Markdown page with every case: figure, prediction, comment, zones, credit.
 
     `rows[i]` keys: case, image (path relative to the page), label, predicted, prob, comment,
-    zones (';'-separated), case_url, license.
+    zones (';'-separated), case_url, license, and optionally score (`case_zone_scores`).
     """
+    grid = "image size / 32" if layer == "layer4" else "image size / 16"
     lines = [
         f"# Class activation maps ({method}): {len(rows)} case studies",
         "",
         "COVID-19 radiographs from Radiopaedia, each shown with the four-class model's prediction",
-        "and the radiologist's comment. The map is upsampled from the last residual block's",
-        "coarse grid (image size / 32), so it marks regions, not lesions, and it shows where the",
+        f"and the radiologist's comment. The map is upsampled from the last block of `{layer}`,",
+        f"a coarse grid ({grid}), so it marks regions, not lesions, and it shows where the",
         "model looked, not whether it was right. The zones are from the patient's point of view;",
         "on every image the patient's right (R) is on the image's **left**.",
+        "",
+        "On the overlay, white is the lung outline predicted by the segmenter (dotted: each",
+        "lung's upper, mid and lower thirds) and green the zones the radiologist named. Zone",
+        "lift = share of the in-lung map mass in the named zones / their share of the lung area",
+        "(1 = no preference; exactly 1 when all six zones are named); pointing hit = the map's",
+        "maximum lies in a named zone (chance = the named zones' share of the lung area).",
         "",
     ]
     if galleries:
@@ -513,6 +765,10 @@ def write_cases_page(
             f"- Prediction: **{row['predicted']}** (p = {row['prob']:.2f}); label: {row['label']}",
             f"- Radiologist: {row['comment']}",
             f"- Zones named (patient's view): {zones}",
+        ]
+        if row.get("score"):
+            lines.append(f"- Map vs lungs: {_score_line(row['score'])}")
+        lines += [
             f"- Source: [{row['case_url']}]({row['case_url']}), licence: {row['license']}",
             "",
         ]

@@ -42,8 +42,17 @@ class BaseParams:
 
     seed: int = 42
     image_size: int = 112
+    # Model input: the whole preprocessed image (none) or its predicted lungs' box (lungs).
+    crop: Literal["none", "lungs"] = "none"
+    crop_margin: float = 0.1
 
     def validate(self) -> None:
+        require(
+            finite(self.crop_margin) and 0 <= self.crop_margin <= 0.5,
+            "base.crop_margin",
+            "a fraction in 0..0.5",
+            self.crop_margin,
+        )
         # NumPy's legacy seeding (np.random.seed, cxr.data.seed_everything) takes 0..2**32-1.
         require(0 <= self.seed < 2**32, "base.seed", "an integer in 0..2**32-1", self.seed)
         if not 16 <= self.image_size <= 1024:
@@ -164,6 +173,10 @@ class TrainParams:
     augment: dict = field(default_factory=dict)
     deterministic: bool = False
     threads: int = 0  # torch CPU threads; 0 = one per core
+    # Processes torchrun starts on this node (dvc.yaml's cmd); batch_size is their global batch.
+    processes: int = 1
+    sync_batchnorm: bool = False  # BatchNorm statistics over the global batch (GPUs only)
+    compile: bool = False  # torch.compile the training forward/backward
 
     def validate(self) -> None:
         name = f"train_{self.task}"
@@ -203,6 +216,13 @@ class TrainParams:
         )
         require(
             self.threads >= 0, f"{name}.threads", "an integer >= 0 (0 = one per core)", self.threads
+        )
+        require(self.processes >= 1, f"{name}.processes", "an integer >= 1", self.processes)
+        require(
+            self.batch_size % self.processes == 0,
+            f"{name}.batch_size",
+            f"divisible by processes ({self.processes}): it is the global batch",
+            self.batch_size,
         )
         if not self.balance_by or set(self.balance_by) - set(BALANCE_BY):
             raise ParamsError(
@@ -382,4 +402,6 @@ def preprocessing(base: BaseParams, split: SplitParams) -> Preprocessing:
         harmonise_size=split.harmonise_size,
         jpeg_quality=split.jpeg_quality,
         intensity=split.intensity,
+        crop=base.crop,
+        crop_margin=base.crop_margin,
     )

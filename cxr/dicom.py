@@ -10,21 +10,20 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
+import pydicom.misc
 from pydicom.dataset import Dataset
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
 from cxr.images import MAX_PIXELS, ImageError
 
 DICOM_SUFFIXES = (".dcm", ".dicom")
-_MAGIC_OFFSET, _MAGIC = 128, b"DICM"
 
 
 def has_dicom_magic(path: Path) -> bool:
-    """True when the file carries the DICOM Part 10 preamble ("DICM" at byte 128)."""
+    """True when the file carries the DICOM Part 10 preamble ("DICM" at byte 128), as
+    pydicom.misc.is_dicom checks it; False for unreadable files too."""
     try:
-        with open(path, "rb") as fh:
-            fh.seek(_MAGIC_OFFSET)
-            return fh.read(len(_MAGIC)) == _MAGIC
+        return pydicom.misc.is_dicom(path)
     except OSError:
         return False
 

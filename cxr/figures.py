@@ -10,6 +10,8 @@ matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from sklearn.calibration import CalibrationDisplay  # noqa: E402
+from sklearn.metrics import ConfusionMatrixDisplay, RocCurveDisplay  # noqa: E402
 
 from cxr import metrics  # noqa: E402
 
@@ -43,9 +45,9 @@ def write_task_figures(
     rel = pd.DataFrame(metrics.reliability_bins(y, prob, bins))
     rel.to_csv(out / f"{task}_reliability.csv", index=False)
     confusion_png(report["confusion"], names, task, out / f"{task}_confusion.png")
-    roc_png(roc, names, report, task, out / f"{task}_roc.png")
+    roc_png(y, prob, names, report, task, out / f"{task}_roc.png")
     ece = report["calibration"]["ece"]
-    reliability_png(rel, bins, ece, task, out / f"{task}_reliability.png")
+    reliability_png(y, prob, rel, bins, ece, task, out / f"{task}_reliability.png")
 
 
 def _curve_classes(roc: pd.DataFrame, names: list[str]) -> list[str]:
@@ -55,27 +57,27 @@ def _curve_classes(roc: pd.DataFrame, names: list[str]) -> list[str]:
 
 
 def confusion_png(cm: list[list[int]], names: list[str], task: str, path: Path) -> None:
+    """scikit-learn's ConfusionMatrixDisplay of the test confusion matrix."""
     counts = np.asarray(cm)
     fig, ax = plt.subplots(figsize=(4.2 + 0.4 * len(names), 3.6 + 0.3 * len(names)))
-    ax.imshow(counts, cmap="Blues")
-    for (i, j), n in np.ndenumerate(counts):
-        dark = n > counts.max() / 2
-        ax.text(j, i, str(n), ha="center", va="center", color="white" if dark else "black")
-    ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
-    ax.set_yticks(range(len(names)), names)
+    display = ConfusionMatrixDisplay(confusion_matrix=counts, display_labels=names)
+    display.plot(ax=ax, cmap="Blues", colorbar=False, xticks_rotation=30, values_format="d")
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(f"{TITLES[task]}: test confusion (n={counts.sum()})")
     _save(fig, path)
 
 
-def roc_png(roc: pd.DataFrame, names: list[str], report: dict, task: str, path: Path) -> None:
+def roc_png(
+    y: np.ndarray, prob: np.ndarray, names: list[str], report: dict, task: str, path: Path
+) -> None:
+    """One-vs-rest ROC curves with scikit-learn's RocCurveDisplay (it prints each AUC)."""
     fig, ax = plt.subplots(figsize=(5, 4.6))
-    for name in _curve_classes(roc, names):
-        part = roc[roc["class"] == name]
-        auc = report["per_class"][name]["roc_auc"]
-        ax.plot(part["fpr"], part["tpr"], label=f"{name} (AUC {auc:.3f})")
-    ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=0.8, label="chance")
+    shown = [k for k, n in enumerate(names) if n != "non_covid" and 0 < (y == k).sum() < len(y)]
+    for i, k in enumerate(shown):
+        RocCurveDisplay.from_predictions(
+            y == k, prob[:, k], ax=ax, name=names[k], plot_chance_level=i == len(shown) - 1
+        )
     ax.set_xlabel("false positive rate (1 - specificity)")
     ax.set_ylabel("true positive rate (sensitivity)")
     ax.set_title(f"{TITLES[task]}: one-vs-rest ROC, test")
@@ -83,17 +85,21 @@ def roc_png(roc: pd.DataFrame, names: list[str], report: dict, task: str, path: 
     _save(fig, path)
 
 
-def reliability_png(rel: pd.DataFrame, bins: int, ece: float, task: str, path: Path) -> None:
+def reliability_png(
+    y: np.ndarray, prob: np.ndarray, rel: pd.DataFrame, bins: int, ece: float, task: str,
+    path: Path,
+) -> None:  # fmt: skip
+    """Top-class reliability with scikit-learn's CalibrationDisplay: "is the top class right"
+    against the top-class probability, in `bins` equal-width bins (counts from our bins)."""
     fig, ax = plt.subplots(figsize=(5, 4.6))
-    ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=0.8, label="perfect calibration")
-    if len(rel):
-        width = 1.0 / bins
-        ax.bar(rel["bin_low"], rel["accuracy"], width=width, align="edge", alpha=0.6,
-               edgecolor="k", label="accuracy in bin")  # fmt: skip
+    if len(y):
+        correct = prob.argmax(1) == y
+        CalibrationDisplay.from_predictions(
+            correct, prob.max(1), n_bins=bins, strategy="uniform", ax=ax, name="top class"
+        )
         for _, r in rel.iterrows():
-            ax.text(r["bin_low"] + width / 2, r["accuracy"] + 0.02, str(int(r["count"])),
-                    ha="center", fontsize=7)  # fmt: skip
-        ax.plot(rel["confidence"], rel["accuracy"], "o-", c="C1", label="mean confidence")
+            ax.annotate(str(int(r["count"])), (r["confidence"], r["accuracy"]),
+                        textcoords="offset points", xytext=(0, 6), ha="center", fontsize=7)  # fmt: skip
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1.08)
     ax.set_xlabel("confidence (top-class probability)")

@@ -47,6 +47,7 @@ from cxr.cli import setup_logging
 from cxr.dicom import DICOM_SUFFIXES, read_dicom
 from cxr.images import ImageError, Preprocessing, decode, preprocess_gray, to_grayscale
 from cxr.infer import configure_cpu, predict_proba
+from cxr.lungs import crop_inputs, implausible_lungs
 from cxr.models import CheckpointError, CXRNet, load_checkpoint
 from cxr.params import non_negative_int
 
@@ -90,6 +91,9 @@ class Models:
     class_names: list[str]  # the four-class model's, in output order
     covid_index: int  # the binary model's COVID-19 output
     spec: Preprocessing
+    # The lung segmenter (model, metadata), when there is one: it checks for a plausible pair of
+    # lungs and, for models trained with `crop: lungs`, gives the crop.
+    segmenter: tuple[Any, dict[str, Any]] | None = None
 
 
 @dataclass(frozen=True)
@@ -126,8 +130,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--threshold", type=float, default=None,
         help="COVID-19 decision threshold instead of --threshold-from (e.g. 0.5)",
     )  # fmt: skip
+    parser.add_argument(
+        "--segmenter", type=Path, default=Path("models/segmenter.pt"),
+        help="lung segmenter (segment stage): lung check, and the crop for crop: lungs models",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path, default=None, help="predictions .json or .csv")
     parser.add_argument("--cam", type=Path, default=None, help="folder for Grad-CAM overlays")
+    parser.add_argument(
+        "--cam-layer", choices=["layer3", "layer4"], default="layer3",
+        help="ResNet layer the overlays are computed at (the gradcam stage's default: layer3)",
+    )  # fmt: skip
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument(
         "--threads", type=non_negative_int, default=0, help="torch CPU threads (0 = one per core)"
@@ -215,8 +227,30 @@ def checkpoint_spec(meta: dict[str, Any], path: Path) -> Preprocessing:
     return spec
 
 
-def load_models(four_class_path: Path, binary_path: Path) -> Models:
-    """Load both checkpoints and check they agree on how images are prepared."""
+def load_segmenter_for(spec: Preprocessing, path: Path | None) -> tuple[Any, dict] | None:
+    """The lung segmenter, required when the models crop to the lungs, else optional (without
+    it the lung check is skipped, with a log line)."""
+    from cxr.segmenter import load_segmenter  # torch model code only needed here
+
+    if path is None or not path.exists():
+        if spec.crop != "none":
+            raise UsageError(
+                f"these models crop to the lungs (crop: {spec.crop}) and need the lung segmenter, "
+                f"but {path} does not exist: run `dvc repro segment` or pass --segmenter"
+            )
+        log.info("no lung segmenter at %s: the lung check is skipped", path)
+        return None
+    try:
+        return load_segmenter(path)
+    except CheckpointError as exc:
+        raise UsageError(str(exc)) from exc
+
+
+def load_models(
+    four_class_path: Path, binary_path: Path, segmenter_path: Path | None = None
+) -> Models:
+    """Load both checkpoints (and the lung segmenter) and check they agree on how images are
+    prepared."""
     loaded = {}
     for task, path in (("four_class", four_class_path), ("binary", binary_path)):
         try:
@@ -238,6 +272,7 @@ def load_models(four_class_path: Path, binary_path: Path) -> Models:
         class_names=list(four_meta["class_names"]),
         covid_index=binary_meta["class_names"].index("covid"),
         spec=spec,
+        segmenter=load_segmenter_for(spec, segmenter_path),
     )
 
 
@@ -502,6 +537,11 @@ def predict_chunk(
     names, size = models.class_names, models.spec.image_size
     images, where, warnings, errors = read_inputs(items, models.spec)
     batch = np.stack(images) if images else np.zeros((0, size, size), dtype=np.uint8)
+    if models.segmenter is not None and len(batch):
+        masks = segment(models.segmenter, batch)
+        for row, i in enumerate(where):
+            warnings[i] = "; ".join(w for w in (warnings[i], implausible_lungs(masks[row])) if w)
+        batch = crop_inputs(batch, masks, models.spec.to_dict())
     four = predict_proba(models.four_class, batch, batch_size=batch_size)
     covid = predict_proba(models.binary, batch, batch_size=batch_size)[:, models.covid_index]
     records = {i: error_record(items[i].path, message, names) for i, message in errors.items()}
@@ -512,9 +552,20 @@ def predict_chunk(
     return [records[i] for i in range(len(items))], batch
 
 
+def segment(segmenter: tuple[Any, dict[str, Any]], images: np.ndarray) -> np.ndarray:
+    """Boolean lung masks, post-processed as the segment stage does."""
+    from cxr.segmenter import binarise, predict_prob
+
+    model, meta = segmenter
+    prob = predict_prob(model, images, size=int(meta["input_size"]))
+    return binarise(
+        prob, threshold=float(meta["threshold"]), min_fraction=float(meta["min_component"])
+    )
+
+
 def write_cams(
     records: list[dict[str, Any]], images: np.ndarray, models: Models, folder: Path,
-    batch_size: int, used: set[str],
+    batch_size: int, used: set[str], layer: str = "layer3",
 ) -> None:  # fmt: skip
     """Grad-CAM overlays of the four-class model's predicted class, as <stem>_cam.png."""
     from PIL import Image
@@ -525,7 +576,7 @@ def write_cams(
     if not ok:
         return
     targets = [models.class_names.index(r["predicted"]) for r in ok]
-    cams = compute_cams(models.four_class, images, targets, batch_size=batch_size)
+    cams = compute_cams(models.four_class, images, targets, batch_size=batch_size, layer=layer)
     folder.mkdir(parents=True, exist_ok=True)
     for record, image, cam in zip(ok, images, cams, strict=True):
         out = folder / _unique_name(Path(record["file"]).stem, used)
@@ -545,7 +596,7 @@ def _unique_name(stem: str, used: set[str]) -> str:
 
 def predict_all(
     inputs: list[Input], models: Models, *, threshold: float, batch_size: int,
-    cam_dir: Path | None,
+    cam_dir: Path | None, cam_layer: str = "layer3",
 ) -> Iterator[list[dict[str, Any]]]:  # fmt: skip
     """Records chunk by chunk of `batch_size` files, so memory stays flat for any number of
     files and an interruption keeps every chunk finished before it."""
@@ -555,7 +606,7 @@ def predict_all(
             inputs[start : start + batch_size], models, threshold, batch_size
         )
         if cam_dir is not None:
-            write_cams(chunk, images, models, cam_dir, batch_size, used)
+            write_cams(chunk, images, models, cam_dir, batch_size, used, cam_layer)
         yield chunk
 
 
@@ -659,7 +710,8 @@ def prepare(args: argparse.Namespace) -> tuple[float, Models, Inputs]:
     threshold = args.threshold
     if threshold is None:
         threshold = read_threshold(args.threshold_from)
-    return threshold, load_models(args.four_class, args.binary), collect_inputs(args.paths)
+    models = load_models(args.four_class, args.binary, args.segmenter)
+    return threshold, models, collect_inputs(args.paths)
 
 
 def exit_code(records: list[dict[str, Any]], strict: bool) -> int:
@@ -708,8 +760,9 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         fail("interrupted before any image was predicted; nothing written", EXIT_INTERRUPTED)
     chunks = predict_all(
-        inputs.items, models, threshold=threshold, batch_size=args.batch_size, cam_dir=args.cam
-    )
+        inputs.items, models, threshold=threshold, batch_size=args.batch_size,
+        cam_dir=args.cam, cam_layer=args.cam_layer,
+    )  # fmt: skip
     start, records, interrupted = time.perf_counter(), [], False
     try:
         for chunk in chunks:

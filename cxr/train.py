@@ -1,4 +1,10 @@
-"""The training loop shared by both tasks: selection and early stopping on validation only."""
+"""The training loop shared by both tasks: selection and early stopping on validation only.
+
+One process or several (torchrun; see cxr.distributed): every rank draws the same global epoch
+order and augmentation from one shared generator and trains on its part of each global batch,
+DDP averages the gradients, rank 0 validates and every rank follows its decision. With a
+ResumeFile the loop saves its whole state after every epoch and continues from there.
+"""
 
 from __future__ import annotations
 
@@ -15,10 +21,22 @@ from sklearn.metrics import f1_score
 from torch import nn
 from tqdm import tqdm
 
+from cxr import distributed
+from cxr import resume as resume_state
 from cxr.config import AugmentParams, TrainParams
-from cxr.data import augment_batch, epoch_order, partial_label_loss, sample_weights, to_input
-from cxr.infer import autocast, pick_device, predict_proba
+from cxr.data import (
+    apply_affine,
+    draw_affine,
+    epoch_order,
+    gather,
+    partial_label_loss,
+    sample_weights,
+    to_input,
+)
+from cxr.distributed import World
+from cxr.infer import autocast, predict_proba
 from cxr.models import CXRNet
+from cxr.resume import ResumeFile
 
 log = logging.getLogger(__name__)
 
@@ -43,12 +61,14 @@ class TrainResult:
     wall_seconds: float = 0.0
     train_images_per_second: float = 0.0
     stopped_early: bool = False
+    resumed_from: int = 0  # the last epoch a resume file had finished (0: a fresh start)
 
     def summary(self) -> dict[str, Any]:
         return {
             "best_epoch": self.best_epoch,
             "epochs_run": len(self.history),
             "stopped_early": self.stopped_early,
+            "resumed_from_epoch": self.resumed_from,
             "val": {
                 "loss": self.best.val_loss,
                 "accuracy": self.best.val_accuracy,
@@ -57,6 +77,43 @@ class TrainResult:
             "wall_seconds": round(self.wall_seconds, 1),
             "train_images_per_second": round(self.train_images_per_second, 2),
         }
+
+
+@dataclass
+class LoopState:
+    """What the loop carries from one epoch to the next: exactly what a resume file restores."""
+
+    epoch: int = 0
+    history: list[EpochResult] = field(default_factory=list)
+    best: EpochResult | None = None
+    best_state: dict[str, torch.Tensor] | None = None
+    since_best: int = 0
+    stopped_early: bool = False
+    seen: int = 0
+    train_time: float = 0.0
+    wall_seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for torch.save (weights_only-loadable)."""
+        return {
+            "epoch": self.epoch,
+            "history": [asdict(h) for h in self.history],
+            "best_epoch": self.best.epoch if self.best else 0,
+            "best_state": self.best_state,
+            "since_best": self.since_best,
+            "stopped_early": self.stopped_early,
+            "seen": self.seen,
+            "train_time": self.train_time,
+            "wall_seconds": self.wall_seconds,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> LoopState:
+        history = [EpochResult(**h) for h in d["history"]]
+        best = next((h for h in history if h.epoch == d["best_epoch"]), None)
+        keys = ("epoch", "best_state", "since_best", "stopped_early", "seen", "train_time",
+                "wall_seconds")  # fmt: skip
+        return cls(history=history, best=best, **{k: d[k] for k in keys})
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -129,7 +186,7 @@ def _evaluate(
 def train_epoch(
     model: nn.Module,
     batches: torch.Tensor,
-    images: torch.Tensor,
+    images: np.ndarray | torch.Tensor,
     allowed: torch.Tensor,
     *,
     weights: torch.Tensor | None,
@@ -137,37 +194,56 @@ def train_epoch(
     scheduler: torch.optim.lr_scheduler.LRScheduler | None,
     aug: AugmentParams | None,
     generator: torch.Generator,
+    world: World | None = None,
     desc: str = "train",
 ) -> tuple[float, int, int]:
-    """One pass over `batches` (rows of indices); returns summed loss, correct and seen counts.
+    """One pass over `batches` (rows of global batch indices); returns this rank's summed loss,
+    correct and seen counts.
 
-    Batches are gathered from the uint8 array in memory and augmented as a whole, so the
-    CPU spends its time in the model (see `python -m cxr bench`).
+    Each batch is gathered from the uint8 array (in memory or memory-mapped: only its rows are
+    read), sent to the device as uint8 and converted and augmented there. Every rank draws the
+    augmentation of the whole global batch and keeps its part, so the shared generator advances
+    alike on every rank and N processes draw exactly what one process draws. Loss and counts stay
+    on the device: no host sync per step, only every few steps for the progress bar.
     """
     device = next(model.parameters()).device
+    world = world or World(device=device)
+    part = world.part
     model.train()
-    total_loss, correct, count = 0.0, 0, 0
-    bar = tqdm(batches, desc=desc, unit="batch", leave=False)
-    for idx in bar:
-        x = to_input(images[idx])
-        if aug is not None:
-            x = augment_batch(x, aug, generator)
-        x, y = x.to(device, non_blocking=True), allowed[idx].to(device, non_blocking=True)
-        w = weights[idx].to(device, non_blocking=True) if weights is not None else None
+    allowed = allowed.to(device)
+    weights = weights.to(device) if weights is not None else None
+    total_loss = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    count = 0
+    bar = tqdm(batches, desc=desc, unit="batch", leave=False, disable=not world.is_main)
+    for step, idx in enumerate(bar, 1):
+        theta = draw_affine(len(idx), aug, generator)[part] if aug is not None else None
+        mine = idx[part]
+        x = to_input(gather(images, mine, device))
+        if theta is not None:
+            x = apply_affine(x, theta)
+        rows = mine.to(device, non_blocking=True)
+        y = allowed[rows]
+        w = weights[rows] if weights is not None else None
         with autocast(device):
             logits = model(x)
             loss = partial_label_loss(logits.float(), y, w)
+        if w is not None and world.distributed:
+            # DDP averages the ranks' gradients; scaling each rank's weighted mean by its share
+            # of the global batch's weight makes that average the global batch's weighted mean.
+            loss = loss * (w.sum() * world.size / weights[idx.to(device)].sum())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         if scheduler is not None:
             scheduler.step()
-        total_loss += loss.item() * len(idx)
+        total_loss += loss.detach().double() * len(mine)
         # correct = the top class is one the label allows
-        correct += int(y.gather(1, logits.detach().argmax(1, keepdim=True)).sum())
-        count += len(idx)
-        bar.set_postfix(loss=f"{total_loss / count:.3f}")
-    return total_loss, correct, count
+        correct += y.gather(1, logits.detach().argmax(1, keepdim=True)).sum()
+        count += len(mine)
+        if step % 10 == 0 or step == len(batches):
+            bar.set_postfix(loss=f"{total_loss.item() / count:.3f}")
+    return total_loss.item(), int(correct.item()), count
 
 
 def _is_better(result: EpochResult, best: EpochResult | None, metric: str) -> bool:
@@ -176,6 +252,54 @@ def _is_better(result: EpochResult, best: EpochResult | None, metric: str) -> bo
     if metric == "loss":
         return result.val_loss < best.val_loss
     return result.val_macro_f1 > best.val_macro_f1
+
+
+def _save_resume(
+    resume: ResumeFile,
+    loop: LoopState,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    generator: torch.Generator,
+) -> None:
+    resume_state.save(
+        resume,
+        {
+            "loop": loop.to_dict(),
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "generator": generator.get_state(),
+            "rng": resume_state.capture_rng(),
+        },
+    )
+
+
+def _restore(
+    resume: ResumeFile,
+    world: World,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    generator: torch.Generator,
+) -> LoopState:
+    """The loop state a resume file holds (loaded into model, optimizer, ...), else a fresh one.
+
+    Rank 0 reads the file and sends it to the others, so only rank 0 needs the disk.
+    """
+    saved = resume_state.load(resume) if world.is_main else None
+    saved = distributed.object_from_main(saved, world)
+    if saved is None:
+        return LoopState()
+    model.load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    generator.set_state(saved["generator"])
+    resume_state.restore_rng(saved["rng"])
+    loop = LoopState.from_dict(saved["loop"])
+    log.info("%s: resuming after epoch %d (best so far: epoch %s)", resume.path, loop.epoch,
+             loop.best.epoch if loop.best else "none")  # fmt: skip
+    return loop
 
 
 def train_model(
@@ -191,15 +315,22 @@ def train_model(
     train_allowed: np.ndarray | None = None,
     train_strata: np.ndarray | None = None,
     val_allowed: np.ndarray | None = None,
+    world: World | None = None,
+    resume: ResumeFile | None = None,
 ) -> TrainResult:
     """Train, select the best epoch on validation, and load those weights back into `model`.
 
     `*_allowed` (N x K, default: one-hot of the labels) are the classes each image may be:
     more than one for an image of unknown type, trained with the partial-label loss.
     `train_strata` (default: the labels) are what `balance` evens out.
+    `world` (default: one process) says which rank this is; `p.batch_size` is the global batch.
+    `resume`: save the loop's state there after every epoch and continue from a saved one;
+    `on_epoch` then also sees the epochs restored from it, in order, before the new ones.
     The test split is not an argument: training cannot read it.
     """
-    device = pick_device()
+    world = world or World()
+    device = world.device
+    distributed.check_batch(p.batch_size, world, f"train_{p.task}.batch_size")
     num_classes = model.backbone.fc.out_features
     model.to(device).to(memory_format=torch.channels_last)
     if train_allowed is None:
@@ -209,36 +340,46 @@ def train_model(
     strata = np.asarray(train_labels if train_strata is None else train_strata)
     weights = sample_weights(strata) if p.balance == "weighted_loss" else None
     steps = max(1, len(train_images) // p.batch_size)
+    net = distributed.wrap(model, world, sync_batchnorm=p.sync_batchnorm)
     optimizer = make_optimizer(model, p)
     scheduler = make_scheduler(optimizer, p, steps)
     aug = p.augmentation()
-    images_t = torch.from_numpy(np.ascontiguousarray(train_images))
     allowed_t = torch.from_numpy(np.asarray(train_allowed, dtype=bool))
 
-    best_state, best, result = None, None, TrainResult(best_epoch=0, best=None)  # type: ignore[arg-type]
-    seen, train_time, since_best = 0, 0.0, 0
     start = time.perf_counter()
-    for epoch in range(1, p.epochs + 1):
+    loop = LoopState()
+    if resume is not None:
+        loop = _restore(resume, world, model, optimizer, scheduler, generator)
+    resumed_from, wall_before = loop.epoch, loop.wall_seconds
+    if on_epoch:
+        for res in loop.history:
+            on_epoch(res)
+    if p.compile:
+        net = torch.compile(net)
+    first = p.epochs + 1 if loop.stopped_early else loop.epoch + 1
+    for epoch in range(first, p.epochs + 1):
         t0 = time.perf_counter()
         order = epoch_order(strata, oversample=p.balance == "oversample", generator=generator)
         # drop_last: a final batch of 1 breaks BatchNorm and adds noise for no gain.
         batches = order[: steps * p.batch_size].view(steps, -1)
-        total_loss, correct, count = train_epoch(
-            model,
+        sums = train_epoch(
+            net,
             batches,
-            images_t,
+            train_images,
             allowed_t,
             weights=weights,
             optimizer=optimizer,
             scheduler=scheduler,
             aug=aug,
             generator=generator,
+            world=world,
             desc=f"{p.task} epoch {epoch}/{p.epochs}",
         )
+        total_loss, correct, count = distributed.sum_across(list(sums), world)
+        distributed.sync_buffers(model, world)
         epoch_train_time = time.perf_counter() - t0
-        train_time += epoch_train_time
-        seen += count
-        val_loss, val_acc, val_f1 = _evaluate(model, val_images, val_allowed, 32)
+        val = _evaluate(model, val_images, val_allowed, 32) if world.is_main else (0.0,) * 3
+        val_loss, val_acc, val_f1 = distributed.from_main(list(val), world)
         res = EpochResult(
             epoch=epoch,
             train_loss=total_loss / count,
@@ -249,23 +390,38 @@ def train_model(
             seconds=time.perf_counter() - t0,
             images_per_second=count / epoch_train_time,
         )
-        result.history.append(res)
+        loop.epoch, loop.seen = epoch, loop.seen + int(count)
+        loop.train_time += epoch_train_time
+        loop.history.append(res)
         log.info("%s epoch %d: %s", p.task, epoch, {k: round(v, 4) for k, v in asdict(res).items()})
+        if _is_better(res, loop.best, p.select_metric):
+            loop.best, loop.since_best = res, 0
+            loop.best_state = copy.deepcopy(
+                {k: v.detach().cpu() for k, v in model.state_dict().items()}
+            )
+        else:
+            loop.since_best += 1
+            if p.patience and loop.since_best >= p.patience:
+                log.info("early stop: no validation improvement for %d epochs", loop.since_best)
+                loop.stopped_early = True
+        loop.wall_seconds = wall_before + time.perf_counter() - start
+        # Saved before on_epoch: a crash while logging this epoch does not lose it.
+        if resume is not None and world.is_main:
+            _save_resume(resume, loop, model, optimizer, scheduler, generator)
         if on_epoch:
             on_epoch(res)
-        if _is_better(res, best, p.select_metric):
-            best, since_best = res, 0
-            best_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
-        else:
-            since_best += 1
-            if p.patience and since_best >= p.patience:
-                log.info("early stop: no validation improvement for %d epochs", since_best)
-                result.stopped_early = True
-                break
+        if loop.stopped_early:
+            break
 
-    model.load_state_dict(best_state)
+    model.load_state_dict(loop.best_state)
+    distributed.plain_batchnorm(model)
     model.to("cpu").eval()
-    result.best, result.best_epoch = best, best.epoch
-    result.wall_seconds = time.perf_counter() - start
-    result.train_images_per_second = seen / train_time if train_time else 0.0
-    return result
+    return TrainResult(
+        best_epoch=loop.best.epoch,
+        best=loop.best,
+        history=loop.history,
+        wall_seconds=wall_before + time.perf_counter() - start,
+        train_images_per_second=loop.seen / loop.train_time if loop.train_time else 0.0,
+        stopped_early=loop.stopped_early,
+        resumed_from=resumed_from,
+    )

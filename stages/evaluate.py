@@ -16,6 +16,7 @@ from cxr.cli import setup_logging, user_errors
 from cxr.config import load_base, load_evaluate_params
 from cxr.evaluate import evaluate_task, known_class, score_split
 from cxr.infer import configure_cpu
+from cxr.lungs import crop_inputs, load_lung_masks
 from cxr.models import load_checkpoint
 from cxr.report import read_reference_runs, write_model_card, write_summary
 
@@ -30,6 +31,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--binary", type=Path, required=True, help="binary checkpoint")
     parser.add_argument("--four-class", type=Path, required=True, help="four-class checkpoint")
     parser.add_argument("--data", type=Path, default=Path("data/split"))
+    parser.add_argument(
+        "--lungs", type=Path, default=Path("data/lungs"), help="segment stage masks (crop: lungs)"
+    )
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--metrics", type=Path, default=Path("metrics"), help="writes <task>.json")
     parser.add_argument("--data-counts", type=Path, default=Path("metrics/data.json"))
@@ -53,6 +57,12 @@ def evaluate_checkpoint(
             f"{path} expects {meta['image_size']} px images, {args.data} has {size} px"
         )
     names = meta["class_names"]
+    prep = meta.get("preprocessing", {})
+    if prep.get("crop", "none") != "none":  # the model was trained on lung crops: crop alike
+        splits = {
+            name: (crop_inputs(x, load_lung_masks(args.lungs, name, table), prep), table)
+            for name, (x, table) in splits.items()
+        }
     scored = {name: score_split(model, name, x, table, task) for name, (x, table) in splits.items()}
     result = evaluate_task(task, names, scored, p, seed)
     out = args.metrics / f"{task}.json"

@@ -1,5 +1,6 @@
 """gradcam stage: class activation maps of the four-class model on the case studies and the test
-split, with checks on the maps (border share, faithfulness, model randomisation)."""
+split, with checks on the maps (border share, faithfulness on validation and test, model
+randomisation, where the maps lie against the predicted lungs and the radiologists' zones)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from cxr.cli import setup_logging, user_errors
 from cxr.config import load_base, load_gradcam_params
 from cxr.data import seed_everything
 from cxr.infer import configure_cpu, predict_proba
+from cxr.lungs import crop_inputs, load_lung_masks
 from cxr.models import load_checkpoint
 
 log = logging.getLogger("gradcam")
@@ -30,6 +32,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", type=Path, default=Path("models/four_class.pt"))
     parser.add_argument("--data", type=Path, default=Path("data/split"))
+    parser.add_argument("--lungs", type=Path, default=Path("data/lungs"), help="segment output")
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--out", type=Path, default=Path("plots/gradcam"))
     parser.add_argument("--metrics", type=Path, default=Path("metrics/gradcam.json"))
@@ -43,6 +46,14 @@ def label_indices(table: pd.DataFrame, names: list[str], path: Path) -> np.ndarr
     return table["label"].map(names.index).to_numpy()
 
 
+def cropped(images: np.ndarray, masks: np.ndarray, prep: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Images as the model saw them (cxr.lungs.crop_inputs) and their masks cropped alike."""
+    if prep.get("crop", "none") == "none":
+        return images, masks
+    lung_pixels = masks.astype(np.uint8) * 255
+    return crop_inputs(images, masks, prep), crop_inputs(lung_pixels, masks, prep) > 127
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     setup_logging()
@@ -54,42 +65,57 @@ def main(argv: list[str] | None = None) -> None:
         names, size = list(meta["class_names"]), int(meta["image_size"])
         test_x, test_table = load_split(args.data, "test")
         case_x, cases = load_split(args.data, "cases")
+        val_x, val_table = load_split(args.data, "val")
         if test_x.shape[1:] != (size, size) or case_x.shape[1:] != (size, size):
             raise ValueError(f"{args.data} holds {test_x.shape[1]} px images, the model {size} px")
+        prep = meta.get("preprocessing", {})
+        test_x, test_lungs = cropped(test_x, load_lung_masks(args.lungs, "test", test_table), prep)
+        case_x, case_lungs = cropped(case_x, load_lung_masks(args.lungs, "cases", cases), prep)
+        if prep.get("crop", "none") != "none":
+            val_x = crop_inputs(val_x, load_lung_masks(args.lungs, "val", val_table), prep)
         # Galleries and per-class checks need one true class: images of unknown type
         # (`pneumonia`) are left out here.
         known = test_table["label"].isin(names).to_numpy()
         test_x, test_table = test_x[known], test_table[known].reset_index(drop=True)
+        test_lungs = test_lungs[known]
         labels = label_indices(test_table, names, args.data)
-        run = {"method": p.method, "batch_size": p.batch_size}
+        run = {"method": p.method, "batch_size": p.batch_size, "layer": p.target_layer}
 
-        log.info("%s maps of %d cases", p.method, len(case_x))
+        log.info("%s maps (%s) of %d cases", p.method, p.target_layer, len(case_x))
         case_prob = predict_proba(model, case_x)
         case_pred = case_prob.argmax(1)
         case_cams = cam.compute_cams(model, case_x, case_pred.tolist(), **run)
-        rows = cam.write_case_figures(case_x, case_cams, case_prob, cases, names, args.out)
+        scores = cam.case_zone_scores(case_cams, case_lungs, cases["zones"].tolist())
+        rows = cam.write_case_figures(case_x, case_cams, case_prob, cases, names, args.out,
+                                      lung_masks=case_lungs, scores=scores)  # fmt: skip
 
+        # Every test image: the in-lung share per predicted class needs more than a sample.
         test_prob = predict_proba(model, test_x)
         test_pred = test_prob.argmax(1)
+        log.info("%s maps of %d test images", p.method, len(test_x))
+        test_cams = cam.compute_cams(model, test_x, test_pred.tolist(), **run)
         gallery = cam.pick_gallery(labels, test_pred, p.gallery_per_group, base.seed)
-        checked = cam.sample_indices(len(test_x), METRIC_IMAGES, base.seed)
-        shown = [idx for groups in gallery.values() for idx in groups.values()]
-        needed = np.unique(np.concatenate([checked, *shown])).astype(int)
-        log.info("%s maps of %d test images", p.method, len(needed))
-        test_cams = np.zeros(test_x.shape, dtype=np.float32)
-        test_cams[needed] = cam.compute_cams(
-            model, test_x[needed], test_pred[needed].tolist(), **run
-        )
         links = cam.write_galleries(
             test_x, test_cams, test_prob, labels, gallery, names, args.out, method=p.method
         )
-        cam.write_cases_page(rows, args.out / "index.md", method=p.method, galleries=links)
+        cam.write_cases_page(rows, args.out / "index.md", method=p.method, galleries=links,
+                             layer=p.target_layer)  # fmt: skip
 
-        log.info("map checks on %d test images and the %d cases", len(checked), len(case_x))
+        # Validation images: what the target layer may be chosen on (never test).
+        val_x = val_x[cam.sample_indices(len(val_x), METRIC_IMAGES, base.seed)]
+        val_pred = predict_proba(model, val_x).argmax(1)
+        val = (val_x, cam.compute_cams(model, val_x, val_pred.tolist(), **run), val_pred)
+        checked = cam.sample_indices(len(test_x), METRIC_IMAGES, base.seed)
+        log.info("map checks on %d val, %d test images and the %d cases", len(val_x),
+                 len(checked), len(case_x))  # fmt: skip
         test = (test_x[checked], test_cams[checked], test_pred[checked])
         twin = cam.random_twin(meta["arch"], len(names), base.seed)
         metrics = cam.map_checks(model, twin, test, (case_x, case_cams, case_pred),
-                                 labels[checked], names, p, seed=base.seed)  # fmt: skip
+                                 labels[checked], names, p, seed=base.seed, val=val)  # fmt: skip
+        metrics["lungs"] = cam.lung_checks(
+            (test_cams, test_lungs, test_pred), names, scores, cases["case"].tolist(),
+            bootstrap=p.bootstrap, seed=base.seed,
+        )  # fmt: skip
         args.metrics.parent.mkdir(parents=True, exist_ok=True)
         args.metrics.write_text(json.dumps(metrics, indent=2) + "\n")
         log.info("figures -> %s; checks -> %s", args.out, args.metrics)

@@ -16,8 +16,8 @@ import pandas as pd
 from cxr.arrays import preprocess_files, save_split
 from cxr.cli import setup_logging, user_errors
 from cxr.config import SplitParams, load_base, load_split_params, preprocessing
-from cxr.images import Preprocessing
 from cxr.duplicates import near_duplicate_pairs
+from cxr.images import Preprocessing
 from cxr.params import ParamsError
 from cxr.splits import (
     check_near_duplicates,

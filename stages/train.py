@@ -1,11 +1,18 @@
-"""train_binary / train_four_class stage: one script, the params section picks the task."""
+"""train_binary / train_four_class stage: one script, the params section picks the task.
+
+Runs as one process (`python stages/train.py ...`) or as several under torchrun (dvc.yaml's
+cmd: `torchrun --standalone --nproc-per-node ${train_*.processes} stages/train.py ...`, or
+multi-node, see README "Scaling out"); rank 0 logs and writes every output.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 
@@ -15,11 +22,21 @@ import numpy as np
 import pandas as pd
 from dvclive import Live
 
+from cxr import distributed, resume
 from cxr.arrays import load_split
 from cxr.cli import setup_logging, user_errors
-from cxr.config import TrainParams, load_base, load_split_params, load_train_params, preprocessing
+from cxr.config import (
+    BaseParams,
+    TrainParams,
+    load_base,
+    load_split_params,
+    load_train_params,
+    preprocessing,
+)
 from cxr.data import allowed_classes, labels_for, seed_everything, strata_for
+from cxr.distributed import World
 from cxr.infer import configure_cpu
+from cxr.lungs import crop_inputs, load_lung_masks
 from cxr.models import build_model, save_checkpoint
 from cxr.train import EpochResult, train_model
 
@@ -34,6 +51,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--model", type=Path, required=True, help="checkpoint to write")
     parser.add_argument("--metrics", type=Path, required=True, help="training summary JSON")
     parser.add_argument("--plots", type=Path, required=True, help="dvclive directory (curves)")
+    parser.add_argument(
+        "--lungs", type=Path, default=Path("data/lungs"), help="segment stage masks (crop: lungs)"
+    )
+    parser.add_argument(
+        "--resume",
+        type=Path,
+        help="resume state, written after every epoch and removed when the run ends; "
+        "a re-run after a crash continues from it",
+    )
     return parser.parse_args(argv)
 
 
@@ -47,6 +73,29 @@ def log_epoch(live: Live, res: EpochResult) -> None:
     live.log_metric("val/macro_f1", res.val_macro_f1, plot=True)
     live.log_metric("images_per_second", res.images_per_second, plot=True)
     live.make_summary()
+
+
+@contextlib.contextmanager
+def epoch_logger(plots: Path, world: World) -> Iterator[Callable[[EpochResult], None] | None]:
+    """dvclive on rank 0; the other ranks log nothing."""
+    if not world.is_main:
+        yield None
+        return
+    with Live(str(plots), save_dvc_exp=False, dvcyaml=None, report=None) as live:
+        yield lambda res: log_epoch(live, res)
+
+
+def resume_file(path: Path | None, data: Path, base: BaseParams, p: TrainParams,
+                world: World) -> resume.ResumeFile | None:  # fmt: skip
+    """Where to keep the resume state, with the fingerprint of everything that shapes the run:
+    the task's params, seed and image size, the number of processes and the train/val files."""
+    if path is None:
+        return None
+    files = [data / f"{name}.{ext}" for name in ("train", "val") for ext in ("npy", "csv")]
+    if p.weights not in ("none", "imagenet"):
+        files.append(Path(p.weights))
+    config = {"params": asdict(p), "base": asdict(base), "processes": world.size}
+    return resume.ResumeFile(path, resume.fingerprint(config, files))
 
 
 def training_rows(
@@ -63,13 +112,24 @@ def training_rows(
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     setup_logging()
-    with user_errors():
+    with user_errors(), distributed.session() as world:
+        if not world.is_main:
+            logging.getLogger().setLevel(logging.WARNING)  # one log, rank 0's
         base, p = load_base(args.params), load_train_params(args.params, args.section)
         spec = preprocessing(base, load_split_params(args.params))
         generator = seed_everything(base.seed, p.deterministic)
-        threads = configure_cpu(p.threads)
+        threads = configure_cpu(distributed.threads_per_process(p.threads, world))
+        if p.processes != world.local_size:
+            log.warning("%s.processes is %d but %d process(es) run on this machine (started "
+                        "without torchrun?)", args.section, p.processes, world.local_size)  # fmt: skip
         train_x, train_table = load_split(args.data, "train")
         val_x, val_table = load_split(args.data, "val")
+        if spec.crop != "none":  # the same crop evaluate, gradcam and predict make
+            train_x = crop_inputs(train_x, load_lung_masks(args.lungs, "train", train_table),
+                                  spec.to_dict())  # fmt: skip
+            val_x = crop_inputs(
+                val_x, load_lung_masks(args.lungs, "val", val_table), spec.to_dict()
+            )
         train_x, train_table = training_rows(train_x, train_table, p)
         if train_x.shape[1] != spec.image_size:
             raise ValueError(
@@ -78,8 +138,9 @@ def main(argv: list[str] | None = None) -> None:
         model = build_model(
             p.arch, len(p.class_names), weights=p.weights, zero_init_residual=p.zero_init_residual
         )
-        log.info("%s: %s on %d train / %d val images", p.task, p.arch, len(train_x), len(val_x))
-        with Live(str(args.plots), save_dvc_exp=False, dvcyaml=None, report=None) as live:
+        log.info("%s: %s on %d train / %d val images, %d process(es) on %s", p.task, p.arch,
+                 len(train_x), len(val_x), world.size, world.device)  # fmt: skip
+        with epoch_logger(args.plots, world) as on_epoch:
             result = train_model(
                 model,
                 p,
@@ -91,8 +152,12 @@ def main(argv: list[str] | None = None) -> None:
                 val_labels=labels_for(val_table, p.task),
                 val_allowed=allowed_classes(val_table, p.task),
                 generator=generator,
-                on_epoch=lambda res: log_epoch(live, res),
+                on_epoch=on_epoch,
+                world=world,
+                resume=resume_file(args.resume, args.data, base, p, world),
             )
+        if not world.is_main:
+            return
         meta = {
             "task": p.task,
             "arch": p.arch,
@@ -106,11 +171,13 @@ def main(argv: list[str] | None = None) -> None:
             },
             "params": asdict(p),
             "seed": base.seed,
-            "training": result.summary() | {"threads": threads},
+            "training": result.summary() | {"threads": threads, "processes": world.size},
         }
         save_checkpoint(args.model, model, meta)
         args.metrics.parent.mkdir(parents=True, exist_ok=True)
         args.metrics.write_text(json.dumps(meta["training"], indent=2) + "\n")
+        if args.resume is not None:
+            resume.remove(args.resume)  # only now: the checkpoint is safely written
         log.info("best epoch %d: %s -> %s", result.best_epoch, result.summary()["val"], args.model)
 
 

@@ -69,6 +69,22 @@ def test_cams_under_no_grad_and_with_frozen_weights(model: nn.Module) -> None:
     np.testing.assert_allclose(got, expected, atol=1e-5)
 
 
+def test_layer3_gives_a_finer_map_than_layer4(model: nn.Module) -> None:
+    # 64 px: layer4 is a 2 x 2 grid, layer3 a 4 x 4 one. Bilinear upsampling puts each grid
+    # cell's value at its centre, so the maps at the cell centres are the grids themselves.
+    assert cam.target_layer(model, "layer3") is model.backbone.layer3[-1]
+    assert cam.target_layer(model, "layer4") is model.cam_layer
+    x = images(2)
+    coarse = cam.compute_cams(model, x, None, layer="layer4")  # None: the predicted class
+    fine = cam.compute_cams(model, x, None, layer="layer3")
+    assert coarse.shape == fine.shape == (2, SIZE, SIZE)
+    for c, f in zip(coarse, fine, strict=True):
+        grid4, grid3 = c[16::32, 16::32], f[8::16, 8::16]
+        assert len(np.unique(np.round(grid3, 4))) > len(np.unique(np.round(grid4, 4))) > 1
+    with pytest.raises(ValueError, match="layer4"):
+        cam.compute_cams(model, x, None, layer="layer2")
+
+
 def test_unknown_method_lists_the_choices(model: nn.Module) -> None:
     with pytest.raises(ValueError, match="gradcam\\+\\+.*eigencam"):
         cam.compute_cams(model, images(1), None, method="gradcam3000")
@@ -146,6 +162,46 @@ def test_confidence_drop_rewards_a_faithful_map() -> None:
     assert good["random_drop"] == pytest.approx(bad["random_drop"])  # same seed, same pixels
 
 
+def test_road_rewards_a_faithful_map() -> None:
+    x = np.full((4, 32, 32), 40, dtype=np.uint8)
+    x[:, :8, :8] = 255  # the only region the model reads
+    right, wrong = np.zeros((4, 32, 32)), np.zeros((4, 32, 32))
+    right[:, :8, :8] = 1.0
+    wrong[:, 20:, 20:] = 1.0
+    model = TopLeftModel()
+    good = cam.road(model, x, right, [0] * 4, percentiles=[80], seed=0)
+    bad = cam.road(model, x, wrong, [0] * 4, percentiles=[80], seed=0)
+    # Top 20% removed: the faithful map's covers the bright corner (imputed from its dark
+    # neighbours): a big drop for MoRF, none for LeRF; the wrong map the other way round.
+    assert good["morf"] < -0.3 and abs(good["lerf"]) < 0.05 and good["combined"] > 0.15
+    assert bad["combined"] < 0 and abs(bad["morf"]) < 0.05
+    assert good == cam.road(model, x, right, [0] * 4, percentiles=[80], seed=0)  # seeded
+    assert good["n_images"] == 4 and good["percentiles"] == [80]
+
+
+def test_case_zone_scores_and_lung_checks() -> None:
+    mask = np.zeros((40, 40), dtype=bool)
+    mask[5:35, 4:16] = True  # the patient's right lung (image left)
+    mask[5:35, 24:36] = True
+    hot = np.zeros((40, 40))
+    hot[30:33, 6:9] = 1.0  # in R-lower
+    scores = cam.case_zone_scores(
+        np.stack([hot, np.ones((40, 40))]), np.stack([mask, mask]), ["R-lower", ""]
+    )
+    assert scores[0]["pointing_hit"] is True and scores[0]["in_lung_share"] == 1.0
+    assert scores[0]["zone_lift"] == pytest.approx(6.0) and scores[0]["chance"] == pytest.approx(
+        1 / 6
+    )
+    assert scores[1]["zone_lift"] is None and scores[1]["pointing_hit"] is None
+    assert scores[1]["in_lung_share"] == pytest.approx(mask.mean())
+    test = (np.stack([hot, np.ones((40, 40))]), np.stack([mask, mask]), np.array([0, 2]))
+    out = cam.lung_checks(test, NAMES, scores, ["a", "b"], bootstrap=20, seed=0)
+    assert sorted(out["test"]["by_predicted_class"]) == ["bacterial", "covid"]
+    assert out["test"]["by_predicted_class"]["covid"]["in_lung_share"] == 1.0
+    assert out["cases"]["all_cases"]["zone_lift"]["n"] == 1
+    assert out["cases"]["per_case"]["a"]["zones"] == "R-lower"
+
+
 def test_randomisation_correlation_of_a_model_with_itself_is_one(model: nn.Module) -> None:
     x = images(3)
     assert cam.randomisation_correlation(model, model, x) == pytest.approx(1.0)
@@ -183,9 +239,26 @@ def stage():
     return module
 
 
+def write_lungs(directory: Path, name: str, paths: list[str]) -> None:
+    """The segment stage's output for a split: two lung blocks on every image."""
+    masks = np.zeros((len(paths), SIZE, SIZE), dtype=np.uint8)
+    masks[:, 10:50, 6:28] = 255
+    masks[:, 10:50, 36:58] = 255
+    directory.mkdir(parents=True, exist_ok=True)
+    np.save(directory / f"{name}.npy", masks)
+    pd.DataFrame({"path": paths}).to_csv(directory / f"{name}.csv", index=False)
+
+
 def write_split(directory: Path) -> None:
-    """test (8 images, two of each class) and cases (3) arrays and manifests."""
+    """test (8 images, two of each class), val (5) and cases (3) arrays and manifests, and lung
+    masks for test and cases in `<directory>/../lungs`."""
     directory.mkdir(parents=True)
+    np.save(directory / "val.npy", images(5, seed=4))
+    pd.DataFrame({"path": [f"v{i}.png" for i in range(5)], "label": "normal"}).to_csv(
+        directory / "val.csv", index=False
+    )
+    write_lungs(directory.parent / "lungs", "test", [f"t{i}.png" for i in range(8)])
+    write_lungs(directory.parent / "lungs", "cases", ["a.jpeg", "b.jpeg", "c.jpeg"])
     np.save(directory / "test.npy", images(8, seed=1))
     pd.DataFrame(
         {"path": [f"t{i}.png" for i in range(8)], "label": NAMES * 2, "dataset": "fake"}
@@ -217,6 +290,7 @@ def argv(tmp_path: Path, checkpoint: Path) -> list[str]:
         "  faithfulness_top_percent: 20.0\n  batch_size: 4\n"
     )
     return ["--model", str(checkpoint), "--data", str(tmp_path / "split"),
+            "--lungs", str(tmp_path / "lungs"),
             "--params", str(tmp_path / "params.yaml"), "--out", str(tmp_path / "plots"),
             "--metrics", str(tmp_path / "metrics" / "gradcam.json")]  # fmt: skip
 
@@ -253,6 +327,17 @@ def test_stage_end_to_end(tmp_path: Path, stage, model: nn.Module) -> None:
     assert share["uniform_reference"] == pytest.approx(1 - (1 - 2 * 8 / 64) ** 2)  # 8 px band
     assert sorted(share["test"]) == sorted(NAMES)
     assert all(0.0 <= v <= 1.0 for v in [share["cases"], *share["test"].values()])
+    assert metrics["target_layer"] == "layer4"  # the dataclass default; params.yaml may differ
+    assert metrics["faithfulness"]["val"]["n_images"] == 5
+    assert metrics["road"]["val"]["n_images"] == 5 and metrics["road"]["cases"]["n_images"] == 3
+    lung = metrics["lungs"]
+    assert lung["test"]["all"]["n"] == 8
+    assert lung["test"]["all"]["lung_area_share"] == pytest.approx(2 * 40 * 22 / 64**2)
+    assert sorted(lung["cases"]["per_case"]) == ["case00", "case01", "case02"]
+    assert lung["cases"]["per_case"]["case01"]["all_zones"] is True
+    assert lung["cases"]["per_case"]["case01"]["zone_lift"] == pytest.approx(1.0)
+    assert lung["cases"]["cases_naming_some_zones"]["zone_lift"]["n"] == 2
+    assert "Map vs lungs: map mass in lungs" in page
 
 
 def test_stage_refuses_a_binary_checkpoint(
@@ -266,3 +351,13 @@ def test_stage_refuses_a_binary_checkpoint(
     assert exc.value.code == 1
     assert "'binary' checkpoint, expected 'four_class'" in capsys.readouterr().err
     assert not (tmp_path / "plots").exists()
+
+
+def test_stage_refuses_lungs_of_other_rows(tmp_path: Path, stage, model: nn.Module,
+                                           capsys: pytest.CaptureFixture) -> None:  # fmt: skip
+    write_split(tmp_path / "split")
+    write_lungs(tmp_path / "lungs", "test", [f"other{i}.png" for i in range(8)])
+    write_checkpoint(tmp_path / "four.pt", model, "four_class")
+    with pytest.raises(SystemExit):
+        stage.main(argv(tmp_path, tmp_path / "four.pt"))
+    assert "test.csv rows are not those of the split" in capsys.readouterr().err

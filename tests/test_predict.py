@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import os
@@ -26,7 +27,7 @@ from pydicom.uid import DigitalXRayImageStorageForPresentation, ExplicitVRLittle
 
 from cxr import predict
 from cxr.dicom import read_dicom
-from cxr.images import Preprocessing, load_image, preprocess, preprocess_gray
+from cxr.images import Preprocessing, load_image, preprocess, preprocess_file, preprocess_gray
 from cxr.infer import predict_proba
 from cxr.models import CHECKPOINT_FORMAT, build_model, load_checkpoint, save_checkpoint
 
@@ -72,11 +73,13 @@ def ckpt(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "four": make_checkpoint(d / "four_class.pt", "four_class", seed=1),
         "binary": make_checkpoint(d / "binary.pt", "binary", seed=2),
         "metrics": metrics,
+        "segmenter": d / "no-segmenter.pt",  # absent: the lung check is tested on its own
     }
 
 
 def args(ckpt: dict[str, Path], *extra: object) -> list[str]:
-    fixed = ["--four-class", ckpt["four"], "--binary", ckpt["binary"], *THREADS]
+    fixed = ["--four-class", ckpt["four"], "--binary", ckpt["binary"], *THREADS,
+             "--segmenter", ckpt["segmenter"]]  # fmt: skip
     return [str(a) for a in (*extra, *fixed, "--threshold-from", ckpt["metrics"])]
 
 
@@ -276,7 +279,8 @@ def test_threshold_comes_from_the_metrics_file(
     tmp_path: Path, ckpt: dict[str, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
     image = save(Image.fromarray(radiograph()), tmp_path / "x.png")
-    fixed = ["--four-class", ckpt["four"], "--binary", ckpt["binary"], *THREADS]
+    fixed = ["--four-class", ckpt["four"], "--binary", ckpt["binary"], *THREADS,
+             "--segmenter", ckpt["segmenter"]]  # fmt: skip
     for value, positive in ((0.0, True), (1.0, False)):
         metrics = tmp_path / f"t{value}.json"
         metrics.write_text(json.dumps({"threshold": {"value": value}}))
@@ -294,7 +298,8 @@ def test_missing_threshold_is_a_usage_error_unless_given(
     metrics = tmp_path / "binary.json"
     if content is not None:
         metrics.write_text(content if isinstance(content, str) else json.dumps(content))
-    fixed = ["--four-class", ckpt["four"], "--binary", ckpt["binary"], *THREADS]
+    fixed = ["--four-class", ckpt["four"], "--binary", ckpt["binary"], *THREADS,
+             "--segmenter", ckpt["segmenter"]]  # fmt: skip
     base = [str(a) for a in (image, *fixed)]
     code, _, err = run(capsys, [*base, "--threshold-from", str(metrics)])
     assert code == 2 and err.startswith("error: ") and "--threshold" in err
@@ -814,3 +819,90 @@ def test_ctrl_c_before_any_row_keeps_an_earlier_out(
     assert out.read_text() == "yesterday's predictions\n" and listing(tmp_path) == [
         "in", "in/x.png", "pred.csv"
     ]  # fmt: skip
+
+
+# --- the lung check and the lung crop (the segmenter stubbed: its own tests are in test_lungs) --
+
+
+def two_lungs(size: int) -> np.ndarray:
+    """A plausible mask: two upright ellipses, about 30% of the image."""
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    left = ((xx - 0.3) / 0.15) ** 2 + ((yy - 0.5) / 0.3) ** 2 <= 1
+    right = ((xx - 0.7) / 0.15) ** 2 + ((yy - 0.5) / 0.3) ** 2 <= 1
+    return left | right
+
+
+@pytest.fixture
+def stub_segmenter(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Lungs found in every image but the near-black ones, where the 'segmenter' finds none."""
+
+    def fake_segment(segmenter, images):
+        size = images.shape[1]
+        return np.stack([two_lungs(size) if x.mean() > 20 else np.zeros((size, size), bool)
+                         for x in images])  # fmt: skip
+
+    monkeypatch.setattr(predict, "segment", fake_segment)
+    monkeypatch.setattr(predict, "load_segmenter_for", lambda spec, path: ("stub", {}))
+
+
+def test_lung_check_warns_when_no_plausible_lungs(
+    tmp_path: Path, ckpt: dict[str, Path], capsys: pytest.CaptureFixture[str], stub_segmenter
+) -> None:
+    """Checked by hand: dropping implausible_lungs from predict_chunk turns this red."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.fromarray(radiograph(96, seed=3)).save(folder / "chest.png")
+    Image.fromarray(np.full((96, 96), 5, np.uint8) + radiograph(96) // 40).save(folder / "dark.png")
+    out = tmp_path / "p.json"
+    code, _, _ = run(capsys, args(ckpt, folder, "--out", out))
+    by_name = {Path(r["file"]).name: r for r in json.loads(out.read_text())}
+    assert code == 0
+    assert by_name["chest.png"]["warning"] == ""
+    assert "no plausible pair of lungs" in by_name["dark.png"]["warning"]
+    code, _, _ = run(capsys, args(ckpt, folder, "--out", out, "--strict"))
+    assert code == 1
+
+
+def test_implausible_lungs_thresholds() -> None:
+    from cxr.lungs import LUNG_AREA_RANGE, implausible_lungs
+
+    assert implausible_lungs(two_lungs(64)) == ""
+    assert "lung area 0%" in implausible_lungs(np.zeros((64, 64), bool))
+    assert "lung area 100%" in implausible_lungs(np.ones((64, 64), bool))
+    sliver = np.zeros((64, 64), bool)
+    sliver[:, :4] = True  # 6% of the image but a 4 px wide strip: no chest
+    assert LUNG_AREA_RANGE[0] <= sliver.mean() and "too small" in implausible_lungs(sliver)
+
+
+def test_crop_parity_between_training_arrays_and_predict(
+    tmp_path: Path, ckpt: dict[str, Path], stub_segmenter
+) -> None:
+    """The same file, through the split stage's preprocessing + cxr.lungs.crop_inputs (what
+    training reads) and through predict: identical model input."""
+    from cxr.lungs import crop_inputs
+
+    path = tmp_path / "film.png"
+    Image.fromarray(radiograph(200, seed=5)).save(path)
+    models = predict.load_models(ckpt["four"], ckpt["binary"], ckpt["segmenter"])
+    spec = dataclasses.replace(models.spec, crop="lungs", crop_margin=0.1)
+    models = dataclasses.replace(models, spec=spec)
+    _, batch = predict.predict_chunk([predict.Input(path)], models, 0.5, 4)
+    array = preprocess_file(path, spec)  # what the split stage stores for this file
+    trained_on = crop_inputs(array[None], two_lungs(spec.image_size)[None], spec.to_dict())
+    assert np.array_equal(batch, trained_on)
+    assert not np.array_equal(batch[0], array)  # the crop did something
+
+
+def test_crop_models_without_a_segmenter_are_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    four = make_checkpoint(tmp_path / "f.pt", "four_class", seed=1)
+    binary = make_checkpoint(tmp_path / "b.pt", "binary", seed=2)
+    for path in (four, binary):
+        blob = torch.load(path, weights_only=True)
+        blob["meta"]["preprocessing"]["crop"] = "lungs"
+        torch.save(blob, path)
+    argv = [str(Image.new("L", (1, 1)) and tmp_path), "--four-class", str(four), "--binary",
+            str(binary), "--threshold", "0.5", "--segmenter", str(tmp_path / "none.pt")]  # fmt: skip
+    code, _, err = run(capsys, argv)
+    assert code == 2 and "need the lung segmenter" in err

@@ -209,3 +209,36 @@ def test_deterministic_training_is_bit_identical(threads):
         return model.state_dict()
 
     assert same_weights(once(), once())
+
+
+def test_training_stage_twice_gives_bit_identical_checkpoints(tmp_path):
+    """The whole stage (loading, seeding, threads from params, oversampling, augmentation,
+    training, best-epoch selection) run twice: identical weights."""
+    import pandas as pd
+    import yaml
+
+    from cxr.arrays import save_split
+    from cxr.models import load_checkpoint
+    from stages import train as stage
+
+    images, labels = quadrant_set(48)
+    names = ["covid", "viral", "bacterial", "normal"]
+    table = pd.DataFrame({"label": [names[k] for k in labels],
+                          "group_id": [f"g{i}" for i in range(48)]})  # fmt: skip
+    for name, rows in (("train", slice(0, 32)), ("val", slice(32, 48))):
+        save_split(tmp_path / "split", name, images[rows], table[rows].reset_index(drop=True))
+    params = {"base": {"seed": 5, "image_size": 32}, "split": {},
+              "train_four_class": {"arch": "resnet18", "epochs": 2, "batch_size": 8,
+                                   "threads": 2, "deterministic": True}}  # fmt: skip
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+
+    def once(tag: str) -> dict:
+        stage.main(["--section", "train_four_class", "--params", str(tmp_path / "params.yaml"),
+                    "--data", str(tmp_path / "split"), "--model", str(tmp_path / f"{tag}.pt"),
+                    "--metrics", str(tmp_path / f"{tag}.json"),
+                    "--plots", str(tmp_path / f"live-{tag}")])  # fmt: skip
+        model, meta = load_checkpoint(tmp_path / f"{tag}.pt", task="four_class")
+        assert meta["training"]["threads"] == 2
+        return model.state_dict()
+
+    assert same_weights(once("a"), once("b"))
