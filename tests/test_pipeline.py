@@ -306,3 +306,23 @@ def test_status_names_the_stages_that_use_an_edited_module(repro):
             path.write_bytes(original)
         # exactly the stages that import it: no stale results, no needless re-runs
         assert changed == stages, (module, changed)
+
+
+def test_editing_the_cases_does_not_retrain(repro):
+    """The split stage writes one file per split: a new radiologist comment re-runs split,
+    segment (it reads every split) and gradcam, but the training arrays and lung masks come out
+    byte-identical, so no model is retrained and evaluate does not run."""
+    root, env, _ = repro
+    path = root / "data" / "sources" / "cases.csv"
+    original = path.read_text()
+    try:
+        cases = pd.read_csv(path, keep_default_na=False, dtype=str)
+        cases.loc[0, "radiologist_comment"] += " (edited)"
+        cases.to_csv(path, index=False)
+        out = run([*DVC, "repro"], root, env).stdout
+    finally:
+        path.write_text(original)
+    assert "Running stage 'split'" in out and "Running stage 'gradcam'" in out, out
+    for stage in ("train_binary", "train_four_class", "evaluate"):
+        assert f"Running stage '{stage}'" not in out, (stage, out)
+    run([*DVC, "repro"], root, env)  # back to the committed cases
