@@ -464,10 +464,10 @@ def write_model_card(
         "",
         "- Adult radiographs of any kind may be pushed towards COVID-19 (see adult_check and the adult-only numbers).",
         "- Source shortcut: COVID-19 and adult non-COVID images come from different hospitals, so adult-only metrics may still measure the hospital, not the disease.",
-        "- File-type shortcut among the adult controls: adult_check normals and the `nih` pneumonia rows are 1024 px NIH files from one copy, the `rsna` normals were pre-shrunk to 224 px by their redistributor. "
+        '- Adult normals unlike the training ones: the adult_check NIH films are brighter and lower in contrast than the `rsna` normals the models learned "normal adult" from (same hospital pool, same file history; tone equalisation narrows but does not close the gap). '
         f"The four-class model calls {pct(results['four_class']['adult_check'].get('normal_call_rate'))} of adult_check normal; a low COVID-19 rate there is not evidence that it recognises a normal adult chest.",
         "- Trained at low resolution from random initialisation with a small network: one seed's run; the CIs do not include run-to-run variation.",
-        "- Lateral views, CT slices, photos of films, annotated or cropped images and non-chest images are out of scope and not detected as such.",
+        "- Lateral views, CT slices, photos of films, annotated or cropped images are out of scope; `predict` flags images in which the lung segmenter finds no plausible pair of lungs, nothing finer.",
         "- Probabilities are not calibrated for clinical prevalence (ECE above).",
         "",
         "## Reproduce",
