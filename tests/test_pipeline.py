@@ -240,15 +240,17 @@ def test_queued_experiments_run_two_at_a_time(repro, mirror):
     committed(root, env, "results")
     beside = root.parent / "shared" / "cxr-mirror"
     beside.parent.mkdir(exist_ok=True)
-    if not beside.exists():
-        beside.symlink_to(mirror)
-    queue_env = {k: v for k, v in env.items() if k != "CXR_MIRROR"} | {"CXR_JOBS": "2"}
-    run([*DVC, "exp", "run", "--queue", "-n", "q-refetch", "-S", "fetch.dataset=full",
-         "-S", "train_binary.threads=0"], root, queue_env)  # fmt: skip
-    run([*DVC, "exp", "run", "--queue", "-n", "q-lr", "-S", "train_binary.lr=0.002",
-         "-S", "train_binary.threads=0"], root, queue_env)  # fmt: skip
-    out = run([*DVC, "exp", "run", "--run-all", "-j", "2"], root, queue_env, check=False)
-    status = run([*DVC, "queue", "status"], root, queue_env).stdout
+    beside.symlink_to(mirror)
+    try:
+        queue_env = {k: v for k, v in env.items() if k != "CXR_MIRROR"} | {"CXR_JOBS": "2"}
+        run([*DVC, "exp", "run", "--queue", "-n", "q-refetch", "-S", "fetch.dataset=full",
+             "-S", "train_binary.threads=0"], root, queue_env)  # fmt: skip
+        run([*DVC, "exp", "run", "--queue", "-n", "q-lr", "-S", "train_binary.lr=0.002",
+             "-S", "train_binary.threads=0"], root, queue_env)  # fmt: skip
+        out = run([*DVC, "exp", "run", "--run-all", "-j", "2"], root, queue_env, check=False)
+        status = run([*DVC, "queue", "status"], root, queue_env).stdout
+    finally:
+        beside.unlink()  # other tests check what happens when no mirror is found
     assert out.returncode == 0, f"{out.stdout[-2000:]}\n{out.stderr[-2000:]}\n{status}"
     shown = pd.read_csv(
         pd.io.common.StringIO(run([*DVC, "exp", "show", "--csv"], root, queue_env).stdout)
