@@ -57,22 +57,16 @@ from cxr.models import CXRNet, adapt_conv1_to_gray, build_model, load_checkpoint
 from cxr.params import ParamsError
 from cxr.resume import ResumeFile
 from cxr.train import train_model
+from tests.conftest import quadrant_set as shared_quadrant_set
 
 REPO = Path(__file__).resolve().parents[1]
 N_TRAIN = 48
 
 
 def quadrant_set(n: int, size: int = 32, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Class k = a bright square in quadrant k, over noise; classes 0 common, 1-3 rare (so
-    weighted_loss weighs images differently)."""
-    rng = np.random.default_rng(seed)
-    labels = np.where(np.arange(n) % 2 == 0, 0, np.arange(n) % 4)
-    images = rng.integers(0, 60, (n, size, size), dtype=np.uint8)
-    half = size // 2
-    for i, k in enumerate(labels):
-        r, c = divmod(int(k), 2)
-        images[i, r * half : (r + 1) * half, c * half : (c + 1) * half] = 230
-    return images, labels
+    """The shared toy set with class 0 common and 1-3 rare (so weighted_loss weighs images
+    differently)."""
+    return shared_quadrant_set(n, size, seed, np.where(np.arange(n) % 2 == 0, 0, np.arange(n) % 4))
 
 
 def params(**kw) -> TrainParams:

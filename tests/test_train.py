@@ -18,6 +18,7 @@ from cxr.infer import predict_proba
 from cxr.models import CheckpointError, build_model, load_checkpoint, save_checkpoint
 from cxr.params import ParamsError, from_section
 from cxr.train import train_model
+from tests.conftest import quadrant_set
 
 
 def tiny_params(**kw) -> TrainParams:
@@ -25,16 +26,7 @@ def tiny_params(**kw) -> TrainParams:
     return TrainParams(**(base | kw))
 
 
-def separable_set(n: int, size: int = 32, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Class k = a bright square in quadrant k of an otherwise noisy image: trivially learnable."""
-    rng = np.random.default_rng(seed)
-    labels = np.arange(n) % 4
-    images = rng.integers(0, 60, (n, size, size), dtype=np.uint8)
-    half = size // 2
-    for i, k in enumerate(labels):
-        r, c = divmod(int(k), 2)
-        images[i, r * half : (r + 1) * half, c * half : (c + 1) * half] = 230
-    return images, labels
+separable_set = quadrant_set  # the shared toy set (tests/conftest.py)
 
 
 def test_model_contract_one_channel_in_n_classes_out():

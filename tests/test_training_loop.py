@@ -24,6 +24,7 @@ from cxr.config import AugmentParams, TrainParams
 from cxr.data import augment_batch, seed_everything, to_input
 from cxr.models import build_model
 from cxr.train import make_optimizer, make_scheduler, param_groups, train_model
+from tests.conftest import quadrant_set
 
 NO_AUG = {"hflip": False, "degrees": 0.0, "translate": 0.0, "scale": [1.0, 1.0]}
 
@@ -32,18 +33,6 @@ def params(**kw) -> TrainParams:
     base = dict(task="four_class", arch="resnet18", epochs=3, batch_size=8, lr=3.0e-3,
                 augment=NO_AUG, schedule="constant", threads=1)  # fmt: skip
     return TrainParams(**(base | kw))
-
-
-def quadrant_set(n: int, size: int = 32, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Class k = a bright square in quadrant k: learnable in a few steps."""
-    rng = np.random.default_rng(seed)
-    labels = np.arange(n) % 4
-    images = rng.integers(0, 60, (n, size, size), dtype=np.uint8)
-    half = size // 2
-    for i, k in enumerate(labels):
-        r, c = divmod(int(k), 2)
-        images[i, r * half : (r + 1) * half, c * half : (c + 1) * half] = 230
-    return images, labels
 
 
 def run(p: TrainParams, images, labels, val_images, val_labels, seed=0, snapshots=None):
