@@ -130,3 +130,27 @@ def test_split_routes_pre_harmonised_datasets_around_the_round_trip(tmp_path):
     assert not np.array_equal(untouched, round_trip)  # the round trip is visible at all
     assert np.array_equal(out[0], untouched)
     assert np.array_equal(out[1], round_trip)
+
+
+def test_equalize_spreads_grey_levels_and_none_is_identity():
+    """Two copies of one picture with different tone curves (a darker, contrastier copy) come out
+    of `equalize` nearly the same; `none` leaves them as they are.
+
+    Checked by hand: making normalise_intensity return its input for `equalize` turns this red.
+    """
+    from cxr.images import normalise_intensity
+
+    rng = np.random.default_rng(0)
+    base = rng.integers(60, 200, (64, 64)).astype(np.float64)
+    washed = base.astype(np.uint8)
+    dark = np.clip((base - 60) * 1.6, 0, 255).astype(np.uint8)  # same order of grey levels
+    assert np.array_equal(normalise_intensity(washed, "none"), washed)
+    a, b = normalise_intensity(washed, "equalize"), normalise_intensity(dark, "equalize")
+    assert (
+        np.abs(a.astype(int) - b.astype(int)).mean()
+        < 3
+        < np.abs(washed.astype(int) - dark.astype(int)).mean()
+    )
+    assert a.min() < 10 and a.max() > 245  # spread over the full range
+    with pytest.raises(ValueError, match="unknown intensity"):
+        normalise_intensity(washed, "clahe")
