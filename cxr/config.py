@@ -171,7 +171,8 @@ class TrainParams:
     select_metric: Literal["macro_f1", "loss"] = "macro_f1"
     patience: int = 0  # epochs without improvement before stopping; 0 = never stop early
     augment: dict = field(default_factory=dict)
-    deterministic: bool = False
+    # Deterministic torch kernels: same bits on a GPU too; on the CPU same bits either way.
+    deterministic: bool = True
     threads: int = 0  # torch CPU threads; 0 = one per core
     # Processes torchrun starts on this node (dvc.yaml's cmd); batch_size is their global batch.
     processes: int = 1

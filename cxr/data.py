@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import random
 
 import numpy as np
@@ -29,6 +30,9 @@ def seed_everything(seed: int, deterministic: bool = False) -> torch.Generator:
     np.random.seed(seed)
     torch.manual_seed(seed)
     if deterministic:
+        # cuBLAS needs a fixed workspace for repeatable GEMMs; read when CUDA first starts, so
+        # it has to be set before any GPU work (a user's own setting wins).
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
     return torch.Generator().manual_seed(seed)

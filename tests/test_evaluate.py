@@ -441,3 +441,22 @@ def test_report_sections_from_the_hand_worked_example(four):
     assert report.controls_line(results).startswith("Adult non-COVID test images in this run")
     no_controls = {"four_class": {"test": {"adult_only": {"n_by_source": {"covid": {"x": 1}}}}}}
     assert "age alone can separate" in report.controls_line(no_controls)
+
+
+def test_validation_summary_by_hand_adult_auc_ignores_children():
+    """p(covid): covid 0.9, 0.4; rsna adult normal 0.6; Kermany child normal 0.05, viral 0.1.
+    Adults only: 0.9 > 0.6, 0.4 < 0.6 -> AUC 1/2 (all rows would give 5/6: children are easy).
+    Argmax: [covid, non, covid, non, non] vs truth [covid, covid, non, non, non]:
+    F1 covid 1/2, non-COVID 2*2 / (2*2 + 1 + 1) = 2/3 -> macro 7/12; accuracy 3/5."""
+    from cxr.evaluate import validation_summary
+
+    sources = [("ieee8023", "adult"), ("ieee8023", "adult"), ("rsna", "adult"),
+               ("kermany", "pediatric"), ("kermany", "pediatric")]  # fmt: skip
+    t = table(["covid", "covid", "normal", "normal", "viral"], sources=sources)
+    covid = np.array([0.9, 0.4, 0.6, 0.05, 0.1])
+    val = scored("val", t, np.stack([1 - covid, covid], axis=1).tolist(), "binary")
+    summary = validation_summary(val, list(BINARY_CLASSES))
+    assert summary["adult_n"] == 3 and summary["n"] == 5
+    assert summary["adult_roc_auc"] == pytest.approx(0.5)
+    assert summary["macro_f1"] == pytest.approx(7 / 12)
+    assert summary["accuracy"] == pytest.approx(3 / 5)
