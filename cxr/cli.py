@@ -1,7 +1,9 @@
-"""Shared plumbing for the stage scripts: logging setup and user-facing error handling."""
+"""Shared plumbing for the stage scripts: logging setup, user-facing error handling and the
+command-line options more than one stage takes."""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import logging
 import sys
@@ -36,3 +38,11 @@ def user_errors() -> Iterator[None]:
     except USER_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(1)
+
+
+def add_download_options(parser: argparse.ArgumentParser) -> None:
+    """The fetch stages' operational knobs, not params: they change how fast, never what is
+    fetched (so they are not in params.yaml and do not re-run a stage)."""
+    parser.add_argument("--workers", type=int, default=8, help="parallel downloads")
+    parser.add_argument("--timeout", type=float, default=30.0, help="seconds per HTTP request")
+    parser.add_argument("--retries", type=int, default=3, help="retries per download")

@@ -143,31 +143,46 @@ def load_state_dict_file(path: Path) -> dict[str, Any]:
     return state
 
 
-def save_checkpoint(path: Path, model: CXRNet, meta: dict[str, Any]) -> None:
-    """state_dict + plain metadata, written atomically."""
+def save_state(path: Path, model: nn.Module, meta: dict[str, Any], fmt: str) -> None:
+    """state_dict (on the CPU) + plain metadata under a format tag, written atomically: a
+    crash mid-write leaves the previous file, never a truncated one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    torch.save({"format": CHECKPOINT_FORMAT, "state_dict": state, "meta": meta}, tmp)
+    torch.save({"format": fmt, "state_dict": state, "meta": meta}, tmp)
     tmp.replace(path)
+
+
+def read_state(path: str | Path, fmt: str, what: str, how: str) -> tuple[dict, dict[str, Any]]:
+    """(state_dict, meta) of a file `save_state` wrote with `fmt`; anything else is refused,
+    naming `what` was expected and `how` to make one."""
+    path = Path(path)
+    blob = load_state_dict_file(path)
+    if blob.get("format") != fmt or "meta" not in blob:
+        raise CheckpointError(
+            f"{path}: not a {what} (format {blob.get('format')!r}, expected {fmt!r}); {how}"
+        )
+    return blob["state_dict"], blob["meta"]
+
+
+def load_weights(model: nn.Module, state: dict, path: str | Path, described: str) -> nn.Module:
+    """Load `state` into `model` (strict) and switch to eval; a mismatch names the file."""
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path}: weights do not match {described}: {exc}") from exc
+    return model.eval()
+
+
+def save_checkpoint(path: Path, model: CXRNet, meta: dict[str, Any]) -> None:
+    """A classifier checkpoint: state_dict + metadata (arch, task, classes, preprocessing)."""
+    save_state(path, model, meta, CHECKPOINT_FORMAT)
 
 
 def load_checkpoint(path: str | Path, task: str | None = None) -> tuple[CXRNet, dict[str, Any]]:
     """Rebuild the model a checkpoint describes; `task` guards against the wrong one."""
-    path = Path(path)
-    blob = load_state_dict_file(path)
-    if blob.get("format") != CHECKPOINT_FORMAT or "meta" not in blob:
-        raise CheckpointError(
-            f"{path}: not a cxr checkpoint (format {blob.get('format')!r}, expected "
-            f"{CHECKPOINT_FORMAT!r}); train one with dvc repro"
-        )
-    meta = blob["meta"]
+    state, meta = read_state(path, CHECKPOINT_FORMAT, "cxr checkpoint", "train one with dvc repro")
     if task is not None and meta.get("task") != task:
         raise CheckpointError(f"{path}: a {meta.get('task')!r} checkpoint, expected {task!r}")
     model = build_model(meta["arch"], len(meta["class_names"]), weights="none")
-    try:
-        model.load_state_dict(blob["state_dict"])
-    except RuntimeError as exc:
-        raise CheckpointError(f"{path}: weights do not match {meta['arch']}: {exc}") from exc
-    model.eval()
-    return model, meta
+    return load_weights(model, state, path, meta["arch"]), meta

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from cxr.config import SegmentParams
 from cxr.lungs import IGNORE, LUNG, dice_iou, keep_largest
-from cxr.models import CheckpointError, load_state_dict_file
+from cxr.models import load_weights, read_state, save_state
 
 log = logging.getLogger(__name__)
 
@@ -302,29 +302,13 @@ def describe_masks(masks: np.ndarray, datasets: np.ndarray) -> dict[str, dict[st
 
 
 def save_segmenter(path: Path, model: UNet, meta: dict[str, Any]) -> None:
-    """state_dict + plain metadata (as cxr.models.save_checkpoint), written atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    torch.save({"format": CHECKPOINT_FORMAT, "state_dict": state, "meta": meta}, tmp)
-    tmp.replace(path)
+    """state_dict + plain metadata (channels, depth, size, ...), written atomically."""
+    save_state(path, model, meta, CHECKPOINT_FORMAT)
 
 
 def load_segmenter(path: str | Path) -> tuple[UNet, dict[str, Any]]:
     """Rebuild the U-Net a checkpoint describes (torch.load with weights_only=True)."""
-    path = Path(path)
-    blob = load_state_dict_file(path)
-    if blob.get("format") != CHECKPOINT_FORMAT or "meta" not in blob:
-        raise CheckpointError(
-            f"{path}: not a lung segmenter checkpoint (format {blob.get('format')!r}, expected "
-            f"{CHECKPOINT_FORMAT!r}); train one with dvc repro segment"
-        )
-    meta = blob["meta"]
+    how = "train one with dvc repro segment"
+    state, meta = read_state(path, CHECKPOINT_FORMAT, "lung segmenter checkpoint", how)
     model = UNet(int(meta["channels"]), int(meta["depth"]))
-    try:
-        model.load_state_dict(blob["state_dict"])
-    except RuntimeError as exc:
-        raise CheckpointError(
-            f"{path}: weights do not match the U-Net in its metadata: {exc}"
-        ) from exc
-    return model.eval(), meta
+    return load_weights(model, state, path, "the U-Net in its metadata"), meta

@@ -14,7 +14,7 @@ if str(REPO_ROOT) not in sys.path:  # so `python stages/fetch.py` works without 
     sys.path.insert(0, str(REPO_ROOT))
 
 from cxr import fetch  # noqa: E402
-from cxr.cli import setup_logging, user_errors  # noqa: E402
+from cxr.cli import add_download_options, setup_logging, user_errors  # noqa: E402
 from cxr.params import ParamsError, load_params  # noqa: E402
 
 log = logging.getLogger("stages.fetch")
@@ -26,10 +26,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cases", type=Path, default=Path("data/sources/cases.csv"))
     p.add_argument("--params", type=Path, default=Path("params.yaml"))
     p.add_argument("--out", type=Path, default=Path("data/raw"))
-    # Operational knobs, not params: they change how fast, never what is fetched.
-    p.add_argument("--workers", type=int, default=8, help="parallel downloads")
-    p.add_argument("--timeout", type=float, default=30.0, help="seconds per HTTP request")
-    p.add_argument("--retries", type=int, default=3, help="retries per download")
+    add_download_options(p)
     return p.parse_args(argv)
 
 

@@ -13,7 +13,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # run as a script from anywhere
 
 from cxr import fetch  # noqa: E402
-from cxr.cli import setup_logging, user_errors  # noqa: E402
+from cxr.cli import add_download_options, setup_logging, user_errors  # noqa: E402
 from cxr.lung_masks import fetch_masks, read_mask_table  # noqa: E402
 
 log = logging.getLogger("fetch_masks")
@@ -23,10 +23,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--masks", type=Path, default=Path("data/sources/lung_masks.csv"))
     p.add_argument("--out", type=Path, default=Path("data/lung_masks"))
-    # Operational knobs, not params: they change how fast, never what is fetched.
-    p.add_argument("--workers", type=int, default=8, help="parallel downloads")
-    p.add_argument("--timeout", type=float, default=30.0, help="seconds per HTTP request")
-    p.add_argument("--retries", type=int, default=3, help="retries per download")
+    add_download_options(p)
     return p.parse_args(argv)
 
 

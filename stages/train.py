@@ -85,13 +85,15 @@ def epoch_logger(plots: Path, world: World) -> Iterator[Callable[[EpochResult], 
         yield lambda res: log_epoch(live, res)
 
 
-def resume_file(path: Path | None, data: Path, base: BaseParams, p: TrainParams,
+def resume_file(path: Path | None, data: Path, lungs: Path, base: BaseParams, p: TrainParams,
                 world: World) -> resume.ResumeFile | None:  # fmt: skip
     """Where to keep the resume state, with the fingerprint of everything that shapes the run:
-    the task's params, seed and image size, the number of processes and the train/val files."""
+    the task's params, seed and image size, the number of processes, the train/val files and,
+    when the inputs are cropped to the lungs, the train/val lung masks."""
     if path is None:
         return None
-    files = [data / f"{name}.{ext}" for name in ("train", "val") for ext in ("npy", "csv")]
+    folders = [data] + ([lungs] if base.crop != "none" else [])
+    files = [f / f"{n}.{ext}" for f in folders for n in ("train", "val") for ext in ("npy", "csv")]
     if p.weights not in ("none", "imagenet"):
         files.append(Path(p.weights))
     config = {"params": asdict(p), "base": asdict(base), "processes": world.size}
@@ -154,7 +156,7 @@ def main(argv: list[str] | None = None) -> None:
                 generator=generator,
                 on_epoch=on_epoch,
                 world=world,
-                resume=resume_file(args.resume, args.data, base, p, world),
+                resume=resume_file(args.resume, args.data, args.lungs, base, p, world),
             )
         if not world.is_main:
             return

@@ -16,7 +16,7 @@ Checked by hand (each bug made in the code, this file went red, then the code wa
 - the Generator or the scheduler not restored: test_an_interrupted_run* and test_the_stage_continues*
   fail; the resume state saved after on_epoch: test_an_interrupted_run* and
   test_a_resume_file_for_other*; the fingerprint not compared: test_a_resume_file_for_other*;
-  the data files left out of it: test_the_fingerprint_follows*; the stage keeping the file after
+  the data files (or, cropping, the lung masks) left out of it: test_the_fingerprint_follows*; the stage keeping the file after
   a finished run: test_torchrun_stage* and test_the_stage_continues*; every rank logging with
   dvclive: test_torchrun_stage*; workers not ended with torchrun (die_with_launcher a no-op):
   test_the_stage_continues*;
@@ -49,7 +49,7 @@ from torch import nn
 from cxr import distributed
 from cxr import train as train_module
 from cxr.arrays import load_split, save_split
-from cxr.config import TrainParams
+from cxr.config import BaseParams, TrainParams
 from cxr.data import seed_everything
 from cxr.distributed import World
 from cxr.infer import predict_proba
@@ -361,17 +361,31 @@ def test_the_fingerprint_follows_params_and_data(tmp_path):
     from stages.train import resume_file
 
     data = write_split(tmp_path)
-    base = __import__("cxr.config", fromlist=["BaseParams"]).BaseParams()
+    lungs = tmp_path / "lungs"  # crop: lungs only; absent is fine otherwise
+    base = BaseParams()
     p = TrainParams(task="binary")
-    one = resume_file(tmp_path / "r.pt", data, base, p, World()).fingerprint
-    assert one == resume_file(tmp_path / "r.pt", data, base, p, World()).fingerprint
-    assert one != resume_file(tmp_path / "r.pt", data, base, TrainParams(task="binary", lr=0.1),
-                              World()).fingerprint  # fmt: skip
-    assert one != resume_file(tmp_path / "r.pt", data, base, p, World(size=2)).fingerprint
+
+    def fp(b=base, params=p, world=None) -> str:
+        return resume_file(tmp_path / "r.pt", data, lungs, b, params, world or World()).fingerprint
+
+    one = fp()
+    assert one == fp()
+    assert one != fp(params=TrainParams(task="binary", lr=0.1))
+    assert one != fp(world=World(size=2))
     images, table = load_split(data, "val", in_memory=True)
     images[0, 0, 0] ^= 1
     save_split(data, "val", images, table)
-    assert one != resume_file(tmp_path / "r.pt", data, base, p, World()).fingerprint
+    assert one != fp()
+    # Cropped to the lungs, the masks shape the inputs: a changed mask is another run.
+    cropped = BaseParams(crop="lungs")
+    for name in ("train", "val"):
+        x, t = load_split(data, name, in_memory=True)
+        save_split(lungs, name, (x > 127).astype(np.uint8), t)
+    before = fp(b=cropped)
+    masks, t = load_split(lungs, "train", in_memory=True)
+    masks[0, 0, 0] ^= 1
+    save_split(lungs, "train", masks, t)
+    assert fp(b=cropped) != before
 
 
 def processes_running(text: str) -> list[int]:

@@ -29,7 +29,6 @@ import hashlib
 import importlib.util
 import io
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -47,13 +46,7 @@ from cxr.models import CheckpointError
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny convs: a second thread only adds sync cost on a busy 2-core box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny convs (tests/conftest.py)
 
 
 def two_lungs(h: int = 60, w: int = 60) -> np.ndarray:
