@@ -9,6 +9,7 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
@@ -54,6 +55,32 @@ def cropped(images: np.ndarray, masks: np.ndarray, prep: dict) -> tuple[np.ndarr
     return crop_inputs(images, masks, prep), crop_inputs(lung_pixels, masks, prep) > 127
 
 
+class Inputs(NamedTuple):
+    """What the maps are drawn on, as the model sees it (cropped when it was trained cropped).
+    Test keeps known-class images only: galleries and per-class checks need one true class."""
+
+    test: tuple[np.ndarray, pd.DataFrame, np.ndarray]  # images, table, lung masks
+    cases: tuple[np.ndarray, pd.DataFrame, np.ndarray]
+    val: np.ndarray
+
+
+def load_inputs(args: argparse.Namespace, meta: dict) -> Inputs:
+    names, size = list(meta["class_names"]), int(meta["image_size"])
+    test_x, test_table = load_split(args.data, "test")
+    case_x, cases = load_split(args.data, "cases")
+    val_x, val_table = load_split(args.data, "val")
+    if test_x.shape[1:] != (size, size) or case_x.shape[1:] != (size, size):
+        raise ValueError(f"{args.data} holds {test_x.shape[1]} px images, the model {size} px")
+    prep = meta.get("preprocessing", {})
+    test_x, test_lungs = cropped(test_x, load_lung_masks(args.lungs, "test", test_table), prep)
+    case_x, case_lungs = cropped(case_x, load_lung_masks(args.lungs, "cases", cases), prep)
+    if prep.get("crop", "none") != "none":
+        val_x = crop_inputs(val_x, load_lung_masks(args.lungs, "val", val_table), prep)
+    known = test_table["label"].isin(names).to_numpy()  # `pneumonia` (type unknown) left out
+    test = (test_x[known], test_table[known].reset_index(drop=True), test_lungs[known])
+    return Inputs(test, (case_x, cases, case_lungs), val_x)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     setup_logging()
@@ -62,22 +89,9 @@ def main(argv: list[str] | None = None) -> None:
         seed_everything(base.seed)
         configure_cpu(0)
         model, meta = load_checkpoint(args.model, task="four_class")
-        names, size = list(meta["class_names"]), int(meta["image_size"])
-        test_x, test_table = load_split(args.data, "test")
-        case_x, cases = load_split(args.data, "cases")
-        val_x, val_table = load_split(args.data, "val")
-        if test_x.shape[1:] != (size, size) or case_x.shape[1:] != (size, size):
-            raise ValueError(f"{args.data} holds {test_x.shape[1]} px images, the model {size} px")
-        prep = meta.get("preprocessing", {})
-        test_x, test_lungs = cropped(test_x, load_lung_masks(args.lungs, "test", test_table), prep)
-        case_x, case_lungs = cropped(case_x, load_lung_masks(args.lungs, "cases", cases), prep)
-        if prep.get("crop", "none") != "none":
-            val_x = crop_inputs(val_x, load_lung_masks(args.lungs, "val", val_table), prep)
-        # Galleries and per-class checks need one true class: images of unknown type
-        # (`pneumonia`) are left out here.
-        known = test_table["label"].isin(names).to_numpy()
-        test_x, test_table = test_x[known], test_table[known].reset_index(drop=True)
-        test_lungs = test_lungs[known]
+        names = list(meta["class_names"])
+        inputs = load_inputs(args, meta)
+        (test_x, test_table, test_lungs), (case_x, cases, case_lungs) = inputs.test, inputs.cases
         labels = label_indices(test_table, names, args.data)
         run = {"method": p.method, "batch_size": p.batch_size, "layer": p.target_layer}
 
@@ -102,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
                              layer=p.target_layer)  # fmt: skip
 
         # Validation images: what the target layer may be chosen on (never test).
-        val_x = val_x[cam.sample_indices(len(val_x), METRIC_IMAGES, base.seed)]
+        val_x = inputs.val[cam.sample_indices(len(inputs.val), METRIC_IMAGES, base.seed)]
         val_pred = predict_proba(model, val_x).argmax(1)
         val = (val_x, cam.compute_cams(model, val_x, val_pred.tolist(), **run), val_pred)
         checked = cam.sample_indices(len(test_x), METRIC_IMAGES, base.seed)
