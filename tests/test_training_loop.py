@@ -14,6 +14,7 @@ Checked by hand (each bug made in the code, this file went red, then the code wa
 from __future__ import annotations
 
 import copy
+import os
 
 import numpy as np
 import pytest
@@ -231,3 +232,20 @@ def test_training_stage_twice_gives_bit_identical_checkpoints(tmp_path):
         return model.state_dict()
 
     assert same_weights(once("a"), once("b"))
+
+
+def test_deterministic_sets_the_cublas_workspace_and_keeps_a_users_own(monkeypatch):
+    """Made by hand: the os.environ.setdefault line deleted -> the first assertion fails."""
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    before = torch.are_deterministic_algorithms_enabled()
+    try:
+        seed_everything(0, deterministic=False)
+        assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+        seed_everything(0, deterministic=True)
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+        assert torch.are_deterministic_algorithms_enabled()
+        monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")
+        seed_everything(0, deterministic=True)
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
+    finally:
+        torch.use_deterministic_algorithms(before)
