@@ -75,6 +75,8 @@ class SplitParams:
     adult_controls: bool = True
     # Whole datasets moved out of train/val/test into the `external` evaluation cohort.
     external: list[str] = field(default_factory=list)
+    # Places (a `location` or a `country` of sources.csv) held out the same way, whole groups.
+    external_places: list[str] = field(default_factory=list)
     near_duplicate_threshold: float = 0.99  # thumbnail correlation (see cxr.duplicates)
 
     def validate(self) -> None:

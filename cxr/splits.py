@@ -92,7 +92,11 @@ def split_table(
 
 
 def check_no_leakage(table: pd.DataFrame, *, check_groups: bool = True) -> None:
-    """Fail if a sha256 (or, with check_groups, a group_id) appears in two splits."""
+    """Fail if a sha256 (or, with check_groups, a group_id) appears in two splits.
+
+    `table` holds train/val/test and, when some are held out, `external`: a held-out hospital's
+    patient must not also sit in train or val.
+    """
     columns = ["sha256", "group_id"] if check_groups else ["sha256"]
     for column in columns:
         per_value = table.groupby(column)["split"].nunique()
@@ -146,7 +150,9 @@ def resolve_duplicates(
     """
     table = table.copy()
     table["source_group_id"] = table["group_id"]
-    main = table["cohort"].to_numpy() == "main"
+    # Held-out (external) rows are pool rows too: a picture of theirs elsewhere in `main` merges
+    # into their group, which is then held out whole (stages/split.py `assign`).
+    main = table["cohort"].isin(["main", "external"]).to_numpy()
     label, group = table["label"].to_numpy(), table["group_id"].to_numpy()
     merge, drop, forced = [], set(), set(twin_groups)
     for pair in pairs:
@@ -196,6 +202,29 @@ def check_near_duplicates(table: pd.DataFrame, pairs: list) -> None:
                 f"{table.at[pair.j, 'path']}; a model would be trained or selected on a picture "
                 "it is then tested on."
             )
+
+
+def external_rows(table: pd.DataFrame, datasets: list[str], places: list[str]) -> pd.Series:
+    """Rows held out as `external`: a named dataset, or a place named as `location` or `country`.
+
+    A place, not a dataset name, is what "a hospital never seen" means (27 ieee8023 films were
+    taken at Hannover Medical School, the `hannover` dataset's hospital), so both columns count.
+    """
+    held = table["dataset"].isin(datasets)
+    for column in ("location", "country"):
+        if column in table:
+            held |= table[column].fillna("").isin(places)
+    return held & (table["cohort"] == "main")
+
+
+def close_over_groups(table: pd.DataFrame, held: pd.Series) -> pd.Series:
+    """Extend a held-out selection to whole patient groups (after near-duplicate merging).
+
+    Without it a patient with one film from a held-out place and one from elsewhere would be
+    trained on and tested on as "never seen".
+    """
+    groups = set(table.loc[held, "group_id"])
+    return held | ((table["cohort"] == "main") & table["group_id"].isin(groups))
 
 
 def force_to_test(splits: pd.Series, groups: pd.Series, forced: set[str]) -> pd.Series:

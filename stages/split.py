@@ -22,7 +22,9 @@ from cxr.params import ParamsError
 from cxr.splits import (
     check_near_duplicates,
     check_no_leakage,
+    close_over_groups,
     drop_adult_controls,
+    external_rows,
     force_to_test,
     resolve_duplicates,
     split_table,
@@ -49,16 +51,35 @@ def read_manifest(path: Path) -> pd.DataFrame:
     return pd.read_csv(path, keep_default_na=False)
 
 
-def all_rows(raw: Path, params: SplitParams) -> pd.DataFrame:
-    """Every image in one table: cohorts main, adult_check, cases, and external (held out)."""
-    sources = read_manifest(raw / "manifest.csv")
+def check_external(sources: pd.DataFrame, params: SplitParams) -> None:
+    """A held-out dataset or place that matches nothing is a typo, not an empty hold-out."""
     unknown = sorted(set(params.external) - set(sources["dataset"]))
     if unknown:
         raise ParamsError(
             f"split.external names dataset(s) {unknown} not in the fetched data "
             f"(datasets: {sorted(set(sources['dataset']))})"
         )
-    held_out = (sources["cohort"] == "main") & sources["dataset"].isin(params.external)
+    places = set()
+    for column in ("location", "country"):
+        if column in sources:
+            places |= set(sources[column])
+    unknown = sorted(set(params.external_places) - places)
+    if unknown:
+        raise ParamsError(
+            f"split.external_places names place(s) {unknown} that are no `location` or `country` "
+            "in the fetched data (data/sources/sources.csv lists them)"
+        )
+
+
+def all_rows(raw: Path, params: SplitParams) -> pd.DataFrame:
+    """Every image in one table: cohorts main, adult_check, cases, and external (held out).
+
+    Held-out rows are marked here and extended to their whole patient groups in `assign`, after
+    near-duplicate pictures have merged groups.
+    """
+    sources = read_manifest(raw / "manifest.csv")
+    check_external(sources, params)
+    held_out = external_rows(sources, params.external, params.external_places)
     sources.loc[held_out, "cohort"] = "external"
     cases = read_manifest(raw / "cases.csv").assign(cohort="cases")
     return pd.concat([sources, cases], ignore_index=True)
@@ -66,6 +87,10 @@ def all_rows(raw: Path, params: SplitParams) -> pd.DataFrame:
 
 def assign(table: pd.DataFrame, forced: set[str], params: SplitParams, seed: int) -> pd.DataFrame:
     """The `split` of every row: main -> train/val/test by patient group, others by cohort."""
+    if params.external or params.external_places:
+        # A patient (or a picture merged into one group) with any held-out film is held out whole.
+        held = close_over_groups(table, table["cohort"] == "external")
+        table = table.assign(cohort=table["cohort"].mask(held, "external"))
     table = table.assign(split=table["cohort"])
     main = table["cohort"] == "main"
     pool = table[main]
@@ -80,6 +105,13 @@ def assign(table: pd.DataFrame, forced: set[str], params: SplitParams, seed: int
     if not params.adult_controls:
         table = drop_adult_controls(table)
     return table
+
+
+def check_leakage(table: pd.DataFrame, pairs: list, params: SplitParams) -> None:
+    """No patient, file or picture in two of train/val/test/external (external: never seen)."""
+    pool = table[table["split"].isin(["train", "val", "test", "external"])]
+    check_no_leakage(pool, check_groups=params.group_by == "patient")
+    check_near_duplicates(table, pairs)
 
 
 def preprocess_rows(
@@ -108,9 +140,7 @@ def main(argv: list[str] | None = None) -> None:
         twins = set(table["twin_group_id"]) - {""} if "twin_group_id" in table else set()
         table, forced, duplicates = resolve_duplicates(table, pairs, twins)
         table = assign(table, forced, params, base.seed)
-        main_pool = table[table["split"].isin(["train", "val", "test"])]
-        check_no_leakage(main_pool, check_groups=params.group_by == "patient")
-        check_near_duplicates(table, pairs)
+        check_leakage(table, pairs, params)
 
         for name in OUTPUT_SPLITS:
             rows = table[table["split"] == name]

@@ -93,3 +93,63 @@ def test_external_datasets_leave_the_main_pool_and_a_typo_is_refused(tmp_path):
     assert all_rows(tmp_path, SplitParams())["cohort"].tolist()[:2] == ["main", "main"]
     with pytest.raises(ParamsError, match="hanover"):
         all_rows(tmp_path, SplitParams(external=["hanover"]))
+
+
+def _assign_external(tmp_path, **params):
+    """all_rows + duplicate resolution + assign, on a hand-made manifest (no images needed)."""
+    from cxr.config import SplitParams
+    from cxr.splits import resolve_duplicates
+    from stages.split import all_rows, assign
+
+    hmh = "Hannover Medical School, Hannover, Germany"
+    rows = [  # path, dataset, group, location, country
+        ("h1", "hannover", "g1", hmh, "Germany"),
+        ("i1", "ieee8023", "g1", "Rome, Italy", "Italy"),  # g1's other film: another place
+        ("i2", "ieee8023", "g2", hmh, "Germany"),  # the hospital, under another dataset name
+        ("i3", "ieee8023", "g3", "Rome, Italy", "Italy"),
+    ] + [(f"k{i}", "kermany", f"k{i}", "Guangzhou", "China") for i in range(20)]
+    pd.DataFrame({
+        "path": [r[0] for r in rows], "dataset": [r[1] for r in rows],
+        "group_id": [r[2] for r in rows], "location": [r[3] for r in rows],
+        "country": [r[4] for r in rows], "cohort": "main", "sha256": [r[0] for r in rows],
+        "label": ["covid"] * 4 + ["normal"] * 20,
+    }).to_csv(tmp_path / "manifest.csv", index=False)  # fmt: skip
+    pd.DataFrame({"path": ["case00"], "label": ["covid"]}).to_csv(
+        tmp_path / "cases.csv", index=False
+    )
+    p = SplitParams(**params)
+    table = all_rows(tmp_path, p)
+    table, forced, _ = resolve_duplicates(table, [], set())
+    return assign(table, forced, p, seed=0).set_index("path")["split"]
+
+
+def test_external_moves_whole_patient_groups_and_whole_places(tmp_path):
+    """Watched red before the fix: with external=[hannover], i1 (g1's ieee8023 film) stayed in the
+    main pool, and Hannover's ieee8023 film i2 was never held out."""
+    split = _assign_external(tmp_path, external=["hannover"])
+    assert split["h1"] == split["i1"] == "external"  # the whole patient group
+    assert split["i2"] != "external" and split["i3"] != "external"
+    split = _assign_external(tmp_path, external_places=["Hannover Medical School, Hannover, Germany"])
+    assert split["h1"] == split["i1"] == split["i2"] == "external"
+    assert split["i3"] != "external"
+    split = _assign_external(tmp_path, external_places=["Italy"])  # a country holds out its films
+    assert split["i1"] == split["i3"] == split["h1"] == "external"  # h1: i1's patient
+
+
+def test_an_unknown_place_is_refused(tmp_path):
+    from cxr.params import ParamsError
+
+    with pytest.raises(ParamsError, match="Hanover"):
+        _assign_external(tmp_path, external_places=["Hanover"])
+
+
+def test_the_leakage_check_covers_external():
+    """A group in train and external is a leak (watched red: the stage checked train/val/test)."""
+    from cxr.config import SplitParams
+    from cxr.errors import LeakageError
+    from stages.split import check_leakage
+
+    table = pd.DataFrame({"split": ["train", "external"], "group_id": ["g1", "g1"],
+                          "sha256": ["a", "b"]})  # fmt: skip
+    with pytest.raises(LeakageError):
+        check_leakage(table, [], SplitParams())
