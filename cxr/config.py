@@ -119,6 +119,14 @@ class AugmentParams:
     degrees: float = 15.0
     translate: float = 0.1
     scale: list[float] = field(default_factory=lambda: [0.9, 1.1])
+    # Acquisition-robust augmentation (cxr.data.draw_photometric): what differs between hospitals'
+    # films (tone curve, sharpness, noise, burned-in text) drawn per image; 0 turns one off.
+    gamma: float = 0.0  # log-gamma drawn in [-gamma, gamma]
+    contrast: float = 0.0  # contrast factor in [1 - contrast, 1 + contrast]
+    brightness: float = 0.0  # offset in [-brightness, brightness]
+    sharpen: float = 0.0  # unsharp-mask amount in [-sharpen, sharpen] (negative blurs)
+    noise: float = 0.0  # Gaussian noise sd drawn in [0, noise]
+    cutout: float = 0.0  # probability of one random box (5-20% of the side) of random grey
 
     def check(self, where: str = "augment") -> None:
         """Range checks, naming keys `<where>.<key>` (TrainParams.augmentation passes
@@ -145,6 +153,16 @@ class AugmentParams:
             "a list [low, high] with 0 < low <= high (finite)",
             self.scale,
         )
+        for key, high in (("gamma", 2.0), ("contrast", 0.9), ("brightness", 0.5),
+                          ("sharpen", 2.0), ("noise", 0.5), ("cutout", 1.0)):  # fmt: skip
+            value = getattr(self, key)
+            require(finite(value) and 0 <= value <= high, f"{where}.{key}",
+                    f"a number in [0, {high}]", value)  # fmt: skip
+
+    @property
+    def photometric(self) -> bool:
+        return any((self.gamma, self.contrast, self.brightness, self.sharpen, self.noise,
+                    self.cutout))  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -149,6 +149,67 @@ def augment_batch(x: torch.Tensor, aug: AugmentParams, generator: torch.Generato
     return apply_affine(x, draw_affine(x.shape[0], aug, generator))
 
 
+def _uniform(n: int, low: float, high: float, generator: torch.Generator) -> torch.Tensor:
+    return torch.rand(n, generator=generator) * (high - low) + low
+
+
+def draw_photometric(
+    n: int, size: int, aug: AugmentParams, generator: torch.Generator
+) -> dict[str, torch.Tensor]:
+    """Per-image parameters of the acquisition-robust augmentation, drawn on the CPU from
+    `generator` in a fixed order (the same stream on every rank and device): log-gamma, contrast,
+    brightness, sharpen amount, noise sd, noise field, cut-out (on/off, box, grey).
+
+    What it imitates: another hospital's tone curve and windowing (gamma, contrast, brightness),
+    detector sharpness and processing (unsharp mask or blur), quantum noise, and burned-in text or
+    markers (a box of random grey) - the cues a model can use to tell a source instead of disease.
+    """
+    u = lambda low, high: _uniform(n, low, high, generator)  # noqa: E731
+    box = torch.rand(n, 4, generator=generator)
+    return {
+        "gamma": torch.exp(u(-aug.gamma, aug.gamma)),
+        "contrast": u(1 - aug.contrast, 1 + aug.contrast),
+        "brightness": u(-aug.brightness, aug.brightness),
+        "sharpen": u(-aug.sharpen, aug.sharpen),
+        "noise_sd": u(0.0, aug.noise),
+        "noise": torch.randn(n, 1, size, size, generator=generator),
+        "cutout": torch.rand(n, generator=generator) < aug.cutout,
+        "box": box,  # centre x, centre y, width, height in [0, 1) before scaling
+        "grey": torch.rand(n, generator=generator),
+    }
+
+
+def _blur(x: torch.Tensor) -> torch.Tensor:
+    """3x3 binomial blur (sigma about 0.7 px), edges replicated."""
+    k = torch.tensor([1.0, 2.0, 1.0], device=x.device, dtype=x.dtype)
+    k = (k[:, None] * k[None, :] / 16.0).view(1, 1, 3, 3)
+    return F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), k)
+
+
+def _cutout_mask(p: dict[str, torch.Tensor], size: int, device: torch.device) -> torch.Tensor:
+    """N x 1 x H x W boolean: one box per selected image, side 5-20% of the image."""
+    coords = (torch.arange(size, device=device, dtype=torch.float32) + 0.5) / size
+    box = p["box"].to(device)
+    cx, cy = box[:, 0], box[:, 1]
+    half_w, half_h = (0.05 + 0.15 * box[:, 2]) / 2, (0.05 + 0.15 * box[:, 3]) / 2
+    in_x = (coords[None, :] - cx[:, None]).abs() <= half_w[:, None]
+    in_y = (coords[None, :] - cy[:, None]).abs() <= half_h[:, None]
+    mask = in_y[:, :, None] & in_x[:, None, :] & p["cutout"].to(device)[:, None, None]
+    return mask[:, None]
+
+
+def apply_photometric(x: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Apply drawn photometric parameters to a batch N x 1 x H x W in [0, 1], on x's device."""
+    view = lambda key: p[key].to(device=x.device, dtype=x.dtype).view(-1, 1, 1, 1)  # noqa: E731
+    x = x.clamp(0.0, 1.0).pow(view("gamma"))
+    x = (x - 0.5) * view("contrast") + 0.5 + view("brightness")
+    x = x + view("sharpen") * (x - _blur(x))  # > 0 sharpens (unsharp mask), < 0 blurs
+    x = x + view("noise_sd") * p["noise"].to(device=x.device, dtype=x.dtype)
+    grey = view("grey").expand_as(x)
+    x = torch.where(_cutout_mask(p, x.shape[-1], x.device), grey, x)
+    return x.clamp(0.0, 1.0).contiguous(memory_format=torch.channels_last)
+
+
 def strata_for(table: pd.DataFrame, task: str, by: list[str]) -> np.ndarray:
     """Integer stratum per row for class balancing: the combination of the `by` columns.
 

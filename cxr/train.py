@@ -26,7 +26,9 @@ from cxr import resume as resume_state
 from cxr.config import AugmentParams, TrainParams
 from cxr.data import (
     apply_affine,
+    apply_photometric,
     draw_affine,
+    draw_photometric,
     epoch_order,
     gather,
     partial_label_loss,
@@ -218,10 +220,16 @@ def train_epoch(
     bar = tqdm(batches, desc=desc, unit="batch", leave=False, disable=not world.is_main)
     for step, idx in enumerate(bar, 1):
         theta = draw_affine(len(idx), aug, generator)[part] if aug is not None else None
+        photo = None
+        if aug is not None and aug.photometric:  # drawn for the global batch, like theta
+            photo = draw_photometric(len(idx), images.shape[-1], aug, generator)
+            photo = {k: v[part] for k, v in photo.items()}
         mine = idx[part]
         x = to_input(gather(images, mine, device))
         if theta is not None:
             x = apply_affine(x, theta)
+        if photo is not None:
+            x = apply_photometric(x, photo)
         rows = mine.to(device, non_blocking=True)
         y = allowed[rows]
         w = weights[rows] if weights is not None else None

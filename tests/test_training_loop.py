@@ -249,3 +249,49 @@ def test_deterministic_sets_the_cublas_workspace_and_keeps_a_users_own(monkeypat
         assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
     finally:
         torch.use_deterministic_algorithms(before)
+
+
+def test_photometric_augmentation_is_identity_when_off_and_reproducible_when_on():
+    """Watched red with the contrast term dropped from apply_photometric (the 'on' draw no longer
+    changed the mid-grey contrast), and with the cut-out box ignored."""
+    import torch
+
+    from cxr.config import AugmentParams
+    from cxr.data import apply_photometric, draw_photometric
+
+    x = torch.linspace(0.05, 0.95, 16 * 16).view(1, 1, 16, 16).repeat(4, 1, 1, 1)
+    off = draw_photometric(4, 16, AugmentParams(), torch.Generator().manual_seed(0))
+    assert torch.allclose(apply_photometric(x, off), x, atol=1e-6)
+
+    on = AugmentParams(gamma=0.4, contrast=0.3, brightness=0.1, sharpen=1.0, noise=0.02,
+                       cutout=1.0)  # fmt: skip
+    a = apply_photometric(x, draw_photometric(4, 16, on, torch.Generator().manual_seed(1)))
+    b = apply_photometric(x, draw_photometric(4, 16, on, torch.Generator().manual_seed(1)))
+    assert torch.equal(a, b)  # same seed, same draw
+    assert a.min() >= 0 and a.max() <= 1
+    assert (a - x).abs().mean() > 0.02  # it changed the images
+    p = draw_photometric(4, 16, on, torch.Generator().manual_seed(1))
+    p["gamma"][:] = 1.0
+    p["contrast"][:] = 1.0
+    p["brightness"][:] = 0.0
+    p["sharpen"][:] = 0.0
+    p["noise_sd"][:] = 0.0
+    p["grey"][:] = 0.0
+    out = apply_photometric(x, p)
+    moved = (out - x).abs() > 1e-4  # the identity terms may round in the last bits
+    changed = moved.flatten(1).float().mean(1)  # only the box differs: 5-20% of the side
+    assert ((changed > 0) & (changed <= 0.1)).all()
+    assert (out[moved] == 0).all()  # filled with the drawn grey
+
+
+def test_contrast_draw_changes_contrast():
+    import torch
+
+    from cxr.config import AugmentParams
+    from cxr.data import apply_photometric, draw_photometric
+
+    x = torch.tensor([0.25, 0.75]).view(1, 1, 1, 2).expand(8, 1, 2, 2).contiguous()
+    p = draw_photometric(8, 2, AugmentParams(contrast=0.5), torch.Generator().manual_seed(0))
+    out = apply_photometric(x, p)
+    spread = out[:, 0, 0, 1] - out[:, 0, 0, 0]
+    assert torch.allclose(spread, 0.5 * p["contrast"], atol=1e-5)

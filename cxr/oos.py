@@ -1,0 +1,278 @@
+"""Out-of-source validation: hold out whole places, train on the rest, score what was held out.
+
+The in-distribution validation split shares hospitals with training, so it overstates what a
+new hospital sees (internal adult AUC 0.98 vs 0.87 on unseen sources). A fold here holds out
+every film of some places (`location` or `country` in sources.csv) and of some datasets, with
+their whole patient groups, from the default split's pool; both classifiers are trained with the
+pipeline's own params on what remains (train rows to learn, val rows to pick the epoch) and score
+the held-out films of train and val (never the test split's: choices are made on these scores). Pooling the folds' held-out predictions estimates
+new-hospital performance and chooses the committed COVID-19 operating point.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from cxr.arrays import load_split
+from cxr.config import BaseParams, TrainParams
+from cxr.data import allowed_classes, labels_for, seed_everything, strata_for
+from cxr.infer import predict_proba
+from cxr.lungs import crop_inputs, load_lung_masks
+from cxr.metrics import _group_members
+from cxr.models import CXRNet, build_model
+from cxr.params import ParamsError
+from cxr.splits import close_over_groups, external_rows
+from cxr.train import train_model
+
+log = logging.getLogger(__name__)
+
+POOL = ("train", "val", "test")  # the default split's main pool, re-partitioned per fold
+
+
+@dataclass(frozen=True)
+class Fold:
+    name: str
+    places: list[str]  # `location` or `country` values held out
+    datasets: list[str]  # whole datasets held out (e.g. rsna: a source of adult normals)
+
+
+def folds_from_params(raw: dict) -> list[Fold]:
+    """`oos.folds` of params.yaml: [{name, places, datasets}, ...], names unique."""
+    folds = []
+    for i, item in enumerate(raw or []):
+        unknown = set(item) - {"name", "places", "datasets"}
+        if unknown or "name" not in item:
+            raise ParamsError(f"oos.folds[{i}]: keys are name, places, datasets; got {sorted(item)}")
+        folds.append(Fold(str(item["name"]), list(item.get("places") or []),
+                          list(item.get("datasets") or [])))  # fmt: skip
+    names = [f.name for f in folds]
+    if not folds or len(set(names)) != len(names):
+        raise ParamsError(f"oos.folds must name at least one fold, each once; got {names}")
+    return folds
+
+
+def pool_table(data: Path) -> tuple[np.ndarray, pd.DataFrame]:
+    """train + val + test of the default split, one array, with `origin` = the split it came from."""
+    arrays, tables = [], []
+    for name in POOL:
+        x, t = load_split(data, name)
+        arrays.append(np.asarray(x))
+        tables.append(t.assign(origin=name))
+    table = pd.concat(tables, ignore_index=True)
+    if "location" not in table:
+        raise ValueError(f"{data}: split tables have no `location` column; re-run fetch and split "
+                         "with a sources.csv that has location/country")  # fmt: skip
+    return np.concatenate(arrays), table
+
+
+def pool_masks(lungs: Path, table: pd.DataFrame) -> np.ndarray:
+    """The segment stage's masks for the pool rows, in the pool's order (crop: lungs only)."""
+    parts = [load_lung_masks(lungs, name, table[table["origin"] == name].reset_index(drop=True))
+             for name in POOL]  # fmt: skip
+    return np.concatenate(parts)
+
+
+def held_out(table: pd.DataFrame, fold: Fold) -> np.ndarray:
+    """Boolean per pool row: the fold's places and datasets, extended to whole patient groups."""
+    missing = set(fold.places) - set(table["location"]) - set(table["country"])
+    missing |= {f"dataset {d}" for d in set(fold.datasets) - set(table["dataset"])}
+    if missing:
+        raise ParamsError(f"oos fold {fold.name}: {sorted(missing)} match no film of the pool")
+    main = table.assign(cohort="main")
+    mask = external_rows(main, fold.datasets, fold.places)
+    return close_over_groups(main, mask).to_numpy()
+
+
+def fit(
+    images: np.ndarray,
+    table: pd.DataFrame,
+    train: np.ndarray,
+    val: np.ndarray,
+    p: TrainParams,
+    base: BaseParams,
+) -> tuple[CXRNet, dict]:
+    """Train one task on rows `train`, choosing the epoch on rows `val` (as the train stage does)."""
+    generator = seed_everything(base.seed, p.deterministic)
+    tr, va = table[train].reset_index(drop=True), table[val].reset_index(drop=True)
+    if not p.partial_labels and p.task != "binary":
+        keep = labels_for(tr, p.task) >= 0
+        tr, train = tr[keep].reset_index(drop=True), np.flatnonzero(train)[keep]
+    model = build_model(p.arch, len(p.class_names), weights=p.weights,
+                        zero_init_residual=p.zero_init_residual)  # fmt: skip
+    start = time.perf_counter()
+    result = train_model(
+        model, p,
+        train_images=images[train], train_labels=labels_for(tr, p.task),
+        train_allowed=allowed_classes(tr, p.task), train_strata=strata_for(tr, p.task, p.balance_by),
+        val_images=images[val], val_labels=labels_for(va, p.task),
+        val_allowed=allowed_classes(va, p.task), generator=generator,
+    )  # fmt: skip
+    summary = result.summary() | {"train_images": len(tr), "val_images": len(va),
+                                  "wall_seconds": round(time.perf_counter() - start, 1)}  # fmt: skip
+    return model, summary
+
+
+def predictions(table: pd.DataFrame, binary: np.ndarray, four: np.ndarray, names: list[str]) -> pd.DataFrame:
+    """The held-out rows with both models' probabilities (p_covid: binary; p4_<class>: four-class)."""
+    keep = ["path", "dataset", "location", "country", "label", "age_group", "group_id", "origin"]
+    out = table[[c for c in keep if c in table]].copy()
+    out["p_covid"] = binary[:, 1]
+    for k, name in enumerate(names):
+        out[f"p4_{name}"] = four[:, k]
+    out["call4"] = np.asarray(names)[four.argmax(axis=1)]
+    return out
+
+
+def run_fold(
+    images: np.ndarray,
+    table: pd.DataFrame,
+    fold: Fold,
+    tasks: dict[str, TrainParams],
+    base: BaseParams,
+) -> tuple[pd.DataFrame, dict]:
+    """Train both tasks without the fold's films; their predictions on those films + a summary."""
+    out = held_out(table, fold)
+    train = (~out) & (table["origin"] == "train").to_numpy()
+    val = (~out) & (table["origin"] == "val").to_numpy()
+    # Held-out films of the default test split are neither trained on nor scored: choices made
+    # here must not see the films the committed models are finally tested on.
+    out &= (table["origin"] != "test").to_numpy()
+    log.info("fold %s: %d held out, training on %d, epoch chosen on %d", fold.name, out.sum(),
+             train.sum(), val.sum())  # fmt: skip
+    probs, summary = {}, {"held_out": int(out.sum()), "held_out_by_dataset":
+                          table[out]["dataset"].value_counts().to_dict()}  # fmt: skip
+    for task, p in tasks.items():
+        model, summary[task] = fit(images, table, train, val, p, base)
+        probs[task] = predict_proba(model, images[out], batch_size=64)
+    names = tasks["four_class"].class_names
+    frame = predictions(table[out], probs["binary"], probs["four_class"], names)
+    return frame.assign(fold=fold.name), summary
+
+
+# --- pooled metrics --------------------------------------------------------------------------
+
+
+def adult_binary(frame: pd.DataFrame) -> pd.DataFrame:
+    """Adult films only: COVID-19 vs adult non-COVID (children are all non-COVID: a shortcut)."""
+    return frame[frame["age_group"] == "adult"]
+
+
+def roc_auc(y: np.ndarray, s: np.ndarray) -> float:
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auc_score(y, s)) if 0 < y.sum() < len(y) else float("nan")
+
+
+def threshold_at_specificity(negatives: np.ndarray, specificity: float) -> float:
+    """The smallest threshold calling at least `specificity` of `negatives` negative.
+
+    A film is called positive when p >= threshold, so the threshold is just above the
+    ceil(specificity * n)-th smallest negative score (ties: all negatives at that score stay
+    negative, which can only raise the achieved specificity).
+    """
+    s = np.sort(np.asarray(negatives, dtype=float))
+    if not len(s):
+        raise ValueError("no negative films to set a threshold on")
+    k = int(np.ceil(specificity * len(s) - 1e-9))
+    if k <= 0:
+        return float(s[0])
+    return float(np.nextafter(s[k - 1], np.inf))
+
+
+def sens_at_spec(y: np.ndarray, s: np.ndarray, spec: float = 0.9) -> float:
+    if not 0 < y.sum() < len(y):
+        return float("nan")
+    t = threshold_at_specificity(s[y == 0], spec)
+    return float(np.mean(s[y == 1] >= t))
+
+
+def spec_at_sens(y: np.ndarray, s: np.ndarray, sens: float = 0.9) -> float:
+    """Specificity at the highest threshold that calls at least `sens` of the positives positive."""
+    if not 0 < y.sum() < len(y):
+        return float("nan")
+    pos = np.sort(s[y == 1])[::-1]
+    t = pos[int(np.ceil(sens * len(pos) - 1e-9)) - 1]
+    return float(np.mean(s[y == 0] < t))
+
+
+STATISTICS = {"roc_auc": roc_auc, "sensitivity_at_90_specificity": sens_at_spec,
+              "specificity_at_90_sensitivity": spec_at_sens}  # fmt: skip
+
+
+def group_bootstrap(y: np.ndarray, s: np.ndarray, groups: np.ndarray, n: int, seed: int,
+                    level: float = 0.95) -> dict:  # fmt: skip
+    """Point and percentile CI of each statistic, resampling whole patient groups."""
+    members = _group_members(groups)
+    rng = np.random.default_rng(seed)
+    draws: dict[str, list[float]] = {k: [] for k in STATISTICS}
+    for _ in range(n):
+        idx = np.concatenate([members[g] for g in rng.integers(0, len(members), len(members))])
+        for k, fn in STATISTICS.items():
+            v = fn(y[idx], s[idx])
+            if not np.isnan(v):
+                draws[k].append(v)
+    tail = 100 * (1 - level) / 2
+    out = {}
+    for k, fn in STATISTICS.items():
+        lo, hi = np.percentile(draws[k], [tail, 100 - tail]) if draws[k] else (np.nan, np.nan)
+        out[k] = {"point": _num(fn(y, s)), "low": _num(lo), "high": _num(hi)}
+    return out
+
+
+def _num(v: float) -> float | None:
+    return None if np.isnan(v) else round(float(v), 4)
+
+
+def four_class_rates(frame: pd.DataFrame) -> dict:
+    """Call rates of the four-class model on held-out adult normals and adult COVID-19 films."""
+    out = {}
+    for label in ("normal", "covid"):
+        rows = frame[(frame["age_group"] == "adult") & (frame["label"] == label)]
+        if len(rows):
+            rates = rows["call4"].value_counts(normalize=True)
+            out[f"adult_{label}"] = {"n": len(rows)} | {
+                k: round(float(rates.get(k, 0.0)), 4) for k in ("covid", "viral", "bacterial", "normal")
+            }
+    return out
+
+
+def binary_report(frame: pd.DataFrame, threshold: float | None, n_boot: int, seed: int) -> dict:
+    """Adult ROC AUC and operating points with patient-bootstrap CIs; calls at `threshold`."""
+    adult = adult_binary(frame)
+    y = (adult["label"] == "covid").to_numpy(dtype=int)
+    s = adult["p_covid"].to_numpy(dtype=float)
+    out = {"n_covid": int(y.sum()), "n_non_covid": int(len(y) - y.sum())}
+    if 0 < y.sum() < len(y):
+        out |= group_bootstrap(y, s, adult["group_id"].to_numpy(), n_boot, seed)
+    if threshold is not None:
+        out["at_threshold"] = {
+            "sensitivity": _num(np.mean(s[y == 1] >= threshold)) if y.sum() else None,
+            "specificity": _num(np.mean(s[y == 0] < threshold)) if (y == 0).sum() else None,
+        }
+    return out
+
+
+def report(frame: pd.DataFrame, specificity: float, n_boot: int, seed: int) -> dict:
+    """Per fold and pooled results, and the COVID-19 threshold chosen on the pooled folds:
+    the smallest giving `specificity` on held-out adult non-COVID films."""
+    adult = adult_binary(frame)
+    negatives = adult.loc[adult["label"] != "covid", "p_covid"].to_numpy(dtype=float)
+    threshold = threshold_at_specificity(negatives, specificity)
+    result = {
+        "operating_point": {"threshold": round(threshold, 6), "rule": (
+            f"smallest p(COVID-19) threshold calling >= {specificity:.0%} of the pooled held-out "
+            "adult non-COVID films negative"), "n_negatives": len(negatives)},
+        "pooled": {"binary": binary_report(frame, threshold, n_boot, seed),
+                   "four_class": four_class_rates(frame), "n": len(frame)},
+        "folds": {},
+    }  # fmt: skip
+    for name, rows in frame.groupby("fold", sort=False):
+        result["folds"][name] = {"binary": binary_report(rows, threshold, n_boot, seed),
+                                 "four_class": four_class_rates(rows), "n": len(rows)}  # fmt: skip
+    return result

@@ -1,0 +1,63 @@
+"""oos stage: one out-of-source fold: hold out its places, train both tasks on the rest, score them.
+
+Writes `<out>/<fold>.csv` (the held-out films with both models' probabilities) and
+`<out>/<fold>.json` (counts, chosen epochs, time). See cxr/oos.py and docs/validation.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+import yaml
+
+from cxr.cli import setup_logging, user_errors
+from cxr.config import load_base, load_split_params, load_train_params, preprocessing
+from cxr.infer import configure_cpu
+from cxr.lungs import crop_inputs
+from cxr.oos import folds_from_params, pool_masks, pool_table, run_fold
+from cxr.params import ParamsError
+
+log = logging.getLogger("oos")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--fold", required=True, help="a name from oos.folds in params.yaml")
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument("--data", type=Path, default=Path("data/split"))
+    parser.add_argument("--lungs", type=Path, default=Path("data/lungs"))
+    parser.add_argument("--out", type=Path, default=Path("reports/oos/folds"))
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    setup_logging()
+    with user_errors():
+        raw = yaml.safe_load(args.params.read_text()) or {}
+        folds = {f.name: f for f in folds_from_params((raw.get("oos") or {}).get("folds"))}
+        if args.fold not in folds:
+            raise ParamsError(f"--fold {args.fold!r} is not in oos.folds ({sorted(folds)})")
+        base = load_base(args.params)
+        spec = preprocessing(base, load_split_params(args.params))
+        tasks = {"binary": load_train_params(args.params, "train_binary"),
+                 "four_class": load_train_params(args.params, "train_four_class")}  # fmt: skip
+        configure_cpu(tasks["binary"].threads)
+        images, table = pool_table(args.data)
+        if spec.crop != "none":  # the same crop the train stage makes
+            images = crop_inputs(images, pool_masks(args.lungs, table), spec.to_dict())
+        frame, summary = run_fold(images, table, folds[args.fold], tasks, base)
+        args.out.mkdir(parents=True, exist_ok=True)
+        frame.to_csv(args.out / f"{args.fold}.csv", index=False, float_format="%.6f")
+        (args.out / f"{args.fold}.json").write_text(json.dumps(summary, indent=2) + "\n")
+        log.info("fold %s: %d held-out films scored -> %s", args.fold, len(frame), args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,61 @@
+"""oos_report stage: pool the out-of-source folds; per-fold and pooled results, the operating point.
+
+Writes `<out>/results.json` (per fold and pooled: adult ROC AUC with patient-bootstrap CIs,
+sensitivity at 90% specificity, specificity at 90% sensitivity, four-class call rates on held-out
+adult normals) and `<out>/operating_point.json`, the COVID-19 threshold the evaluate stage commits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+import pandas as pd
+import yaml
+
+from cxr.cli import setup_logging, user_errors
+from cxr.config import load_base
+from cxr.oos import folds_from_params, report
+
+log = logging.getLogger("oos_report")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument("--folds", type=Path, default=Path("reports/oos/folds"))
+    parser.add_argument("--out", type=Path, default=Path("reports/oos"))
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    setup_logging()
+    with user_errors():
+        oos = (yaml.safe_load(args.params.read_text()) or {}).get("oos") or {}
+        folds = folds_from_params(oos.get("folds"))
+        missing = [f.name for f in folds if not (args.folds / f"{f.name}.csv").exists()]
+        if missing:
+            raise FileNotFoundError(f"{args.folds}: no predictions for fold(s) {missing}; "
+                                    "run `dvc repro oos/dvc.yaml`")  # fmt: skip
+        frame = pd.concat([pd.read_csv(args.folds / f"{f.name}.csv", keep_default_na=False)
+                           for f in folds], ignore_index=True)  # fmt: skip
+        result = report(frame, float(oos["specificity"]), int(oos["bootstrap"]),
+                        load_base(args.params).seed)  # fmt: skip
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+        (args.out / "operating_point.json").write_text(
+            json.dumps(result["operating_point"], indent=2) + "\n"
+        )
+        pooled = result["pooled"]["binary"]
+        log.info("pooled adult AUC %s, threshold %.4f", pooled.get("roc_auc"),
+                 result["operating_point"]["threshold"])  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""Out-of-source validation: fold membership, operating points and pooled metrics (cxr/oos.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cxr.oos import (
+    Fold,
+    folds_from_params,
+    held_out,
+    report,
+    sens_at_spec,
+    spec_at_sens,
+    threshold_at_specificity,
+)
+from cxr.params import ParamsError
+
+
+def _pool() -> pd.DataFrame:
+    return pd.DataFrame({
+        "path": ["a", "b", "c", "d", "e"],
+        "dataset": ["hannover", "ieee8023", "ieee8023", "rsna", "kermany"],
+        "group_id": ["g1", "g1", "g2", "g3", "g4"],
+        "location": ["HMS", "Rome, Italy", "Rome, Italy", "NIH", "Guangzhou"],
+        "country": ["Germany", "Italy", "Italy", "USA", "China"],
+    })  # fmt: skip
+
+
+def test_a_fold_holds_out_its_places_datasets_and_their_whole_patient_groups():
+    """Watched red with the group closure removed: b (g1's second film, taken in Rome) stayed in."""
+    assert held_out(_pool(), Fold("h", ["HMS"], [])).tolist() == [True, True, False, False, False]
+    assert held_out(_pool(), Fold("r", [], ["rsna"])).tolist() == [False, False, False, True, False]
+    with pytest.raises(ParamsError, match="Hanover"):
+        held_out(_pool(), Fold("typo", ["Hanover"], []))
+
+
+def test_fold_params_are_checked():
+    assert folds_from_params([{"name": "a", "places": ["x"]}])[0] == Fold("a", ["x"], [])
+    for bad in ([], [{"name": "a"}, {"name": "a"}], [{"name": "a", "place": ["x"]}]):
+        with pytest.raises(ParamsError):
+            folds_from_params(bad)
+
+
+def test_threshold_at_specificity_calls_the_requested_share_negative():
+    neg = np.arange(1, 11) / 10.0  # 0.1 .. 1.0
+    t = threshold_at_specificity(neg, 0.9)
+    assert np.mean(neg < t) == pytest.approx(0.9)  # 9 of 10 below, the 10th (1.0) above
+    assert 0.9 < t <= 1.0
+    assert np.mean(neg < threshold_at_specificity(neg, 0.85)) == pytest.approx(0.9)  # ceil
+    assert np.mean(neg < threshold_at_specificity(neg, 1.0)) == 1.0
+
+
+def test_operating_points_on_a_hand_computed_example():
+    # 10 negatives 0.1..1.0, positives 0.95, 0.5, 0.05: threshold for 90% spec is just above 0.9
+    y = np.array([0] * 10 + [1, 1, 1])
+    s = np.r_[np.arange(1, 11) / 10.0, 0.95, 0.5, 0.05]
+    assert sens_at_spec(y, s, 0.9) == pytest.approx(1 / 3)
+    # 90% sensitivity of 3 positives needs all 3: threshold 0.05, no negative below it
+    assert spec_at_sens(y, s, 0.9) == 0.0
+    assert spec_at_sens(y, s, 0.6) == pytest.approx(0.4)  # two positives: t = 0.5, 4 below
+
+
+def test_report_pools_folds_and_keeps_children_out_of_the_binary_numbers():
+    rng = np.random.default_rng(0)
+    rows = []
+    for fold in ("f1", "f2"):
+        for i in range(40):
+            covid = i % 2 == 0
+            rows.append({"fold": fold, "group_id": f"{fold}{i}", "age_group": "adult",
+                         "label": "covid" if covid else "normal",
+                         "p_covid": rng.uniform(0.5, 1) if covid else rng.uniform(0, 0.6),
+                         "call4": "covid" if covid else ("normal" if i % 4 == 1 else "viral")})
+    # children scored high would wreck the adult AUC if they were counted
+    rows += [{"fold": "f1", "group_id": f"k{i}", "age_group": "pediatric", "label": "normal",
+              "p_covid": 0.99, "call4": "normal"} for i in range(20)]  # fmt: skip
+    result = report(pd.DataFrame(rows), specificity=0.9, n_boot=50, seed=0)
+    pooled = result["pooled"]["binary"]
+    assert pooled["n_covid"] == 40 and pooled["n_non_covid"] == 40
+    assert pooled["roc_auc"]["low"] <= pooled["roc_auc"]["point"] <= pooled["roc_auc"]["high"]
+    assert pooled["roc_auc"]["point"] > 0.9
+    assert pooled["at_threshold"]["specificity"] >= 0.9
+    assert result["pooled"]["four_class"]["adult_normal"]["normal"] == pytest.approx(0.5)
+    assert set(result["folds"]) == {"f1", "f2"}
