@@ -61,7 +61,14 @@ class Preprocessing:
 
 
 def decode(data: bytes, name: str = "<bytes>") -> Image.Image:
-    """Decode image bytes by content (some `.jpg` files are PNG); raise ImageError if unreadable."""
+    """Decode image bytes by content (some `.jpg` files are PNG), upright by their EXIF
+    orientation; raise ImageError if unreadable. Of a multi-frame file, the first frame."""
+    return decode_frames(data, name)[0]
+
+
+def decode_frames(data: bytes, name: str = "<bytes>") -> tuple[Image.Image, int]:
+    """`decode`, and the number of frames the file holds (an animated GIF, a multi-page TIFF),
+    so that a caller can say that only the first was used."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -75,7 +82,25 @@ def decode(data: bytes, name: str = "<bytes>") -> Image.Image:
         raise ImageError(
             f"{name}: image too large, refused as a possible decompression bomb"
         ) from exc
-    return img
+    return upright(img, name), int(getattr(img, "n_frames", 1))
+
+
+# EXIF Orientation (tag 274): 1 is upright as stored; 2-8 are mirrored and/or rotated.
+ORIENTATION_TAG = 0x0112
+
+
+def upright(img: Image.Image, name: str = "<image>") -> Image.Image:
+    """The image as a viewer shows it: rotated/mirrored by its EXIF orientation (phones and
+    some scanners store a film sideways and set the tag instead). No mirror image carries a
+    tag other than 1, so the training arrays are the same with or without this step."""
+    try:
+        orientation = img.getexif().get(ORIENTATION_TAG, 1)
+    except Exception as exc:  # PIL raises assorted types on malformed EXIF; pixels are fine
+        log.warning("%s: unreadable EXIF (%s); orientation taken as stored", name, exc)
+        return img
+    if orientation not in range(2, 9):
+        return img
+    return ImageOps.exif_transpose(img)
 
 
 def load_image(path: str | Path) -> Image.Image:

@@ -154,3 +154,67 @@ def test_equalize_spreads_grey_levels_and_none_is_identity():
     assert a.min() < 10 and a.max() > 245  # spread over the full range
     with pytest.raises(ValueError, match="unknown intensity"):
         normalise_intensity(washed, "clahe")
+
+
+def asymmetric(height: int = 40, width: int = 64) -> np.ndarray:
+    """No flip or rotation of this maps it onto itself: a ramp plus a bright top-left block."""
+    yy, xx = np.mgrid[0:height, 0:width]
+    image = (yy * 3 + xx * 2).astype(np.uint8)
+    image[:8, :12] = 255
+    return image
+
+
+# How a camera stores an upright picture under each EXIF orientation, written from the tag's
+# definition (where row 0 and column 0 of the stored image lie when displayed), not from PIL.
+STORED = {
+    1: lambda a: a,
+    2: np.fliplr,  # row 0 top, column 0 right
+    3: lambda a: np.rot90(a, 2),  # row 0 bottom, column 0 right
+    4: np.flipud,  # row 0 bottom, column 0 left
+    5: lambda a: a.T,  # row 0 left, column 0 top
+    6: lambda a: np.rot90(a, 1),  # row 0 right, column 0 top
+    7: lambda a: np.fliplr(np.rot90(a, 1)),  # row 0 right, column 0 bottom
+    8: lambda a: np.rot90(a, -1),  # row 0 left, column 0 bottom
+}
+
+
+def with_orientation(upright: np.ndarray, tag: int, fmt: str) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = tag
+    stored = np.ascontiguousarray(STORED[tag](upright))
+    extra = {"quality": 95} if fmt == "JPEG" else {}
+    return encode(Image.fromarray(stored, mode="L"), fmt, exif=exif, **extra)
+
+
+@pytest.mark.parametrize("tag", range(1, 9))
+def test_exif_orientation_is_applied_when_reading(tag, tmp_path):
+    """Issue 22: a JPEG stored sideways with an EXIF orientation tag was fed to the models
+    sideways. Watched red before the fix: with `upright` returning its input, tags 2-8 fail.
+    The split stage reads through the same decode (preprocess_file), so train and predict agree."""
+    from cxr.images import preprocess_file
+
+    upright = asymmetric()
+    png = decode(with_orientation(upright, tag, "PNG"), "x.png")
+    assert np.array_equal(to_grayscale(png), upright)
+    jpeg = to_grayscale(decode(with_orientation(upright, tag, "JPEG"), "x.jpg"))
+    assert jpeg.shape == upright.shape
+    assert np.abs(jpeg.astype(int) - upright.astype(int)).mean() < 3
+    (tmp_path / "tagged.png").write_bytes(with_orientation(upright, tag, "PNG"))
+    Image.fromarray(upright).save(tmp_path / "upright.png")
+    spec = Preprocessing(image_size=32)
+    assert np.array_equal(
+        preprocess_file(tmp_path / "tagged.png", spec),
+        preprocess_file(tmp_path / "upright.png", spec),
+    )
+
+
+def test_frames_are_counted_and_the_first_is_decoded():
+    from cxr.images import decode_frames
+
+    frames = [Image.fromarray(np.full((16, 16), v, np.uint8)) for v in (40, 200, 90)]
+    for fmt in ("GIF", "TIFF"):
+        buf = io.BytesIO()
+        frames[0].save(buf, format=fmt, save_all=True, append_images=frames[1:])
+        img, n = decode_frames(buf.getvalue(), f"x.{fmt.lower()}")
+        assert n == 3 and int(to_grayscale(img).mean()) in range(38, 43), fmt
+    assert decode_frames(encode(frames[0], "PNG"))[1] == 1
