@@ -30,14 +30,15 @@ def _pool() -> pd.DataFrame:
 
 def test_a_fold_holds_out_its_places_datasets_and_their_whole_patient_groups():
     """Watched red with the group closure removed: b (g1's second film, taken in Rome) stayed in."""
-    assert held_out(_pool(), Fold("h", ["HMS"], [])).tolist() == [True, True, False, False, False]
-    assert held_out(_pool(), Fold("r", [], ["rsna"])).tolist() == [False, False, False, True, False]
+    assert held_out(_pool(), Fold("h", [], ["HMS"], [])).tolist() == [True, True, False, False, False]
+    assert held_out(_pool(), Fold("r", [], [], ["rsna"])).tolist() == [False, False, False, True, False]
+    assert held_out(_pool(), Fold("i", ["Italy"], [], [])).tolist() == [True, True, True, False, False]
     with pytest.raises(ParamsError, match="Hanover"):
-        held_out(_pool(), Fold("typo", ["Hanover"], []))
+        held_out(_pool(), Fold("typo", [], ["Hanover"], []))
 
 
 def test_fold_params_are_checked():
-    assert folds_from_params([{"name": "a", "places": ["x"]}])[0] == Fold("a", ["x"], [])
+    assert folds_from_params([{"name": "a", "locations": ["x"]}])[0] == Fold("a", [], ["x"], [])
     for bad in ([], [{"name": "a"}, {"name": "a"}], [{"name": "a", "place": ["x"]}]):
         with pytest.raises(ParamsError):
             folds_from_params(bad)
