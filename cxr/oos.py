@@ -122,14 +122,17 @@ def fit(
     return model, summary
 
 
-def predictions(table: pd.DataFrame, binary: np.ndarray, four: np.ndarray, names: list[str]) -> pd.DataFrame:
-    """The held-out rows with both models' probabilities (p_covid: binary; p4_<class>: four-class)."""
+def predictions(table: pd.DataFrame, binary: np.ndarray | None, four: np.ndarray | None,
+                names: list[str]) -> pd.DataFrame:  # fmt: skip
+    """The held-out rows with the models' probabilities (p_covid: binary; p4_<class>: four-class)."""
     keep = ["path", "dataset", "location", "country", "label", "age_group", "group_id", "origin"]
     out = table[[c for c in keep if c in table]].copy()
-    out["p_covid"] = binary[:, 1]
-    for k, name in enumerate(names):
-        out[f"p4_{name}"] = four[:, k]
-    out["call4"] = np.asarray(names)[four.argmax(axis=1)]
+    if binary is not None:
+        out["p_covid"] = binary[:, 1]
+    if four is not None:
+        for k, name in enumerate(names):
+            out[f"p4_{name}"] = four[:, k]
+        out["call4"] = np.asarray(names)[four.argmax(axis=1)]
     return out
 
 
@@ -154,8 +157,8 @@ def run_fold(
     for task, p in tasks.items():
         model, summary[task] = fit(images, table, train, val, p, base)
         probs[task] = predict_proba(model, images[out], batch_size=64)
-    names = tasks["four_class"].class_names
-    frame = predictions(table[out], probs["binary"], probs["four_class"], names)
+    frame = predictions(table[out], probs.get("binary"), probs.get("four_class"),
+                        tasks["four_class"].class_names if "four_class" in tasks else [])  # fmt: skip
     return frame.assign(fold=fold.name), summary
 
 
@@ -235,7 +238,9 @@ def _num(v: float) -> float | None:
 
 def four_class_rates(frame: pd.DataFrame) -> dict:
     """Call rates of the four-class model on held-out adult normals and adult COVID-19 films."""
-    out = {}
+    out: dict = {}
+    if "call4" not in frame:
+        return out  # four-class not run (oos.tasks)
     for label in ("normal", "covid"):
         rows = frame[(frame["age_group"] == "adult") & (frame["label"] == label)]
         if len(rows):

@@ -46,8 +46,10 @@ def main(argv: list[str] | None = None) -> None:
             raise ParamsError(f"--fold {args.fold!r} is not in oos.folds ({sorted(folds)})")
         base = load_base(args.params)
         spec = preprocessing(base, load_split_params(args.params))
-        tasks = {"binary": load_train_params(args.params, "train_binary"),
-                 "four_class": load_train_params(args.params, "train_four_class")}  # fmt: skip
+        wanted = (raw.get("oos") or {}).get("tasks") or []
+        if not wanted or set(wanted) - {"binary", "four_class"}:
+            raise ParamsError(f"oos.tasks must list binary and/or four_class, got {wanted}")
+        tasks = {task: load_train_params(args.params, f"train_{task}") for task in wanted}
         configure_cpu(tasks["binary"].threads)
         images, table = pool_table(args.data)
         if spec.crop != "none":  # the same crop the train stage makes
