@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -93,6 +93,11 @@ def held_out(table: pd.DataFrame, fold: Fold) -> np.ndarray:
     return np.array(close_over_groups(main, mask), dtype=bool)  # writable (pandas CoW)
 
 
+def with_epochs(p: TrainParams, epochs: int | None) -> TrainParams:
+    """The task's params with `oos.epochs` in place of its own (None: unchanged)."""
+    return p if epochs is None else replace(p, epochs=int(epochs))
+
+
 def fit(
     images: np.ndarray,
     table: pd.DataFrame,
@@ -154,11 +159,15 @@ def run_fold(
              train.sum(), val.sum())  # fmt: skip
     probs, summary = {}, {"held_out": int(out.sum()), "held_out_by_dataset":
                           table[out]["dataset"].value_counts().to_dict()}  # fmt: skip
+    # The fold's own validation films (same sources as its training) are scored too, so the
+    # report shows the in-distribution estimate beside the out-of-source one, same models.
+    scored = out | val
     for task, p in tasks.items():
         model, summary[task] = fit(images, table, train, val, p, base)
-        probs[task] = predict_proba(model, images[out], batch_size=64)
-    frame = predictions(table[out], probs.get("binary"), probs.get("four_class"),
+        probs[task] = predict_proba(model, images[scored], batch_size=64)
+    frame = predictions(table[scored], probs.get("binary"), probs.get("four_class"),
                         tasks["four_class"].class_names if "four_class" in tasks else [])  # fmt: skip
+    frame["scored_as"] = np.where(out[scored], "held_out", "internal_val")
     return frame.assign(fold=fold.name), summary
 
 
@@ -269,7 +278,11 @@ def binary_report(frame: pd.DataFrame, threshold: float | None, n_boot: int, see
 
 def report(frame: pd.DataFrame, specificity: float, n_boot: int, seed: int) -> dict:
     """Per fold and pooled results, and the COVID-19 threshold chosen on the pooled folds:
-    the smallest giving `specificity` on held-out adult non-COVID films."""
+    the smallest giving `specificity` on held-out adult non-COVID films. Rows scored as
+    `internal_val` (the fold's own validation films) give the in-distribution estimate of the
+    same models, reported beside; they choose nothing."""
+    internal = frame[frame.get("scored_as", "held_out") == "internal_val"]
+    frame = frame[frame.get("scored_as", "held_out") == "held_out"]
     adult = adult_binary(frame)
     negatives = adult.loc[adult["label"] != "covid", "p_covid"].to_numpy(dtype=float)
     threshold = threshold_at_specificity(negatives, specificity)
@@ -284,4 +297,8 @@ def report(frame: pd.DataFrame, specificity: float, n_boot: int, seed: int) -> d
     for name, rows in frame.groupby("fold", sort=False):
         result["folds"][name] = {"binary": binary_report(rows, threshold, n_boot, seed),
                                  "four_class": four_class_rates(rows), "n": len(rows)}  # fmt: skip
+        own = internal[internal["fold"] == name]
+        if len(own):
+            result["folds"][name]["internal_val"] = {
+                "binary": binary_report(own, threshold, n_boot, seed), "n": len(own)}
     return result

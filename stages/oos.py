@@ -20,7 +20,7 @@ from cxr.cli import setup_logging, user_errors
 from cxr.config import load_base, load_split_params, load_train_params, preprocessing
 from cxr.infer import configure_cpu
 from cxr.lungs import crop_inputs
-from cxr.oos import folds_from_params, pool_masks, pool_table, run_fold
+from cxr.oos import folds_from_params, pool_masks, pool_table, run_fold, with_epochs
 from cxr.params import ParamsError
 
 log = logging.getLogger("oos")
@@ -49,7 +49,11 @@ def main(argv: list[str] | None = None) -> None:
         wanted = (raw.get("oos") or {}).get("tasks") or []
         if not wanted or set(wanted) - {"binary", "four_class"}:
             raise ParamsError(f"oos.tasks must list binary and/or four_class, got {wanted}")
-        tasks = {task: load_train_params(args.params, f"train_{task}") for task in wanted}
+        epochs = (raw.get("oos") or {}).get("epochs")
+        if epochs is not None and (not isinstance(epochs, int) or epochs < 1):
+            raise ParamsError(f"oos.epochs must be a positive integer or null, got {epochs!r}")
+        tasks = {task: with_epochs(load_train_params(args.params, f"train_{task}"), epochs)
+                 for task in wanted}  # fmt: skip
         configure_cpu(tasks["binary"].threads)
         images, table = pool_table(args.data)
         if spec.crop != "none":  # the same crop the train stage makes
