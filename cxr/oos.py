@@ -281,8 +281,8 @@ def report(frame: pd.DataFrame, specificity: float, n_boot: int, seed: int) -> d
     the smallest giving `specificity` on held-out adult non-COVID films. Rows scored as
     `internal_val` (the fold's own validation films) give the in-distribution estimate of the
     same models, reported beside; they choose nothing."""
-    internal = frame[frame.get("scored_as", "held_out") == "internal_val"]
-    frame = frame[frame.get("scored_as", "held_out") == "held_out"]
+    scored_as = frame["scored_as"] if "scored_as" in frame else pd.Series("held_out", frame.index)
+    internal, frame = frame[scored_as == "internal_val"], frame[scored_as == "held_out"]
     adult = adult_binary(frame)
     negatives = adult.loc[adult["label"] != "covid", "p_covid"].to_numpy(dtype=float)
     threshold = threshold_at_specificity(negatives, specificity)

@@ -76,7 +76,15 @@ def test_report_pools_folds_and_keeps_children_out_of_the_binary_numbers():
     # children scored high would wreck the adult AUC if they were counted
     rows += [{"fold": "f1", "group_id": f"k{i}", "age_group": "pediatric", "label": "normal",
               "p_covid": 0.99, "call4": "normal"} for i in range(20)]  # fmt: skip
-    result = report(pd.DataFrame(rows), specificity=0.9, n_boot=50, seed=0)
+    # the fold's own validation films: reported beside, never used for the threshold
+    rows += [{"fold": "f1", "group_id": f"v{i}", "age_group": "adult", "label": "normal",
+              "p_covid": 0.999, "call4": "normal", "scored_as": "internal_val"}
+             for i in range(30)]  # fmt: skip
+    frame = pd.DataFrame(rows)
+    frame["scored_as"] = frame["scored_as"].fillna("held_out")
+    result = report(frame, specificity=0.9, n_boot=50, seed=0)
+    assert result["folds"]["f1"]["internal_val"]["n"] == 30
+    assert result["operating_point"]["n_negatives"] == 40
     pooled = result["pooled"]["binary"]
     assert pooled["n_covid"] == 40 and pooled["n_non_covid"] == 40
     assert pooled["roc_auc"]["low"] <= pooled["roc_auc"]["point"] <= pooled["roc_auc"]["high"]
