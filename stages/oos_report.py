@@ -20,7 +20,7 @@ import yaml
 
 from cxr.cli import setup_logging, user_errors
 from cxr.config import load_base
-from cxr.oos import folds_from_params, report
+from cxr.oos import folds_from_params, markdown, report
 
 log = logging.getLogger("oos_report")
 
@@ -49,6 +49,7 @@ def main(argv: list[str] | None = None) -> None:
                         load_base(args.params).seed)  # fmt: skip
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+        (args.out / "results.md").write_text(markdown(result, oos))
         (args.out / "operating_point.json").write_text(
             json.dumps(result["operating_point"], indent=2) + "\n"
         )

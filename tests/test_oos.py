@@ -10,6 +10,7 @@ from cxr.oos import (
     Fold,
     folds_from_params,
     held_out,
+    markdown,
     report,
     sens_at_spec,
     spec_at_sens,
@@ -92,3 +93,9 @@ def test_report_pools_folds_and_keeps_children_out_of_the_binary_numbers():
     assert pooled["at_threshold"]["specificity"] >= 0.9
     assert result["pooled"]["four_class"]["adult_normal"]["normal"] == pytest.approx(0.5)
     assert set(result["folds"]) == {"f1", "f2"}
+    page = markdown(result, {"tasks": ["binary"], "epochs": 2})
+    auc = pooled["roc_auc"]
+    assert f"{auc['point']:.3f} [{auc['low']:.3f}, {auc['high']:.3f}]" in next(
+        line for line in page.splitlines() if line.startswith("| **pooled")
+    )
+    assert "fold f1 (internal val)" in page
