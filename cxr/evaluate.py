@@ -15,9 +15,10 @@ import numpy as np
 import pandas as pd
 
 from cxr import metrics
-from cxr.config import EvaluateParams
+from cxr.config import BINARY_CLASSES, FOUR_CLASSES, EvaluateParams
 from cxr.data import allowed_classes, labels_for
 from cxr.infer import predict_proba
+from cxr.models import CheckpointError
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,21 @@ class Scored:
 def score_split(model, name: str, images: np.ndarray, table: pd.DataFrame, task: str) -> Scored:
     log.info("scoring %s (%d images)", name, len(images))
     return Scored(name, table, labels_for(table, task), predict_proba(model, images, batch_size=32))
+
+
+def check_class_order(task: str, class_names: list[str], where: str = "checkpoint") -> None:
+    """Refuse a model whose classes are not the task's, in the task's order.
+
+    `labels_for` numbers the labels in the task's order (cxr.config) and the probability columns
+    come in the checkpoint's: if the two orders differed, every metric would pair a label with
+    another class's probability and still look plausible.
+    """
+    expected = list(BINARY_CLASSES if task == "binary" else FOUR_CLASSES)
+    if list(class_names) != expected:
+        raise CheckpointError(
+            f"{where}: class order {list(class_names)} is not the {task} task's {expected} "
+            "(labels are numbered in the task's order); retrain it with this code"
+        )
 
 
 def covid_index(class_names: list[str]) -> int:
@@ -304,6 +320,7 @@ def evaluate_task(
     seed: int,
 ) -> dict:
     """The metrics file for one task (metrics/<task>.json)."""
+    check_class_order(task, class_names)
     threshold = operating_point(scored["val"], p, covid_index(class_names))
     value = threshold["value"]
     result: dict = {

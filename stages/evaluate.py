@@ -14,7 +14,7 @@ from cxr import figures
 from cxr.arrays import load_split
 from cxr.cli import setup_logging, user_errors
 from cxr.config import load_base, load_evaluate_params
-from cxr.evaluate import evaluate_task, known_class, score_split
+from cxr.evaluate import check_class_order, evaluate_task, known_class, score_split
 from cxr.infer import configure_cpu
 from cxr.lungs import crop_inputs, load_lung_masks
 from cxr.models import load_checkpoint
@@ -57,6 +57,7 @@ def evaluate_checkpoint(
             f"{path} expects {meta['image_size']} px images, {args.data} has {size} px"
         )
     names = meta["class_names"]
+    check_class_order(task, names, str(path))  # before minutes of scoring, naming the file
     prep = meta.get("preprocessing", {})
     if prep.get("crop", "none") != "none":  # the model was trained on lung crops: crop alike
         splits = {

@@ -17,7 +17,7 @@ from cxr.arrays import save_split
 from cxr.config import BINARY_CLASSES, FOUR_CLASSES, EvaluateParams
 from cxr.data import labels_for
 from cxr.evaluate import Scored, evaluate_task
-from cxr.models import build_model, save_checkpoint
+from cxr.models import CheckpointError, build_model, save_checkpoint
 from stages import evaluate as stage
 
 LABELS = ["covid", "viral", "bacterial", "normal"]
@@ -257,8 +257,9 @@ def tiny_split(root: Path, size: int = 32, external: int | None = 3) -> None:
         save_split(root, name, rng.integers(0, 255, (len(t), size, size), dtype=np.uint8), t)
 
 
-def checkpoint(path: Path, task: str) -> Path:
-    names = list(BINARY_CLASSES if task == "binary" else FOUR_CLASSES)
+def checkpoint(path: Path, task: str, names: list[str] | None = None) -> Path:
+    """A random resnet18 checkpoint; `names`: its class order (default: the task's)."""
+    names = names or list(BINARY_CLASSES if task == "binary" else FOUR_CLASSES)
     torch.manual_seed(0)
     model = build_model("resnet18", len(names))
     meta = {"task": task, "arch": "resnet18", "class_names": names, "image_size": 32,
@@ -376,6 +377,25 @@ def test_checkpoint_of_the_wrong_task_fails_clearly(workdir, capsys):
         stage.main(argv(workdir, binary="four_class.pt"))
     assert exc.value.code == 1
     assert "expected 'binary'" in capsys.readouterr().err
+
+
+def test_a_checkpoint_whose_class_order_is_not_the_tasks_is_refused(workdir, capsys):
+    """Labels are numbered in the task's order, probability columns come in the checkpoint's:
+    a checkpoint listing its classes in another order would have every metric pair a label
+    with another class's probability. Watched red before the fix: the stage wrote
+    metrics/binary.json for this checkpoint, p(non_covid) scored as p(covid)."""
+    checkpoint(workdir / "binary.pt", "binary", names=["covid", "non_covid"])
+    with pytest.raises(SystemExit) as exc:
+        stage.main(argv(workdir))
+    assert exc.value.code == 1
+    err = capsys.readouterr().err
+    assert "binary.pt: class order ['covid', 'non_covid'] is not the binary task's " in err
+    assert len(err.strip().splitlines()) == 1  # one line, no traceback
+    assert not (workdir / "metrics" / "binary.json").exists()
+    four = scored("val", table(LABELS), np.eye(4).tolist(), "four_class")
+    splits = {"val": four, "test": four, "adult_check": four}
+    with pytest.raises(CheckpointError, match="class order"):  # the library refuses it too
+        evaluate_task("four_class", LABELS[::-1], splits, EvaluateParams(bootstrap=5), 0)
 
 
 def ci(point: float, low: float, high: float) -> dict:
