@@ -1,0 +1,659 @@
+"""The numbers in README.md and docs/*.md that quote committed metrics, rendered from those files.
+
+    python -m cxr.readme_numbers            # check: exit 1 naming every stale block
+    python -m cxr.readme_numbers --write    # re-render every block in place
+
+A block is the text between `<!-- metrics:start NAME -->` and `<!-- metrics:end NAME -->`
+(indented like the start marker, so a block can sit in a list item). Its content is never edited
+by hand: BLOCKS maps each NAME to a function that renders it from the committed files
+(metrics/*.json, reports/reference/*/, params.yaml). After a re-run changes a metric, `--write`
+brings every sentence and table that quotes it in step; committing the metric without it turns
+tests/test_readme_numbers.py red instead of leaving a stale number behind.
+
+Some tables set the committed run beside records of other runs (seeds 1 and 2, ResNet-152, the
+lung crop on validation). Those records are constants below, each with the commit that measured
+it; the committed run's columns, and what is computed with them (a mean over the seeds, which
+value is bold), are rendered from the files.
+
+Over 400 lines, on purpose: one job (the documents' quoted numbers), most of it the layouts of
+the twelve blocks, one short function each, read top to bottom beside the page they render; the
+block machinery (find, render, check, write) is the last part.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import re
+import statistics
+import sys
+import textwrap
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+START = re.compile(r"^(?P<lead>.*?)<!-- metrics:start (?P<name>[a-z0-9-]+) -->\s*$")
+END = "<!-- metrics:end {name} -->"
+WIDTH = 100  # prose lines of a block are wrapped to this, their indent included
+TASKS = ("binary", "four_class")
+CLASS_NAMES = {"covid": "COVID-19", "viral": "viral", "bacterial": "bacterial", "normal": "normal"}
+
+# Where metrics/<task>.json keeps what the blocks quote (a bootstrap interval or a number).
+ACCURACY, MACRO_F1, MACRO_AUC = "test.ci.accuracy", "test.ci.macro_f1", "test.ci.macro_auc"
+SENS_ARGMAX = "test.ci.sensitivity"
+SENS, SPEC = (f"test.covid_vs_rest.at_threshold.{k}" for k in ("sensitivity", "specificity"))
+ADULT_AUC = "test.adult_only.roc_auc"
+ADULT_SENS, ADULT_SPEC = (
+    f"test.adult_only.at_threshold.{k}" for k in ("sensitivity", "specificity")
+)
+CHECK, CHECK_ARGMAX = "adult_check.at_threshold.call_rate", "adult_check.argmax.call_rate"
+NORMAL = "adult_check.normal_call_rate"
+THRESHOLD, VAL_F1, VAL_AUC = "threshold.value", "validation.macro_f1", "validation.adult_roc_auc"
+TEST_ACCURACY, TEST_F1 = "test.accuracy", "test.macro.f1"
+
+
+def documents(root: Path) -> list[Path]:
+    """The Markdown files whose blocks are kept in step: README.md and docs/*.md."""
+    return [root / "README.md", *sorted((root / "docs").glob("*.md"))]
+
+
+class Files:
+    """The committed files a block quotes, each read once."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._read: dict[str, Any] = {}
+
+    def load(self, relative: str) -> Any:
+        if relative not in self._read:
+            text = (self.root / relative).read_text()
+            self._read[relative] = (
+                yaml.safe_load(text) if relative.endswith(".yaml") else json.loads(text)
+            )
+        return self._read[relative]
+
+    def tasks(self, run: str | None = None) -> tuple[dict, dict]:
+        """(binary, four-class) metrics of the committed run, or of a reports/reference run."""
+        folder = "metrics" if run is None else f"reports/reference/{run}"
+        return self.load(f"{folder}/binary.json"), self.load(f"{folder}/four_class.json")
+
+
+# --- formats -------------------------------------------------------------------------------
+
+
+def get(doc: Any, path: str) -> Any:
+    for key in path.split("."):
+        doc = doc[key]
+    return doc
+
+
+def num(x: float | dict) -> float:
+    """A number, or the point estimate of a bootstrap interval."""
+    return x["point"] if isinstance(x, dict) else x
+
+
+def pct(x: float | dict) -> str:
+    return f"{100 * num(x):.1f}%"
+
+
+def f3(x: float | dict) -> str:
+    return f"{num(x):.3f}"
+
+
+def bold(text: str, on: bool = True) -> str:
+    return f"**{text}**" if on else text
+
+
+def ci(c: dict, strong: bool = False) -> str:
+    """A bootstrap interval as "97.4% [96.4, 98.2]" (the point in bold when `strong`)."""
+    return f"{bold(pct(c), strong)} [{100 * c['low']:.1f}, {100 * c['high']:.1f}]"
+
+
+def count(n: int) -> str:
+    return f"{n:,}"
+
+
+def both(runs: tuple[dict, dict], fmt: Callable[[Any], str], *paths: str) -> list[str]:
+    """One cell per task: the paths' values, formatted, joined by " / "."""
+    return [" / ".join(fmt(get(m, p)) for p in paths) for m in runs]
+
+
+def pair(runs: tuple[dict, dict], fmt: Callable[[Any], str], path: str) -> str:
+    """One cell, "binary / four-class"."""
+    return " / ".join(both(runs, fmt, path))
+
+
+def table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def mean_sd(values: list[float], percent: bool) -> str:
+    """Mean ± sample sd, "97.4 ± 0.7%" for rates and "0.876 ± 0.016" for scores."""
+    m, s = statistics.mean(values), statistics.stdev(values)
+    return f"{100 * m:.1f} ± {100 * s:.1f}%" if percent else f"{m:.3f} ± {s:.3f}"
+
+
+# --- the blocks ----------------------------------------------------------------------------
+
+
+def headline(f: Files) -> list[str]:
+    runs = b, q = f.tasks()
+    counts = f.load("metrics/data.json")
+    children = sum(
+        n for label, by_dataset in counts["test"].items() if label != "total"
+        for by_age in by_dataset.values() for age, n in by_age.items() if age == "pediatric"
+    )  # fmt: skip
+    adults, pneumonia = get(b, "test.adult_only.n_by_class"), b["test"]["pneumonia"]["n"]
+    intro = (
+        f"Test split: {count(b['test']['n'])} images from {count(counts['groups']['test'])} patient "
+        f"groups ({adults['covid']} COVID-19, {adults['non_covid']} adult non-COVID, "
+        f"{count(children)} children); the four-class metrics leave out its {pneumonia} "
+        '`pneumonia` rows. "At threshold": p(COVID-19) >= the threshold chosen on adult '
+        f"validation images (binary {f3(b['threshold']['value'])}, four-class "
+        f"{f3(q['threshold']['value'])}), the operating point `predict` uses."
+    )
+    validation_link = "[docs/validation.md](docs/validation.md)"
+    rows = [
+        ["accuracy (argmax)", *both(runs, ci, ACCURACY)],
+        ["macro F1 (argmax)", *both(runs, ci, MACRO_F1)],
+        ["macro ROC AUC", *both(runs, ci, MACRO_AUC)],
+        ["COVID-19 sensitivity, argmax", *both(runs, ci, SENS_ARGMAX)],
+        ["COVID-19 sensitivity / specificity, **at threshold**", *both(runs, ci, SENS, SPEC)],
+        [
+            f"**adult-only** ROC AUC ({adults['covid']} COVID-19 vs {adults['non_covid']} adult "
+            "non-COVID)",
+            *both(runs, ci, ADULT_AUC),
+        ],
+        [
+            "adult-only sensitivity / specificity, at threshold",
+            *both(runs, ci, ADULT_SENS, ADULT_SPEC),
+        ],
+        [
+            f"**adult_check called COVID-19**, at threshold ({b['adult_check']['n']} adult normals)",
+            *both(runs, ci, CHECK),
+        ],
+        ["adult_check called COVID-19, argmax", *both(runs, ci, CHECK_ARGMAX)],
+        ["adult_check called *normal* (four-class, argmax)", "-", pct(get(q, NORMAL))],
+        [
+            f"`pneumonia` test images ({pneumonia}) called COVID-19, at threshold",
+            *both(runs, pct, "test.pneumonia.at_threshold.call_rate"),
+        ],
+        [
+            "`pneumonia` test images called viral or bacterial (argmax)",
+            "-",
+            ci(get(q, "test.pneumonia.viral_or_bacterial_rate")),
+        ],
+        ["**out-of-source** (whole hospitals and countries held out)", *[validation_link] * 2],
+    ]
+    return [intro, "", *table(["test metric", "binary", "four-class"], rows)]
+
+
+def targets(f: Files) -> list[str]:
+    b, q = f.tasks()
+
+    def verdict(
+        value: float | dict, fmt: Callable[[Any], str], met: Callable[[float], bool]
+    ) -> str:
+        return f"{fmt(value)}: met" if met(num(value)) else f"{fmt(value)}: **missed**"
+
+    def at_most_10(x: float) -> bool:
+        return x <= 0.10
+
+    rows = [
+        [
+            "adult_check called COVID-19 at the frozen threshold <= 10%",
+            verdict(get(b, CHECK), pct, at_most_10),
+            verdict(get(q, CHECK), pct, at_most_10),
+        ],
+        [
+            "test COVID-19 sensitivity at the threshold >= 90%",
+            verdict(get(b, SENS), ci, lambda x: x >= 0.90),
+            "",
+        ],
+        ["adult-only ROC AUC >= 0.90", verdict(get(b, ADULT_AUC), f3, lambda x: x >= 0.90), ""],
+        ["test macro-F1 >= 0.80", "", verdict(get(q, TEST_F1), f3, lambda x: x >= 0.80)],
+    ]
+    return table(["target of the adult-controls work", "binary", "four-class"], rows)
+
+
+def adult_check_calls(f: Files) -> list[str]:
+    q = f.tasks()[1]
+    normal, covid = get(q, NORMAL), num(get(q, CHECK_ARGMAX))
+    return [
+        f"of the {q['adult_check']['n']} adult_check films the four-class model calls "
+        f"{pct(normal)} normal, {pct(covid)} COVID-19 and the other {pct(1 - normal - covid)} "
+        "viral or bacterial pneumonia (argmax)."
+    ]
+
+
+def per_class_f1(f: Files) -> list[str]:
+    f1 = {CLASS_NAMES[c]: v["f1"] for c, v in f.tasks()[1]["test"]["per_class"].items()}
+    listed = ", ".join(f"{c} {f3(v)}" for c, v in f1.items())
+    return [f"Four-class test F1 by class: {listed}; the weakest is {min(f1, key=f1.get)}."]
+
+
+# The seed-spread rows: label, path in metrics/<task>.json, shown as a rate (%) or a score.
+SEED_ROWS = [
+    ("val macro-F1, binary / four-class", VAL_F1, False),
+    ("accuracy, binary / four-class", TEST_ACCURACY, True),
+    ("macro F1, binary / four-class", TEST_F1, True),
+    ("adult-only ROC AUC, binary / four-class", ADULT_AUC, True),
+    ("COVID-19 sensitivity at threshold, binary / four-class", SENS, True),
+    ("adult_check called COVID-19 at threshold, binary / four-class", CHECK, True),
+    ("adult_check called COVID-19 at argmax, binary / four-class", CHECK_ARGMAX, True),
+]
+# Records of the default pipeline with base.seed 1 and 2 (commit c28879b: queued experiments of
+# the default, each with its own split): (binary, four-class) per row of SEED_ROWS, then the
+# four-class adult_check "normal" rate.
+SEED_RECORDS = {
+    1: [(0.858, 0.725), (0.981, 0.774), (0.923, 0.762), (0.965, 0.960), (0.914, 0.935),
+        (0.150, 0.108), (0.083, 0.075), 0.242],
+    2: [(0.883, 0.741), (0.967, 0.759), (0.880, 0.741), (0.954, 0.941), (0.938, 0.896),
+        (0.258, 0.200), (0.092, 0.075), 0.317],
+}  # fmt: skip
+
+
+def seed_spread(f: Files) -> list[str]:
+    runs = f.tasks()
+    seed42 = [tuple(num(get(m, path)) for m in runs) for _, path, _ in SEED_ROWS]
+    columns = [[*seed42, get(runs[1], NORMAL)], SEED_RECORDS[1], SEED_RECORDS[2]]
+    rows = []
+    for i, (label, _, percent) in enumerate(SEED_ROWS):
+        show = pct if percent else f3
+        cells = [" / ".join(map(show, column[i])) for column in columns]
+        spread = " / ".join(mean_sd([c[i][t] for c in columns], percent) for t in range(2))
+        rows.append([label, *cells, spread])
+    normals = [column[-1] for column in columns]
+    rows.append(
+        ["adult_check called normal, four-class", *map(pct, normals), mean_sd(normals, True)]
+    )
+    return table(
+        ["metric (test unless marked)", "seed 42 (committed)", "seed 1", "seed 2", "mean ± sd"],
+        rows,
+    )
+
+
+def adult_controls(f: Files) -> list[str]:
+    def column(runs: tuple[dict, dict], strong: bool) -> list[str]:
+        def check(m: dict) -> str:
+            return f"{ci(get(m, CHECK), strong)} / {bold(pct(get(m, CHECK_ARGMAX)), strong)}"
+
+        b, q = runs
+        return [
+            pair(runs, f3, THRESHOLD),
+            check(b),
+            check(q),
+            pair(runs, lambda c: ci(c, strong), ADULT_AUC),
+            *both(runs, pct, ADULT_SENS, ADULT_SPEC),
+            pair(runs, ci, ACCURACY),
+            pair(runs, ci, MACRO_F1),
+            ci(get(b, SENS)),
+        ]
+
+    labels = [
+        "COVID-19 threshold chosen on adult validation images, binary / four-class",
+        "adult_check called COVID-19, binary, at threshold / argmax",
+        "adult_check called COVID-19, four-class, at threshold / argmax",
+        "adult-only ROC AUC, binary / four-class",
+        "adult-only sensitivity / specificity at threshold, binary",
+        "adult-only sensitivity / specificity at threshold, four-class",
+        "test accuracy, binary / four-class",
+        "test macro F1, binary / four-class",
+        "test COVID-19 sensitivity at threshold, binary",
+    ]
+    off, on = column(f.tasks("adult_controls_off"), False), column(f.tasks(), True)
+    header = ["test metric, 95% CI", "adult controls **off**", "adult controls **on** (default)"]
+    return table(header, [list(r) for r in zip(labels, off, on, strict=True)])
+
+
+def hannover(f: Files) -> list[str]:
+    ref, default = f.tasks("external_hannover"), f.tasks()
+    held = "external.by_dataset.hannover"
+    trained = "test.subgroups.covid.hannover_adult"
+    rows = [
+        ["Hannover called COVID-19 at the (adult-validation) threshold", *both(ref, ci, f"{held}.at_threshold.sensitivity")],
+        ["Hannover called COVID-19, argmax", *both(ref, ci, f"{held}.argmax.sensitivity")],
+        ["this run's own test split: adult-only ROC AUC", *both(ref, ci, ADULT_AUC)],
+        ["this run's own adult_check called COVID-19 at threshold", *both(ref, ci, CHECK)],
+        [
+            f"default run, for comparison: its {get(default[0], trained)['n']} Hannover test films "
+            "(patients never trained on, the hospital trained on) called COVID-19 at threshold",
+            *both(default, pct, f"{trained}.covid_call_rate_at_threshold"),
+        ],
+    ]  # fmt: skip
+    n = get(ref[0], held)["n"]
+    return table(
+        [f"Hannover held out ({n} COVID-19, never trained on)", "binary", "four-class"], rows
+    )
+
+
+# ResNet-152 for 4 epochs a task, everything else default, seed 42 (commit f6718ed); its binary
+# threshold was 0.77. Per task (binary, four-class): validation macro-F1 and its best epoch,
+# validation adult ROC AUC, then the test cells as they were written.
+RESNET152_RECORD = [
+    (0.850, 3, 0.895, "96.6% / 0.879", "94.4% [89.8, 97.5]", "83.3% [74.0, 91.0]", "3.3% / 15.0%"),
+    (0.692, 4, 0.939, "72.9% / 0.706", "94.4% [90.6, 97.1]", "87.5% [77.3, 95.1]", "11.7% / 6.7%"),
+]
+
+
+def resnet152(f: Files) -> list[str]:
+    columns = []
+    for m, (f1, epoch, auc, *test) in zip(f.tasks(), RESNET152_RECORD, strict=True):
+        f1_18, auc_18 = get(m, VAL_F1), get(m, VAL_AUC)
+        columns.append(
+            [bold(f"{f3(f1)} (epoch {epoch})", f1 > f1_18), bold(f3(auc), auc > auc_18), *test]
+        )
+        columns.append([
+            bold(f3(f1_18), f1_18 > f1), bold(f3(auc_18), auc_18 > auc),
+            f"{pct(get(m, TEST_ACCURACY))} / {f3(get(m, TEST_F1))}", ci(get(m, ADULT_AUC)),
+            ci(get(m, SENS)), f"{pct(get(m, CHECK))} / {pct(get(m, CHECK_ARGMAX))}",
+        ])  # fmt: skip
+    labels = [
+        "val macro-F1 (best epoch)", "val adult ROC AUC", "test accuracy / macro-F1",
+        "test adult-only ROC AUC", "test COVID-19 sensitivity at threshold",
+        "adult_check called COVID-19 at threshold / argmax",
+    ]  # fmt: skip
+    header = [
+        "seed 42, full data, 112 px", "ResNet-152, 4 epochs, binary",
+        "ResNet-18, 8 epochs (default), binary", "ResNet-152, 4 epochs, four-class",
+        "ResNet-18, 8 epochs (default), four-class",
+    ]  # fmt: skip
+    return table(header, [[label, *cells] for label, *cells in zip(labels, *columns, strict=True)])
+
+
+# Balance settings across seeds 42, 1, 2 on validation (commit b7937eb): (adult ROC AUC,
+# macro-F1) per seed, None where a run was dropped for time. The default's seed 42 is the
+# committed run, read from metrics/ (hence its first entry None here).
+BALANCE_RECORDS = {
+    "binary": [
+        ("**default**: oversample, class x age group", [None, (0.943, 0.858), (0.961, 0.883)]),
+        ("oversample, class", [(0.920, 0.850), (0.907, 0.832), (0.953, 0.901)]),
+        ("weighted_loss, class x age group", [(0.916, 0.824), (0.874, 0.810), None]),
+    ],
+    "four-class": [
+        ("**default**: oversample, class", [None, (0.931, 0.725), (0.964, 0.741)]),
+        ("oversample, class x age group", [(0.953, 0.736), (0.908, 0.717), (0.954, 0.719)]),
+        ("weighted_loss, class", [(0.930, 0.719), (0.890, 0.713), None]),
+    ],
+}
+
+
+def balance_seeds(f: Files) -> list[str]:
+    rows = []
+    for m, (task, settings) in zip(f.tasks(), BALANCE_RECORDS.items(), strict=True):
+        for k, (setting, runs) in enumerate(settings):
+            if k == 0:  # the default: seed 42 is the committed run
+                runs = [(get(m, VAL_AUC), get(m, VAL_F1)), *runs[1:]]
+            done = [r for r in runs if r is not None]
+            cells = [
+                f"{bold(mean_sd([r[i] for r in done], False), k == 0)} "
+                f"({' / '.join('-' if r is None else f3(r[i]) for r in runs)})"
+                for i in range(2)
+            ]
+            rows.append([task, setting, str(len(done)), *cells])
+    return table(["task", "setting", "seeds", "val adult ROC AUC", "val macro-F1"], rows)
+
+
+# `base.crop: lungs`, same split and seed as the committed run (commit c28879b): its validation
+# macro-F1 and adult ROC AUC, binary / four-class (its test numbers: reports/reference/crop_lungs/).
+CROP_VALIDATION_RECORD = ("0.883 / 0.707", "0.960 / 0.966")
+
+
+def crop(f: Files) -> list[str]:
+    none, lungs = f.tasks(), f.tasks("crop_lungs")
+    tests = [
+        ("test accuracy, binary / four-class", TEST_ACCURACY),
+        ("test macro F1, binary / four-class", TEST_F1),
+        ("test adult-only ROC AUC, binary / four-class", ADULT_AUC),
+        ("test COVID-19 sensitivity at threshold, binary / four-class", SENS),
+        ("adult_check called COVID-19 at threshold, binary / four-class", CHECK),
+    ]
+    rows = [
+        ["**validation**: macro-F1 binary / four-class", pair(none, f3, VAL_F1), CROP_VALIDATION_RECORD[0]],
+        ["**validation**: adult ROC AUC binary / four-class", pair(none, f3, VAL_AUC), CROP_VALIDATION_RECORD[1]],
+        *([label, pair(none, pct, path), pair(lungs, pct, path)] for label, path in tests),
+        ["adult_check called normal, four-class", pct(get(none[1], NORMAL)), pct(get(lungs[1], NORMAL))],
+    ]  # fmt: skip
+    return table(["", "crop: none (default)", "crop: lungs"], rows)
+
+
+def segment(f: Files) -> list[str]:
+    s = f.load("metrics/segment.json")
+    predicted = [(ds, x) for split in s["predicted"].values() for ds, x in split.items()]
+    odd: dict[str, int] = {}
+    for ds, x in predicted:
+        if x["not_two_pieces"] or x["empty"]:
+            odd[ds] = odd.get(ds, 0) + x["not_two_pieces"] + x["empty"]
+    listed = ", ".join(f"{ds} {n}" for ds, n in sorted(odd.items())) or "none"
+    raw, post = s["val"]["all"]["dice_raw"], s["val"]["all"]["dice"]
+    parts = [("test", "all", "all"), ("test", "ieee8023", "ieee8023 (adults)"),
+             ("test", "kermany", "kermany (children)"), ("val", "all", "all"),
+             ("val", "ieee8023", "ieee8023"), ("val", "kermany", "kermany")]  # fmt: skip
+    rows = [
+        [
+            f"{split}, {name}",
+            str(s[split][ds]["n"]),
+            f3(s[split][ds]["dice"]),
+            f3(s[split][ds]["iou"]),
+        ]
+        for split, ds, name in parts
+    ]
+    epochs = f.load("params.yaml")["segment"]["epochs"]
+    return [
+        f"`metrics/segment.json` (the committed run; best epoch {s['best_epoch']} of {epochs}):",
+        "",
+        *table(["images with ground truth", "n", "Dice (mean)", "IoU (mean)"], rows),
+        "",
+        f"Post-processing (two largest pieces, holes filled) changes validation Dice by "
+        f"{post - raw:+.5f} ({raw:.5f} -> {post:.5f}). Predicted masks that are empty: "
+        f"{sum(x['empty'] for _, x in predicted)}; not two pieces, of "
+        f"{count(sum(x['n'] for _, x in predicted))}: {listed}.",
+    ]
+
+
+def gradcam(f: Files) -> list[str]:
+    g = f.load("metrics/gradcam.json")
+    road, fill, border, lungs = g["road"], g["faithfulness"], g["border_share"], g["lungs"]
+
+    def road_cell(part: str) -> str:
+        return f"{f3(road[part]['combined'])} ({f3(road[part]['morf'])} / {f3(road[part]['lerf'])})"
+
+    def fill_cell(part: str) -> str:
+        x = fill[part]
+        return f"{f3(x['cam_drop'])} vs {f3(x['random_drop'])} ({100 * x['cam_beats_random_share']:.0f}%)"
+
+    def in_lungs(x: dict) -> str:
+        return f"{x['in_lung_share']:.2f} / {x['lung_area_share']:.2f}"
+
+    def zones(part: dict) -> tuple[str, str]:
+        lift, hit = part["zone_lift"], part["pointing_hit"]
+        return (
+            f"{lift['mean']:.2f} (95% CI {lift['low']:.2f}-{lift['high']:.2f})",
+            f"{round(hit['mean'] * hit['n'])} of the {hit['n']} ({hit['mean']:.2f}, CI "
+            f"{hit['low']:.2f}-{hit['high']:.2f}; {part['pointing_chance']:.2f} by chance)",
+        )
+
+    share = border["test"]
+    lo, hi = min(share, key=share.get), max(share, key=share.get)
+    test, cases = lungs["test"]["all"], lungs["cases"]
+    rows = [
+        ["ROAD combined (MoRF / LeRF)", f"{road_cell('val')}, {road['val']['n_images']} images", "-", road_cell("cases")],
+        [
+            f"grey fill: top {fill['val']['top_percent']:.0f}% of the map vs as many random pixels "
+            "(share of images where the map wins)",
+            *map(fill_cell, ("val", "test", "cases")),
+        ],
+        [
+            "map mass inside the predicted lungs / lungs' share of the image", "-",
+            f"{in_lungs(test)} ({count(test['n'])} images)", in_lungs(cases),
+        ],
+        [
+            f"border share (outer {100 * border['fraction']:.0f}%; a flat map {border['uniform_reference']:.2f})",
+            "-", f"{share[lo]:.2f} ({lo}) to {share[hi]:.2f} ({hi})", f"{border['cases']:.2f}",
+        ],
+    ]  # fmt: skip
+    per_class = ", ".join(
+        f"{CLASS_NAMES[c]} {in_lungs(v)}" for c, v in lungs["test"]["by_predicted_class"].items()
+    )
+    (all_lift, all_hit), (some_lift, some_hit) = map(
+        zones, (cases["all_cases"], cases["cases_naming_some_zones"])
+    )
+    n_all, n_some = (cases[k]["zone_lift"]["n"] for k in ("all_cases", "cases_naming_some_zones"))
+    return [
+        f"`metrics/gradcam.json` (`{g['method']}` on `{g['target_layer']}`):",
+        "",
+        *table(["measure", "validation", "test", "cases"], rows),
+        "",
+        f"By predicted class on test (map mass in the lungs / lung area): {per_class}. Spearman "
+        f"correlation with a randomised twin's maps: {g['randomisation']['spearman']:.2f}.",
+        "",
+        f"Zone lift: {all_lift} over all {n_all} cases, {some_lift} over the {n_some} that name "
+        f"only some zones. The map's maximum lies in a named zone in {all_hit}, and in {some_hit} "
+        "naming only some zones.",
+    ]  # fmt: skip
+
+
+BLOCKS: dict[str, Callable[[Files], list[str]]] = {
+    "headline": headline,
+    "targets": targets,
+    "adult-check-calls": adult_check_calls,
+    "per-class-f1": per_class_f1,
+    "seed-spread": seed_spread,
+    "adult-controls": adult_controls,
+    "hannover": hannover,
+    "resnet152": resnet152,
+    "balance-seeds": balance_seeds,
+    "crop": crop,
+    "segment": segment,
+    "gradcam": gradcam,
+}
+
+
+# --- finding and replacing blocks ----------------------------------------------------------
+
+
+class BlockError(ValueError):
+    """A block marker without its end, or a name BLOCKS does not know."""
+
+
+@dataclass(frozen=True)
+class Block:
+    name: str
+    indent: str
+    start: int  # index of the start marker line
+    end: int  # index of the end marker line
+
+
+def find_blocks(lines: list[str], where: str) -> Iterator[Block]:
+    i = 0
+    while i < len(lines):
+        match = START.match(lines[i])
+        if match:
+            name, end_marker = match["name"], END.format(name=match["name"])
+            if name not in BLOCKS:
+                raise BlockError(f"{where}:{i + 1}: unknown metrics block {name!r}")
+            for j in range(i + 1, len(lines)):
+                if lines[j].strip() == end_marker:
+                    break
+                if START.match(lines[j]):
+                    raise BlockError(f"{where}:{i + 1}: block {name!r} opens another one")
+            else:
+                raise BlockError(f"{where}:{i + 1}: block {name!r} has no {end_marker}")
+            yield Block(name, " " * len(match["lead"]), i, j)
+            i = j
+        i += 1
+
+
+def wrap(line: str, indent: str) -> list[str]:
+    """A rendered line as it is written: table rows whole, prose wrapped to WIDTH."""
+    if not line or line.startswith("|"):
+        return [(indent + line).rstrip()]
+    return textwrap.wrap(
+        line, WIDTH, initial_indent=indent, subsequent_indent=indent,
+        break_long_words=False, break_on_hyphens=False,
+    )  # fmt: skip
+
+
+def render(text: str, files: Files, where: str = "<text>") -> str:
+    """`text` with every block's content rendered anew (the markers stay as they are)."""
+    lines = text.split("\n")
+    out: list[str] = []
+    last = 0
+    for block in find_blocks(lines, where):
+        out += lines[last : block.start + 1]
+        for line in BLOCKS[block.name](files):
+            out += wrap(line, block.indent)
+        last = block.end
+    return "\n".join(out + lines[last:])
+
+
+def stale(root: Path = ROOT, files: Files | None = None) -> dict[str, str]:
+    """Each document whose blocks differ from a fresh rendering -> a unified diff."""
+    files = files or Files(root)
+    found: dict[str, str] = {}
+    for path in documents(root):
+        where = path.relative_to(root).as_posix()
+        text = path.read_text()
+        fresh = render(text, files, where)
+        if fresh != text:
+            diff = difflib.unified_diff(
+                text.splitlines(), fresh.splitlines(), f"{where} (as written)",
+                f"{where} (rendered from metrics/ and reports/)", lineterm="", n=0,
+            )  # fmt: skip
+            found[where] = "\n".join(diff)
+    return found
+
+
+def used_blocks(root: Path = ROOT) -> dict[str, list[str]]:
+    """Block name -> the documents it appears in."""
+    used: dict[str, list[str]] = {name: [] for name in BLOCKS}
+    for path in documents(root):
+        where = path.relative_to(root).as_posix()
+        for block in find_blocks(path.read_text().split("\n"), where):
+            used[block.name].append(where)
+    return used
+
+
+def write(root: Path = ROOT, files: Files | None = None) -> list[str]:
+    """Re-render every block in place; returns the documents that changed."""
+    files = files or Files(root)
+    changed = []
+    for path in documents(root):
+        text = path.read_text()
+        fresh = render(text, files, path.relative_to(root).as_posix())
+        if fresh != text:
+            path.write_text(fresh)
+            changed.append(path.relative_to(root).as_posix())
+    return changed
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m cxr.readme_numbers", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--write", action="store_true", help="re-render the blocks in place")
+    parser.add_argument("--root", type=Path, default=ROOT, help="repository root")
+    args = parser.parse_args(argv)
+    if args.write:
+        print("\n".join(f"rewrote {c}" for c in write(args.root)) or "every block is up to date")
+        return
+    found = stale(args.root)
+    for diff in found.values():
+        print(diff)
+    if found:
+        print(
+            f"stale: {', '.join(found)}; run `python -m cxr.readme_numbers --write`",
+            file=sys.stderr,
+        )
+        sys.exit(1)
+    print("every block is up to date")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,141 @@
+"""README.md and docs/*.md quote committed metrics only through generated blocks, kept in step.
+
+Every block between `<!-- metrics:start NAME -->` and `<!-- metrics:end NAME -->` must equal what
+cxr/readme_numbers.py renders from the committed metrics/*.json, reports/reference/*/,
+metrics/data.json and params.yaml. A re-run that changes a metric, committed without
+`python -m cxr.readme_numbers --write`, fails here instead of leaving a stale number behind.
+
+Checked by hand: changing the README headline's binary test accuracy from "97.4% [96.4, 98.2]" to
+"97.5% [96.4, 98.2]" turned test_every_block_matches_the_committed_files red (the diff named
+README.md and the row); `--write` put it back and the test passed. Changing the 0.4835 threshold
+in a copy of metrics/binary.json turns test_a_changed_metric_leaves_the_documents_stale's
+documents stale, which is what that test asserts.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from cxr import readme_numbers as rn
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_every_block_matches_the_committed_files():
+    stale = rn.stale(ROOT)
+    assert not stale, (
+        "metric blocks differ from what metrics/ and reports/ give now; run `python -m "
+        "cxr.readme_numbers --write` and commit the documents with the metrics:\n"
+        + "\n\n".join(stale.values())
+    )
+
+
+def test_every_block_is_used_and_the_headline_is_in_the_readme():
+    used = rn.used_blocks(ROOT)
+    assert not [name for name, where in used.items() if not where], f"blocks no page shows: {used}"
+    assert used["headline"] == ["README.md"]
+
+
+def copy_committed_files(tmp_path: Path) -> Path:
+    """What the blocks read, in a folder of its own, to change without touching the repo."""
+    for folder in ("metrics", "reports/reference"):
+        shutil.copytree(ROOT / folder, tmp_path / folder)
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    return tmp_path
+
+
+def test_a_changed_metric_leaves_the_documents_stale(tmp_path):
+    files_root = copy_committed_files(tmp_path)
+    path = files_root / "metrics" / "binary.json"
+    metrics = json.loads(path.read_text())
+    metrics["threshold"]["value"] = 0.1234
+    metrics["test"]["ci"]["accuracy"]["point"] = 0.5
+    path.write_text(json.dumps(metrics))
+
+    stale = rn.stale(ROOT, rn.Files(files_root))
+    assert "README.md" in stale
+    assert "binary 0.123," in stale["README.md"] and "50.0% [96.4, 98.2]" in stale["README.md"]
+
+
+def test_a_hand_edit_inside_a_block_is_caught_and_rewritten(tmp_path):
+    root = copy_committed_files(tmp_path)
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(
+        r"<!-- metrics:start headline -->.*?<!-- metrics:end headline -->", readme, re.S
+    )
+    assert block is not None
+    edited = readme.replace(
+        block[0], block[0].replace("| accuracy (argmax) | ", "| accuracy (argmax) | 1"), 1
+    )
+    assert edited != readme
+    (root / "README.md").write_text(edited)
+    (root / "docs").mkdir()
+
+    assert list(rn.stale(root)) == ["README.md"]
+    assert rn.write(root) == ["README.md"]
+    assert (root / "README.md").read_text() == readme
+    assert rn.stale(root) == {}
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("<!-- metrics:start nonsense -->\n<!-- metrics:end nonsense -->", "unknown metrics block"),
+        ("<!-- metrics:start headline -->\nno end", "has no"),
+        (
+            "<!-- metrics:start headline -->\n<!-- metrics:start targets -->\n"
+            "<!-- metrics:end targets -->\n<!-- metrics:end headline -->",
+            "opens another",
+        ),
+    ],
+)
+def test_broken_markers_are_refused(text, message):
+    with pytest.raises(rn.BlockError, match=message):
+        rn.render(text, rn.Files(ROOT))
+
+
+def test_a_block_in_a_list_item_keeps_its_indent():
+    text = "- item\n  <!-- metrics:start per-class-f1 -->\n  old\n  <!-- metrics:end per-class-f1 -->\n"
+    lines = rn.render(text, rn.Files(ROOT)).split("\n")
+    body = lines[2 : lines.index("  <!-- metrics:end per-class-f1 -->")]
+    assert body and all(line.startswith("  Four-class") or line.startswith("  ") for line in body)
+    assert all(len(line) <= rn.WIDTH for line in body)
+
+
+def numbers(text: str) -> set[str]:
+    """Decimal numbers and percentages (e.g. 0.976, 97.6%), the way metrics are quoted."""
+    return set(re.findall(r"(?<![\w.])\d+\.\d+%?", text))
+
+
+def outside_blocks(text: str) -> str:
+    return re.sub(
+        r"<!-- metrics:start ([a-z0-9-]+) -->.*?<!-- metrics:end \1 -->", "", text, flags=re.S
+    )
+
+
+def test_the_readme_quotes_no_headline_metric_by_hand():
+    """No number written twice: a value of the headline block must not be typed out again
+    elsewhere in the README, where no generator would keep it in step."""
+    readme = (ROOT / "README.md").read_text()
+    headline = re.search(
+        r"<!-- metrics:start headline -->(.*?)<!-- metrics:end headline -->", readme, re.S
+    )
+    assert headline is not None
+    repeated = numbers(headline[1]) & numbers(outside_blocks(readme))
+    assert not repeated, (
+        f"README quotes these headline numbers outside the block: {sorted(repeated)}"
+    )
+
+
+def test_the_readme_image_count_is_the_source_lists():
+    """The one data count the README writes by hand (the setup comment) is sources.csv's."""
+    rows = len(pd.read_csv(ROOT / "data" / "sources" / "sources.csv"))
+    readme = (ROOT / "README.md").read_text()
+    quoted = re.search(r"default data \(([\d,]+) images", readme)
+    assert quoted is not None and int(quoted[1].replace(",", "")) == rows
