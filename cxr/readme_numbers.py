@@ -519,7 +519,35 @@ def gradcam(f: Files) -> list[str]:
     ]  # fmt: skip
 
 
+def oos(f: Files) -> list[str]:
+    """Out-of-source validation (reports/oos/results.json) beside the same models' own val."""
+    r, cfg = f.load("reports/oos/results.json"), f.load("params.yaml")["oos"]
+    epochs = cfg["epochs"] or "the default"
+
+    def auc(c: dict) -> str:
+        return f"{c['point']:.3f} [{c['low']:.3f}, {c['high']:.3f}]"
+
+    rows = [["**pooled, held out**", f"{r['pooled']['binary']['n_covid']} / "
+             f"{r['pooled']['binary']['n_non_covid']}", auc(r["pooled"]["binary"]["roc_auc"]),
+             auc(r["pooled"]["binary"]["sensitivity_at_90_specificity"])]]  # fmt: skip
+    for name, fold in r["folds"].items():
+        for label, part in (("held out", fold), ("own val", fold.get("internal_val"))):
+            if part:
+                b = part["binary"]
+                rows.append([f"{name}, {label}", f"{b['n_covid']} / {b['n_non_covid']}",
+                             auc(b["roc_auc"]), auc(b["sensitivity_at_90_specificity"])])  # fmt: skip
+    intro = (
+        f"Out-of-source validation ([docs/validation.md](docs/validation.md)): whole hospitals and "
+        f"countries held out of training, binary adult films only, recipe with {epochs} epochs "
+        f"(tasks: {', '.join(cfg['tasks'])}; not the committed models). \"Own val\": the same fold "
+        "models on validation films from the sources they were trained on."
+    )
+    return [intro, "", *table(["films", "COVID-19 / adult non-COVID", "adult ROC AUC",
+                               "sensitivity at 90% specificity"], rows)]  # fmt: skip
+
+
 BLOCKS: dict[str, Callable[[Files], list[str]]] = {
+    "oos": oos,
     "headline": headline,
     "targets": targets,
     "adult-check-calls": adult_check_calls,

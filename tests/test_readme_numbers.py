@@ -46,6 +46,8 @@ def copy_committed_files(tmp_path: Path) -> Path:
     """What the blocks read, in a folder of its own, to change without touching the repo."""
     for folder in ("metrics", "reports/reference"):
         shutil.copytree(ROOT / folder, tmp_path / folder)
+    (tmp_path / "reports/oos").mkdir(parents=True)
+    shutil.copy(ROOT / "reports/oos/results.json", tmp_path / "reports/oos/results.json")
     shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
     return tmp_path
 
