@@ -379,7 +379,7 @@ def write_summary(
         "- **Patient-level split**: train/val/test are disjoint by patient group (and by file hash); the study split by image, so one patient's images could be in train and test.",
         "- **Validation-only selection**: the best epoch and both models' COVID-19 thresholds are chosen on the validation split; the study picked checkpoints on the test set.",
         "- **Harmonised preprocessing**: every image goes through the same 224 px squash + JPEG q75 round trip the pediatric (Kermany) images went through, so format and size do not reveal the source.",
-        "- **Smaller and shorter by default**: trained from random initialisation (no ImageNet weights offline), with a smaller network, at a reduced image size, for a few epochs, so that `dvc repro` fits in 20 minutes on 2 CPU cores (the training line below says which network, size and data). See README for the study configuration.",
+        "- **Smaller and shorter by default**: trained from random initialisation (no ImageNet weights offline), with a smaller network, at a reduced image size, for a few epochs, sized for a 20-minute `dvc repro` on 2 CPU cores, which not every CPU meets (docs/performance.md; the training line below says which network, size and data). See docs/experiments.md for the study configuration.",
         "- **Adult controls**: 800 adult normals (rsna) and 80 adult pneumonia images of unknown type (nih, trained with a partial-label loss) that the study did not have.",
         "",
         "## Training",
