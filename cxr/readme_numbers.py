@@ -546,8 +546,30 @@ def oos(f: Files) -> list[str]:
                                "sensitivity at 90% specificity"], rows)]  # fmt: skip
 
 
+OOS_CANDIDATES = ("robust", "source_balanced")  # reports/oos/candidates/<name>/, in RULE.md order
+
+
+def oos_candidates(f: Files) -> list[str]:
+    """The rule's comparison: pooled out-of-source results of the default and each candidate."""
+    runs = [("default (params.yaml)", "reports/oos/results.json")]
+    runs += [(name, f"reports/oos/candidates/{name}/results.json") for name in OOS_CANDIDATES
+             if (f.root / f"reports/oos/candidates/{name}/results.json").exists()]  # fmt: skip
+    base = f.load(runs[0][1])["pooled"]["binary"]["roc_auc"]["point"]
+    rows = []
+    for name, path in runs:
+        b = f.load(path)["pooled"]["binary"]
+        delta = b["roc_auc"]["point"] - base
+        verdict = "-" if path == runs[0][1] else ("adopt" if delta >= 0.01 else "keep default")
+        rows.append([name, f"{b['roc_auc']['point']:.3f} [{b['roc_auc']['low']:.3f}, "
+                     f"{b['roc_auc']['high']:.3f}]", f"{delta:+.3f}",
+                     f"{b['sensitivity_at_90_specificity']['point']:.3f}", verdict])  # fmt: skip
+    return table(["configuration", "pooled adult ROC AUC", "vs default",
+                  "sensitivity at 90% specificity", "rule (AUC +0.01)"], rows)  # fmt: skip
+
+
 BLOCKS: dict[str, Callable[[Files], list[str]]] = {
     "oos": oos,
+    "oos-candidates": oos_candidates,
     "headline": headline,
     "targets": targets,
     "adult-check-calls": adult_check_calls,
