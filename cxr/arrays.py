@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from cxr.errors import InputError
 from cxr.images import Preprocessing, preprocess_file
 
 log = logging.getLogger(__name__)
@@ -71,7 +72,7 @@ def _atomic_save_npy(path: Path, array: np.ndarray, chunk_rows: int = 256) -> No
 def save_split(directory: Path, name: str, array: np.ndarray, table: pd.DataFrame) -> None:
     """Write `<name>.npy` and `<name>.csv` (row i of one is row i of the other)."""
     if len(array) != len(table):
-        raise ValueError(f"split {name}: {len(array)} images but {len(table)} manifest rows")
+        raise InputError(f"split {name}: {len(array)} images but {len(table)} manifest rows")
     directory.mkdir(parents=True, exist_ok=True)
     _atomic_save_npy(directory / f"{name}.npy", array)
     tmp = directory / f"{name}.csv.tmp"
@@ -98,7 +99,7 @@ def load_split(
     array = np.load(npy, mmap_mode=None if in_memory else "r", allow_pickle=False)
     table = pd.read_csv(csv, keep_default_na=False)
     if array.ndim != 3 or array.dtype != np.uint8 or len(array) != len(table):
-        raise ValueError(
+        raise InputError(
             f"{npy}: expected an N x H x W uint8 array matching {csv} ({len(table)} rows), "
             f"got {array.dtype} {array.shape}"
         )

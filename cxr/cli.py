@@ -9,12 +9,20 @@ import logging
 import sys
 from collections.abc import Iterator
 
-from cxr.errors import FetchError, LeakageError
+# A missing or unreadable file a user named (an input path, a params file): its message names
+# the path, which is all there is to fix. Other OSErrors (a full disk, a broken pipe) and every
+# ValueError, KeyError, ... from NumPy, pandas, torch or our own code are bugs or surprises
+# whose traceback says where: they keep it.
+FILE_ERRORS: tuple[type[BaseException], ...] = (FileNotFoundError, PermissionError)
 
-# Errors a user can act on (bad params, missing or corrupt inputs, failed downloads, leaks; the
-# library's own errors subclass ValueError or are listed): one line, exit 1, no traceback.
-# Anything else is a bug and keeps its traceback.
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, FetchError, LeakageError)
+
+def is_user_error(exc: BaseException) -> bool:
+    """An error a user can act on: one of the project's own error types (any exception class
+    defined in the `cxr` package: ParamsError, CheckpointError, InputError, FetchError,
+    LeakageError, ImageError, ...), whose messages say what was wrong and what to do, or a
+    file error naming the user's path (FILE_ERRORS)."""
+    own = any(c.__module__.split(".")[0] == "cxr" for c in type(exc).__mro__)
+    return own or isinstance(exc, FILE_ERRORS)
 
 
 def setup_logging(verbose: bool = False) -> None:
@@ -27,7 +35,8 @@ def setup_logging(verbose: bool = False) -> None:
 
 @contextlib.contextmanager
 def user_errors() -> Iterator[None]:
-    """Turn the library's expected errors into `error: <message>` and exit status 1."""
+    """Turn errors a user can act on (`is_user_error`) into `error: <message>` and exit status
+    1; anything else propagates with its traceback."""
     try:
         yield
     except KeyboardInterrupt:
@@ -35,7 +44,9 @@ def user_errors() -> Iterator[None]:
             "error: interrupted; outputs were left as they were (re-run to finish)", file=sys.stderr
         )
         sys.exit(130)
-    except USER_ERRORS as exc:
+    except Exception as exc:
+        if not is_user_error(exc):
+            raise
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(1)
 

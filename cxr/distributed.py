@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from cxr.errors import InputError
 from cxr.infer import cpu_threads, pick_device
 
 log = logging.getLogger(__name__)
@@ -62,7 +63,7 @@ def _env_int(env: Mapping[str, str], key: str, default: int) -> int:
     try:
         return int(raw)
     except ValueError:
-        raise ValueError(f"{key} must be a whole number (set by torchrun), got {raw!r}") from None
+        raise InputError(f"{key} must be a whole number (set by torchrun), got {raw!r}") from None
 
 
 def world_from_env(env: Mapping[str, str] | None = None) -> tuple[int, int, int, int]:
@@ -73,7 +74,7 @@ def world_from_env(env: Mapping[str, str] | None = None) -> tuple[int, int, int,
     local_rank = _env_int(env, "LOCAL_RANK", rank)
     local_size = _env_int(env, "LOCAL_WORLD_SIZE", size)
     if size < 1 or not 0 <= rank < size or not 0 <= local_rank < local_size:
-        raise ValueError(
+        raise InputError(
             f"inconsistent torchrun variables: RANK={rank} WORLD_SIZE={size} "
             f"LOCAL_RANK={local_rank} LOCAL_WORLD_SIZE={local_size}"
         )
@@ -106,7 +107,7 @@ def init(env: Mapping[str, str] | None = None) -> World:
         return World()
     if torch.cuda.is_available():
         if local_rank >= torch.cuda.device_count() and backend_for(pick_device(), env) == "nccl":
-            raise ValueError(
+            raise InputError(
                 f"{local_size} processes on this node but {torch.cuda.device_count()} GPU(s): "
                 "start at most one process per GPU (torchrun --nproc-per-node)"
             )
@@ -139,7 +140,7 @@ def threads_per_process(threads: int, world: World) -> int:
 def check_batch(batch_size: int, world: World, where: str = "batch_size") -> int:
     """The per-process batch: `batch_size` is the global batch, split evenly across ranks."""
     if batch_size % world.size:
-        raise ValueError(
+        raise InputError(
             f"{where} is the global batch ({batch_size}) and must be divisible by the number "
             f"of processes ({world.size})"
         )
@@ -157,7 +158,7 @@ def wrap(model: nn.Module, world: World, *, sync_batchnorm: bool = False) -> nn.
         return model
     if sync_batchnorm:
         if world.device.type == "cpu":
-            raise ValueError(
+            raise InputError(
                 "sync_batchnorm needs GPUs (PyTorch's SyncBatchNorm has no CPU kernel); "
                 "set it to false for CPU processes"
             )

@@ -10,3 +10,9 @@ class FetchError(RuntimeError):
 
 class LeakageError(RuntimeError):
     """A patient group, an identical file or the same picture sits on both sides of a split."""
+
+
+class InputError(ValueError):
+    """An input file or option that does not fit: arrays and manifests of different rows, a
+    model and data of different sizes, labels the model does not know. A ValueError, so code
+    that catches those still catches it."""

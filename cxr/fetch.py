@@ -28,7 +28,7 @@ import pandas as pd
 import requests
 from tqdm import tqdm
 
-from cxr.errors import FetchError
+from cxr.errors import FetchError, InputError
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ def select_sources(df: pd.DataFrame, dataset: str) -> pd.DataFrame:
     if dataset == "sample":
         keep = pd.to_numeric(df["sample"], errors="coerce") == 1
         return df[keep].reset_index(drop=True)
-    raise ValueError(f"fetch.dataset must be one of {', '.join(DATASETS)}; got {dataset!r}")
+    raise InputError(f"fetch.dataset must be one of {', '.join(DATASETS)}; got {dataset!r}")
 
 
 def _env_mirror(env: Mapping[str, str]) -> Path | None:
@@ -119,7 +119,7 @@ def _env_mirror(env: Mapping[str, str]) -> Path | None:
         return None
     path = Path(value).expanduser()
     if not path.is_dir():
-        raise ValueError(
+        raise InputError(
             f"{MIRROR_ENV}={value!r} is not a directory; point it at the cxr-mirror folder "
             "(see its README) or unset it to download"
         )
@@ -209,7 +209,7 @@ def read_table(path: Path, required: Iterable[str] = ("path", "sha256")) -> pd.D
     df = pd.read_csv(path, dtype=str, keep_default_na=False)
     missing = [c for c in required if c not in df.columns]
     if missing:
-        raise ValueError(f"{path} lacks column(s) {', '.join(missing)}; is it the right CSV?")
+        raise InputError(f"{path} lacks column(s) {', '.join(missing)}; is it the right CSV?")
     return df
 
 
@@ -226,7 +226,7 @@ def image_relpath(path: str) -> str:
     """Where a file lands relative to the output dir; keeps the URL layout so names never clash."""
     parts = PurePosixPath(path).parts
     if not parts or path.startswith("/") or any(p in ("..", ".") for p in parts):
-        raise ValueError(f"unsafe file path {path!r} in the sources table")
+        raise InputError(f"unsafe file path {path!r} in the sources table")
     return f"{IMAGES_DIR}/{path}"
 
 

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from cxr.data import to_input
+from cxr.errors import InputError
 
 
 def pick_device() -> torch.device:
@@ -30,7 +31,7 @@ def cpu_threads(threads: int = 0, env: dict[str, str] | None = None) -> int:
     counts change the order of floating-point sums.
     """
     if threads < 0:
-        raise ValueError(f"threads must be >= 0 (0 = automatic), got {threads}")
+        raise InputError(f"threads must be >= 0 (0 = automatic), got {threads}")
     if threads:
         return threads
     env = os.environ if env is None else env
@@ -38,9 +39,9 @@ def cpu_threads(threads: int = 0, env: dict[str, str] | None = None) -> int:
     try:
         jobs = int(raw)
     except ValueError:
-        raise ValueError(f"CXR_JOBS must be a whole number of parallel jobs, got {raw!r}") from None
+        raise InputError(f"CXR_JOBS must be a whole number of parallel jobs, got {raw!r}") from None
     if jobs < 1:
-        raise ValueError(f"CXR_JOBS must be >= 1, got {jobs}")
+        raise InputError(f"CXR_JOBS must be >= 1, got {jobs}")
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return max(1, (cores or 1) // jobs)
 

@@ -22,7 +22,7 @@ import pandas as pd
 from PIL import Image
 
 from cxr import fetch
-from cxr.errors import FetchError
+from cxr.errors import FetchError, InputError
 from cxr.images import decode
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ def derive_mask(data: bytes, name: str = "<bytes>", size: int = MASK_SIZE) -> by
     gray = np.asarray(decode(data, name).convert("L"), dtype=np.uint8)
     found = set(np.unique(gray).tolist())
     if not found <= MASK_VALUES:
-        raise ValueError(
+        raise InputError(
             f"{name}: mask values {sorted(found - MASK_VALUES)[:5]} are not background 0, "
             "ignore 127 or lung 255; is it a V7 semantic mask?"
         )

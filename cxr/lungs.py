@@ -16,6 +16,7 @@ import pandas as pd
 from scipy import ndimage
 
 from cxr.arrays import load_split
+from cxr.errors import InputError
 from cxr.images import resize
 from cxr.metrics import bootstrap_ci
 
@@ -137,7 +138,7 @@ def load_lung_masks(directory: Path, name: str, table: pd.DataFrame) -> np.ndarr
     """The segment stage's boolean lung masks for split `name`, checked row by row."""
     masks, lung_table = load_split(directory, name)
     if list(lung_table["path"]) != list(table["path"]):
-        raise ValueError(f"{directory}/{name}.csv rows are not those of the split: re-run segment")
+        raise InputError(f"{directory}/{name}.csv rows are not those of the split: re-run segment")
     return masks > 0
 
 
@@ -148,8 +149,8 @@ def crop_inputs(images: np.ndarray, masks: np.ndarray | None, preprocessing: dic
     if preprocessing.get("crop", "none") == "none" or len(images) == 0:
         return images
     if masks is None:
-        raise ValueError("this model crops to the lungs (crop: lungs) but no lung masks were given")
-    margin = float(preprocessing.get("crop_margin", 0.1))
+        raise InputError("this model crops to the lungs (crop: lungs) but no lung masks were given")
+    margin = float(preprocessing["crop_margin"])  # written with crop in every checkpoint
     return crop_to_lungs(images, (np.asarray(masks) > 0).astype(np.uint8), margin=margin)
 
 
@@ -212,7 +213,7 @@ def zone_ids(named: str | list[str]) -> list[int]:
     names = [z for z in names if z]
     unknown = sorted(set(names) - set(ZONES))
     if unknown:
-        raise ValueError(f"unknown lung zone(s) {unknown}; zones are {list(ZONES)}")
+        raise InputError(f"unknown lung zone(s) {unknown}; zones are {list(ZONES)}")
     return [ZONES.index(z) + 1 for z in names]
 
 

@@ -24,6 +24,8 @@ from sklearn.metrics import (
     roc_curve,
 )
 
+from cxr.errors import InputError
+
 log = logging.getLogger(__name__)
 
 Statistic = Callable[[np.ndarray, np.ndarray], float]
@@ -276,7 +278,7 @@ def _binary_roc(y_true_binary: np.ndarray, score: np.ndarray) -> tuple[np.ndarra
     """Full ROC (every distinct score is a threshold, positive when score >= threshold)."""
     y = np.asarray(y_true_binary).astype(int)
     if y.min() == y.max():
-        raise ValueError("threshold selection needs both positives and negatives in y_true")
+        raise InputError("threshold selection needs both positives and negatives in y_true")
     # drop_intermediate=False keeps collinear points, so ties are resolved over all thresholds.
     fpr, tpr, thresholds = roc_curve(y, np.asarray(score, dtype=float), drop_intermediate=False)
     finite = np.isfinite(thresholds)  # sklearn prepends +inf ("predict nothing positive")

@@ -8,6 +8,7 @@ from pathlib import Path
 import yaml
 
 from cxr.config import EvaluateParams
+from cxr.errors import InputError
 
 # What the original notebooks reported (image-level split, checkpoint picked on test).
 STUDY = {
@@ -279,7 +280,7 @@ def read_reference_runs(directory: Path) -> list[dict]:
             raise FileNotFoundError(f"reference run {run_dir}: missing {', '.join(missing)}")
         info = yaml.safe_load((run_dir / "run.yaml").read_text()) or {}
         if not isinstance(info, dict):
-            raise ValueError(f"{run_dir / 'run.yaml'}: expected keys name, description, command")
+            raise InputError(f"{run_dir / 'run.yaml'}: expected keys name, description, command")
         runs.append({
             "name": str(info.get("name", run_dir.name)),
             "description": str(info.get("description", "")),

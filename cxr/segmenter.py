@@ -24,6 +24,7 @@ from torch import nn
 from tqdm import tqdm
 
 from cxr.config import SegmentParams
+from cxr.errors import InputError
 from cxr.lungs import IGNORE, LUNG, dice_iou, keep_largest
 from cxr.models import load_weights, read_state, save_state
 
@@ -208,7 +209,7 @@ def train_segmenter(
     """
     (x_img, x_mask), (v_img, v_mask) = train, val
     if len(x_img) == 0 or len(v_img) == 0:
-        raise ValueError(
+        raise InputError(
             f"no masked images to train ({len(x_img)}) or validate ({len(v_img)}) the segmenter: "
             "do the split's paths match lung_masks.csv image_path?"
         )

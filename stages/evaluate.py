@@ -14,6 +14,7 @@ from cxr import figures
 from cxr.arrays import load_split
 from cxr.cli import setup_logging, user_errors
 from cxr.config import load_base, load_evaluate_params
+from cxr.errors import InputError
 from cxr.evaluate import check_class_order, evaluate_task, known_class, score_split
 from cxr.infer import configure_cpu
 from cxr.lungs import crop_inputs, load_lung_masks
@@ -53,7 +54,7 @@ def evaluate_checkpoint(
     model, meta = load_checkpoint(path, task=task)
     size = next(iter(splits.values()))[0].shape[1]
     if meta["image_size"] != size:
-        raise ValueError(
+        raise InputError(
             f"{path} expects {meta['image_size']} px images, {args.data} has {size} px"
         )
     names = meta["class_names"]

@@ -21,6 +21,7 @@ from cxr.arrays import load_split
 from cxr.cli import setup_logging, user_errors
 from cxr.config import load_base, load_gradcam_params
 from cxr.data import seed_everything
+from cxr.errors import InputError
 from cxr.infer import configure_cpu, predict_proba
 from cxr.lungs import crop_inputs, load_lung_masks
 from cxr.models import load_checkpoint
@@ -43,7 +44,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def label_indices(table: pd.DataFrame, names: list[str], path: Path) -> np.ndarray:
     unknown = sorted(set(table["label"]) - set(names))
     if unknown:
-        raise ValueError(f"{path}/test.csv: labels {unknown} are not the model's classes {names}")
+        raise InputError(f"{path}/test.csv: labels {unknown} are not the model's classes {names}")
     return table["label"].map(names.index).to_numpy()
 
 
@@ -70,7 +71,7 @@ def load_inputs(args: argparse.Namespace, meta: dict) -> Inputs:
     case_x, cases = load_split(args.data, "cases")
     val_x, val_table = load_split(args.data, "val")
     if test_x.shape[1:] != (size, size) or case_x.shape[1:] != (size, size):
-        raise ValueError(f"{args.data} holds {test_x.shape[1]} px images, the model {size} px")
+        raise InputError(f"{args.data} holds {test_x.shape[1]} px images, the model {size} px")
     prep = meta.get("preprocessing", {})
     test_x, test_lungs = cropped(test_x, load_lung_masks(args.lungs, "test", test_table), prep)
     case_x, case_lungs = cropped(case_x, load_lung_masks(args.lungs, "cases", cases), prep)
