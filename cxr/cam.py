@@ -391,10 +391,12 @@ def case_zone_scores(cams: np.ndarray, masks: np.ndarray, named: list[str]) -> l
     """Per case: in-lung share of the map, the lungs' area share, and agreement with the
     zones the radiologist named (`zones` strings like "R-upper;L-lower", patient's side).
 
-    `chance` is the named zones' share of the lung area: the pointing hit rate of a maximum
-    dropped at random inside the lungs (and the in-lung mass share a flat map gives them).
-    Zone scores are None for a case naming no zone; a case naming all six scores lift 1 and
-    chance 1 by construction (flagged `all_zones`).
+    `pointing_hit`: the map's maximum within the lungs lies in a named zone; `chance` is the
+    named zones' share of the lung area, the hit rate of a maximum dropped at random inside the
+    lungs (and the in-lung mass share a flat map gives them). Whether the map's overall maximum
+    lies inside the lungs at all is `peak_in_lungs`, scored for every case with lungs.
+    Zone scores are None for a case naming no zone; a case naming all six scores lift 1, hit
+    and chance 1 by construction (flagged `all_zones`).
     """
     out = []
     for cam, mask, zones_text in zip(cams, masks, named, strict=True):
@@ -405,11 +407,14 @@ def case_zone_scores(cams: np.ndarray, masks: np.ndarray, named: list[str]) -> l
             "lung_area_share": float(lungs.lung_area_share(mask)),
             "zones": ";".join(lungs.ZONES[i - 1] for i in ids),
             "all_zones": len(set(ids)) == len(lungs.ZONES),
-            "zone_lift": None, "pointing_hit": None, "chance": None,
+            "peak_in_lungs": None, "zone_lift": None, "pointing_hit": None, "chance": None,
         }  # fmt: skip
+        if (zones > 0).any():
+            row["peak_in_lungs"] = lungs.peak_in_lungs(cam, zones)
         if ids and (zones > 0).any():
             row["zone_lift"] = _plain(lungs.zone_lift(cam, zones, row["zones"]))
             row["pointing_hit"] = lungs.pointing_hit(cam, zones, row["zones"])
+        if row["pointing_hit"] is not None:  # the baseline of exactly the cases scored
             row["chance"] = float(np.isin(zones, ids).sum() / (zones > 0).sum())
         out.append(row)
     return out
@@ -434,7 +439,9 @@ def lung_checks(
     `test` = (maps, predicted lung masks, predicted classes) of test images: in-lung share of
     the maps per predicted class, next to the lungs' area share (what a flat map would score).
     Cases: the same, plus zone lift and pointing hit per case and their means with bootstrap
-    CIs, over all cases and over the cases that name only some zones (the informative ones).
+    CIs, over all cases and over the cases that name only some zones (the informative ones);
+    the hit rate (maximum within the lungs) beside its chance over the same cases, and apart
+    from it how many maps peak outside the lungs.
     """
     cams, masks, pred = test
     shares, areas = lungs.in_lung_share(cams, masks), lungs.lung_area_share(masks)
@@ -450,10 +457,16 @@ def lung_checks(
     def agreement(rows: list[dict[str, Any]]) -> dict[str, Any]:
         lift = [np.nan if r["zone_lift"] is None else r["zone_lift"] for r in rows]
         hits = [float(r["pointing_hit"]) for r in rows if r["pointing_hit"] is not None]
+        outside = [not r["peak_in_lungs"] for r in rows if r["peak_in_lungs"] is not None]
         return {
             "zone_lift": lungs.mean_ci(np.array(lift, dtype=float), **ci),
             "pointing_hit": lungs.mean_ci(np.array(hits, dtype=float), **ci),
             "pointing_chance": _mean([r["chance"] for r in rows]),
+            "peak_outside_lungs": {
+                "count": int(sum(outside)),
+                "n": len(outside),
+                "rate": _mean([float(o) for o in outside]),
+            },
         }
 
     return {
@@ -563,9 +576,12 @@ def _score_line(score: dict[str, Any]) -> str:
         parts.append(f"map mass in lungs {score['in_lung_share']:.2f} "
                      f"(lungs {score['lung_area_share']:.2f} of the image)")  # fmt: skip
     if score.get("zone_lift") is not None:
+        parts.append(f"named zones: lift {score['zone_lift']:.2f}")
+    if score.get("pointing_hit") is not None:
         hit = "hit" if score["pointing_hit"] else "miss"
-        parts.append(f"named zones: lift {score['zone_lift']:.2f}, maximum {hit} "
-                     f"(chance {score['chance']:.2f})")  # fmt: skip
+        parts.append(f"in-lung maximum {hit} (chance {score['chance']:.2f})")
+    if score.get("peak_in_lungs") is False:
+        parts.append("maximum outside the lungs")
     return ";  ".join(parts)
 
 
@@ -749,7 +765,8 @@ def write_cases_page(
         "lung's upper, mid and lower thirds) and green the zones the radiologist named. Zone",
         "lift = share of the in-lung map mass in the named zones / their share of the lung area",
         "(1 = no preference; exactly 1 when all six zones are named); pointing hit = the map's",
-        "maximum lies in a named zone (chance = the named zones' share of the lung area).",
+        "maximum within the lungs lies in a named zone (chance = the named zones' share of the",
+        "lung area); a map whose overall maximum lies outside the lungs is noted on its own.",
         "",
     ]
     if galleries:

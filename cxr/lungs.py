@@ -262,16 +262,42 @@ def zone_lift(cam: np.ndarray, zones: np.ndarray, named: str | list[str]) -> flo
     return float((cam[inside].sum() / mass) / (inside.sum() / area))
 
 
-def pointing_hit(cam: np.ndarray, zones: np.ndarray, named: str | list[str]) -> bool:
-    """True when the map's maximum lies in a named zone (the pointing game).
+def _plateau(cam: np.ndarray, where: np.ndarray) -> np.ndarray:
+    """The pixels of `where` at the map's maximum over `where`, up to float rounding.
 
-    Maps are max-normalised, so a plateau at 1 can hold several pixels: a hit when at least
-    half of them lie in the named zones, rather than whichever comes first in raster order.
+    Maps are max-normalised, so a plateau at the top can hold several pixels: callers take a
+    majority of it rather than whichever pixel comes first in raster order.
+    """
+    return where & (cam >= cam[where].max() - 1e-6)
+
+
+def peak_in_lungs(cam: np.ndarray, zones: np.ndarray) -> bool | None:
+    """True when the map's maximum (at least half of its plateau) lies inside the lungs; None
+    for a flat map, which has no maximum to place."""
+    cam = np.asarray(cam, dtype=np.float64)
+    if cam.max() <= cam.min():
+        return None
+    lung = np.asarray(zones) > 0
+    return bool(lung[_plateau(cam, np.ones(cam.shape, dtype=bool))].mean() >= 0.5)
+
+
+def pointing_hit(cam: np.ndarray, zones: np.ndarray, named: str | list[str]) -> bool | None:
+    """True when the map's maximum within the lungs lies in a named zone (the pointing game).
+
+    Scored inside the lungs so that it matches its chance baseline, the named zones' share of
+    the lung area (what a maximum dropped at random inside the lungs scores): a peak off the
+    lungs is not a miss here but counted on its own (`peak_in_lungs`). Mixing the two made "5 of
+    19 hits vs chance 0.60" compare a rate lowered by off-lung peaks with a baseline that
+    assumed none. At least half of the in-lung plateau must lie in the named zones. None when
+    the map is flat inside the lungs (nothing there to point with; all zero, say).
     """
     cam = np.asarray(cam, dtype=np.float64)
-    top = cam >= cam.max() - 1e-6
-    inside = np.isin(np.asarray(zones), zone_ids(named))
-    return bool(inside[top].mean() >= 0.5)
+    zones = np.asarray(zones)
+    lung = zones > 0
+    if not lung.any() or cam[lung].max() <= cam[lung].min():
+        return None
+    inside = np.isin(zones, zone_ids(named))
+    return bool(inside[_plateau(cam, lung)].mean() >= 0.5)
 
 
 def mean_ci(

@@ -178,21 +178,33 @@ def test_case_zone_scores_and_lung_checks() -> None:
     mask[5:35, 24:36] = True
     hot = np.zeros((40, 40))
     hot[30:33, 6:9] = 1.0  # in R-lower
-    scores = cam.case_zone_scores(
-        np.stack([hot, np.ones((40, 40))]), np.stack([mask, mask]), ["R-lower", ""]
-    )
+    marker = hot * 0.5
+    marker[0:2, 0:2] = 1.0  # brightest on a corner marker, off the lungs
+    maps = np.stack([hot, np.ones((40, 40)), marker])
+    scores = cam.case_zone_scores(maps, np.stack([mask] * 3), ["R-lower", "", "L-upper"])
     assert scores[0]["pointing_hit"] is True and scores[0]["in_lung_share"] == 1.0
     assert scores[0]["zone_lift"] == pytest.approx(6.0) and scores[0]["chance"] == pytest.approx(
         1 / 6
     )
+    assert scores[0]["peak_in_lungs"] is True
     assert scores[1]["zone_lift"] is None and scores[1]["pointing_hit"] is None
+    assert scores[1]["chance"] is None and scores[1]["peak_in_lungs"] is None  # flat: no peak
     assert scores[1]["in_lung_share"] == pytest.approx(mask.mean())
+    # The marker case: its in-lung maximum (R-lower) misses L-upper; the peak off the lungs
+    # is counted apart, not as the miss.
+    assert scores[2]["pointing_hit"] is False and scores[2]["peak_in_lungs"] is False
     test = (np.stack([hot, np.ones((40, 40))]), np.stack([mask, mask]), np.array([0, 2]))
-    out = cam.lung_checks(test, NAMES, scores, ["a", "b"], bootstrap=20, seed=0)
+    out = cam.lung_checks(test, NAMES, scores, ["a", "b", "c"], bootstrap=20, seed=0)
     assert sorted(out["test"]["by_predicted_class"]) == ["bacterial", "covid"]
     assert out["test"]["by_predicted_class"]["covid"]["in_lung_share"] == 1.0
-    assert out["cases"]["all_cases"]["zone_lift"]["n"] == 1
+    every = out["cases"]["all_cases"]
+    assert every["zone_lift"]["n"] == 2 and every["pointing_hit"]["n"] == 2
+    assert every["pointing_hit"]["mean"] == 0.5
+    assert every["pointing_chance"] == pytest.approx(1 / 6)  # over the same two cases
+    assert every["peak_outside_lungs"] == {"count": 1, "n": 2, "rate": 0.5}
     assert out["cases"]["per_case"]["a"]["zones"] == "R-lower"
+    assert "maximum outside the lungs" in cam._score_line(scores[2])
+    assert "in-lung maximum miss (chance 0.17)" in cam._score_line(scores[2])
 
 
 def test_randomisation_correlation_of_a_model_with_itself_is_one(model: nn.Module) -> None:

@@ -8,7 +8,10 @@ Each behaviour was broken by hand once to see its test fail, then restored:
   test_zones_two_lungs_patient_side.
 - shares: in_lung_share over the complement of the mask, and zone_lift without dividing by the
   zones' area share, fail test_in_lung_share_known_answers / test_zone_lift_known_answers;
-  pointing_hit with np.argmax (first pixel of a plateau) fails test_pointing_hit_plateau.
+  pointing_hit with np.argmax (first pixel of a plateau) fails test_pointing_hit_plateau;
+  pointing_hit on the map's global maximum (a peak off the lungs scored as a miss, against a
+  baseline that assumes an in-lung peak) fails test_pointing_hit_scores_the_maximum_within*
+  and test_a_map_blind_to_the_zones*.
 - dice_iou counting ignore (127) pixels as background fails test_dice_iou_ignores_127.
 - crop: no margin in lung_box fails test_lung_box_and_crop_known_box; no fallback on an
   implausible mask fails test_crop_falls_back_on_empty_or_implausible_masks.
@@ -146,6 +149,42 @@ def test_pointing_hit_plateau() -> None:
     cam[0, 0:2] = 1.0  # first in raster order, outside the lungs
     cam[40:45, 40:45] = 1.0  # 25 px of the plateau in L-lower
     assert lungs.pointing_hit(cam, zones, "L-lower")
+
+
+def test_pointing_hit_scores_the_maximum_within_the_lungs() -> None:
+    """A map brightest off the lungs (a marker in the corner) still points with its in-lung
+    maximum; the off-lung peak is reported by peak_in_lungs, not scored as a miss.
+    Watched red before the fix: pointing_hit took the global maximum and said miss."""
+    zones = lungs.lung_zones(two_lungs())
+    cam = np.zeros(zones.shape)
+    cam[0:3, 0:3] = 1.0  # the overall maximum, outside the lungs
+    cam[35, 10] = 0.5  # the maximum within the lungs: the patient's right lower zone
+    assert lungs.pointing_hit(cam, zones, "R-lower") is True
+    assert lungs.pointing_hit(cam, zones, "L-lower") is False
+    assert lungs.pointing_hit(cam, zones, list(lungs.ZONES)) is True  # chance 1, hit 1
+    assert lungs.peak_in_lungs(cam, zones) is False
+    cam[0:3, 0:3] = 0.0
+    assert lungs.peak_in_lungs(cam, zones) is True
+    outside_only = np.zeros(zones.shape)
+    outside_only[0, 0] = 1.0
+    assert lungs.pointing_hit(outside_only, zones, "R-lower") is None  # nothing in the lungs
+    assert lungs.peak_in_lungs(np.ones(zones.shape), zones) is None  # a flat map has no peak
+
+
+def test_a_map_blind_to_the_zones_hits_at_the_chance_rate() -> None:
+    """Noise maps know nothing of the zones: their hit rate must be the chance baseline (the
+    named zones' share of the lung area), whatever share of their peaks falls off the lungs
+    (here most: the lungs are 27% of the image). Watched red before the fix: the global
+    maximum's hit rate was chance x the lungs' area share (0.04 vs 0.13)."""
+    zones = lungs.lung_zones(two_lungs())
+    chance = (zones == 3).sum() / (zones > 0).sum()  # R-lower: 150 of 1170 px
+    rng = np.random.default_rng(0)
+    maps = rng.random((3000, *zones.shape))
+    hits = np.array([lungs.pointing_hit(m, zones, "R-lower") for m in maps], dtype=float)
+    se = np.sqrt(chance * (1 - chance) / len(maps))
+    assert abs(hits.mean() - chance) < 4 * se, (hits.mean(), chance)
+    outside = np.mean([not lungs.peak_in_lungs(m, zones) for m in maps])
+    assert outside == pytest.approx(1 - (zones > 0).mean(), abs=0.05)
 
 
 def test_mean_ci() -> None:
