@@ -59,6 +59,42 @@ def folds_from_params(raw: dict) -> list[Fold]:
     return folds
 
 
+@dataclass(frozen=True)
+class OosParams:
+    specificity: float
+    bootstrap: int
+    tasks: list[str]
+    epochs: int | None
+    folds: list[Fold]
+
+
+def load_oos_params(path: str | Path) -> OosParams:
+    """params.yaml `oos`, every key required and checked (one line naming the bad key)."""
+    import yaml
+
+    raw = (yaml.safe_load(Path(path).read_text()) or {}).get("oos")
+    keys = ("specificity", "bootstrap", "tasks", "epochs", "folds")
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path}: oos missing")
+    for key in keys:
+        if key not in raw:
+            raise ParamsError(f"{path}: oos.{key} missing")
+    unknown = sorted(set(raw) - set(keys))
+    if unknown:
+        raise ParamsError(f"{path}: oos.{unknown[0]} unknown (oos takes {', '.join(keys)})")
+    spec, boot, tasks, epochs = raw["specificity"], raw["bootstrap"], raw["tasks"], raw["epochs"]
+    if not isinstance(spec, (int, float)) or not 0 < spec < 1:
+        raise ParamsError(f"oos.specificity must be a fraction in (0, 1), got {spec!r}")
+    if not isinstance(boot, int) or boot < 1:
+        raise ParamsError(f"oos.bootstrap must be a positive integer, got {boot!r}")
+    if not isinstance(tasks, list) or not tasks or set(tasks) - {"binary", "four_class"}:
+        raise ParamsError(f"oos.tasks must list binary and/or four_class, got {tasks!r}")
+    if epochs is not None and (not isinstance(epochs, int) or isinstance(epochs, bool)
+                               or epochs < 1):  # fmt: skip
+        raise ParamsError(f"oos.epochs must be a positive integer or null, got {epochs!r}")
+    return OosParams(float(spec), boot, list(tasks), epochs, folds_from_params(raw["folds"]))
+
+
 def pool_table(data: Path) -> tuple[np.ndarray, pd.DataFrame]:
     """train + val + test of the default split, one array, with `origin` = the split it came from."""
     arrays, tables = [], []

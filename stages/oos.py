@@ -14,13 +14,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-import yaml
-
 from cxr.cli import setup_logging, user_errors
 from cxr.config import load_base, load_split_params, load_train_params, preprocessing
 from cxr.infer import configure_cpu
 from cxr.lungs import crop_inputs
-from cxr.oos import folds_from_params, pool_masks, pool_table, run_fold, with_epochs
+from cxr.oos import load_oos_params, pool_masks, pool_table, run_fold, with_epochs
 from cxr.params import ParamsError
 
 log = logging.getLogger("oos")
@@ -40,20 +38,14 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     setup_logging()
     with user_errors():
-        raw = yaml.safe_load(args.params.read_text()) or {}
-        folds = {f.name: f for f in folds_from_params((raw.get("oos") or {}).get("folds"))}
+        oos = load_oos_params(args.params)
+        folds = {f.name: f for f in oos.folds}
         if args.fold not in folds:
             raise ParamsError(f"--fold {args.fold!r} is not in oos.folds ({sorted(folds)})")
         base = load_base(args.params)
         spec = preprocessing(base, load_split_params(args.params))
-        wanted = (raw.get("oos") or {}).get("tasks") or []
-        if not wanted or set(wanted) - {"binary", "four_class"}:
-            raise ParamsError(f"oos.tasks must list binary and/or four_class, got {wanted}")
-        epochs = (raw.get("oos") or {}).get("epochs")
-        if epochs is not None and (not isinstance(epochs, int) or epochs < 1):
-            raise ParamsError(f"oos.epochs must be a positive integer or null, got {epochs!r}")
-        tasks = {task: with_epochs(load_train_params(args.params, f"train_{task}"), epochs)
-                 for task in wanted}  # fmt: skip
+        tasks = {task: with_epochs(load_train_params(args.params, f"train_{task}"), oos.epochs)
+                 for task in oos.tasks}  # fmt: skip
         configure_cpu(tasks["binary"].threads)
         images, table = pool_table(args.data)
         if spec.crop != "none":  # the same crop the train stage makes

@@ -16,11 +16,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 import pandas as pd
-import yaml
-
 from cxr.cli import setup_logging, user_errors
 from cxr.config import load_base
-from cxr.oos import folds_from_params, markdown, report
+from cxr.oos import load_oos_params, markdown, report
 
 log = logging.getLogger("oos_report")
 
@@ -37,19 +35,19 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     setup_logging()
     with user_errors():
-        oos = (yaml.safe_load(args.params.read_text()) or {}).get("oos") or {}
-        folds = folds_from_params(oos.get("folds"))
+        oos = load_oos_params(args.params)
+        folds = oos.folds
         missing = [f.name for f in folds if not (args.folds / f"{f.name}.csv").exists()]
         if missing:
             raise FileNotFoundError(f"{args.folds}: no predictions for fold(s) {missing}; "
                                     "run `dvc repro oos/dvc.yaml`")  # fmt: skip
         frame = pd.concat([pd.read_csv(args.folds / f"{f.name}.csv", keep_default_na=False)
                            for f in folds], ignore_index=True)  # fmt: skip
-        result = report(frame, float(oos["specificity"]), int(oos["bootstrap"]),
-                        load_base(args.params).seed)  # fmt: skip
+        result = report(frame, oos.specificity, oos.bootstrap, load_base(args.params).seed)
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
-        (args.out / "results.md").write_text(markdown(result, oos))
+        (args.out / "results.md").write_text(markdown(result, {"tasks": oos.tasks,
+                                                               "epochs": oos.epochs}))
         (args.out / "operating_point.json").write_text(
             json.dumps(result["operating_point"], indent=2) + "\n"
         )

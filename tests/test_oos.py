@@ -99,3 +99,20 @@ def test_report_pools_folds_and_keeps_children_out_of_the_binary_numbers():
         line for line in page.splitlines() if line.startswith("| **pooled")
     )
     assert "fold f1 (internal val)" in page
+
+
+def test_oos_params_are_checked(tmp_path):
+    """Watched red with the epochs check removed: epochs 0 was accepted."""
+    from pathlib import Path
+
+    from cxr.oos import load_oos_params
+
+    text = Path("params.yaml").read_text()
+    assert load_oos_params("params.yaml").folds
+    for old, new, key in (("  epochs: 2 ", "  epochs: 0 ", "oos.epochs"),
+                          ("  specificity: 0.9 ", "  specificity: 1.5 ", "oos.specificity"),
+                          ("  tasks: [binary] ", "  tasks: [bianry] ", "oos.tasks")):  # fmt: skip
+        assert old in text
+        (tmp_path / "params.yaml").write_text(text.replace(old, new, 1))
+        with pytest.raises(ParamsError, match=key):
+            load_oos_params(tmp_path / "params.yaml")
