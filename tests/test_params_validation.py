@@ -29,6 +29,7 @@ LOADERS: dict[str, Callable[[Path], object]] = {
     "evaluate": config.load_evaluate_params,
     "gradcam": config.load_gradcam_params,
 }
+LOADERS["oos"] = __import__("cxr.oos", fromlist=["load_oos_params"]).load_oos_params
 if hasattr(config, "load_segment_params"):  # the lung segmenter's section, where present
     LOADERS["segment"] = config.load_segment_params
 CORE = {"base", "fetch", "split", "train_binary", "train_four_class", "evaluate", "gradcam"}
