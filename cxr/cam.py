@@ -49,6 +49,7 @@ from tqdm import tqdm
 from cxr import lungs
 from cxr.config import GradcamParams
 from cxr.data import to_input
+from cxr.errors import InputError
 from cxr.infer import predict_proba
 from cxr.models import CXRNet, build_model
 
@@ -352,7 +353,7 @@ def map_checks(
     and cases) and border share on test images and cases, model randomisation on the test
     images; border share per true class of the test images. Validation, not test, is what
     `target_layer` may be chosen on."""
-    (x, cams, pred), (case_x, case_cams, case_pred) = test, cases
+    (x, cams, pred), (case_x, case_cams, case_targets) = test, cases
     f = p.border_fraction
     drop = {"top_percent": p.faithfulness_top_percent, "seed": seed}
     imputed = {"percentiles": p.road_percentiles, "seed": seed}
@@ -368,11 +369,11 @@ def map_checks(
         "faithfulness": {
             "val": confidence_drop(model, *val, **drop),
             "test": confidence_drop(model, x, cams, pred, **drop),
-            "cases": confidence_drop(model, case_x, case_cams, case_pred, **drop),
+            "cases": confidence_drop(model, case_x, case_cams, case_targets, **drop),
         },
         "road": {
             "val": road(model, *val, **imputed),
-            "cases": road(model, case_x, case_cams, case_pred, **imputed),
+            "cases": road(model, case_x, case_cams, case_targets, **imputed),
         },
         "randomisation": {"spearman": rho},
         "border_share": {
@@ -484,6 +485,20 @@ def lung_checks(
 # --- choosing images --------------------------------------------------------------------------
 
 
+CASE_CLASS = "covid"
+
+
+def case_target(class_names: list[str]) -> int:
+    """The class every case map explains: COVID-19, which all the case studies show.
+
+    Not each case's predicted class: a COVID-19 film predicted viral would show where the model
+    looks for viral pneumonia, then be scored against the radiologist's COVID-19 findings.
+    """
+    if CASE_CLASS not in class_names:
+        raise InputError(f"the case maps need a {CASE_CLASS!r} class; the model has {class_names}")
+    return class_names.index(CASE_CLASS)
+
+
 def sample_indices(n: int, cap: int, seed: int) -> np.ndarray:
     """All of 0..n-1 if n <= cap, else a seeded sorted sample of `cap` of them."""
     if n <= cap:
@@ -588,8 +603,7 @@ def _score_line(score: dict[str, Any]) -> str:
 def case_figure(
     image: np.ndarray,
     cam: np.ndarray,
-    predicted: int,
-    prob: float,
+    target: int,
     class_names: list[str],
     probs: np.ndarray,
     comment: str,
@@ -600,25 +614,32 @@ def case_figure(
     zones: str = "",
     score: dict[str, Any] | None = None,
 ) -> None:
-    """Radiograph | overlay, the prediction in the title, the radiologist's comment below.
+    """Radiograph | overlay of the map for class `target`, the prediction in the title (and the
+    map's class beside it when they differ), the radiologist's comment below.
 
     With `lung_mask`, the overlay also shows the lung outline, the zone thirds and the zones
     the radiologist named (`zones`, patient's side), and `score` (from `case_zone_scores`)
     adds a line of numbers.
     """
+    predicted = int(np.argmax(probs))
     fig = Figure(figsize=(7.2, 5.4))
     axes = fig.subplots(1, 2, gridspec_kw={"wspace": 0.05})
     axes[0].imshow(image, cmap="gray", vmin=0, vmax=255)
     axes[0].set_title("radiograph", fontsize=9)
     axes[1].imshow(overlay(image, cam))
-    axes[1].set_title("class activation map", fontsize=9)
+    axes[1].set_title(
+        f"class activation map for {class_names[target]} (p = {probs[target]:.2f})", fontsize=9
+    )
     if lung_mask is not None:
         _draw_lungs(axes[1], lung_mask, zones)
     for ax in axes:
         ax.set_xticks([])
         ax.set_yticks([])
         _side_markers(ax)
-    fig.suptitle(f"{title}: predicted {class_names[predicted]} (p = {prob:.2f})", fontsize=12)
+    heading = f"{title}: predicted {class_names[predicted]} (p = {probs[predicted]:.2f})"
+    if predicted != target:
+        heading += f"; map for {class_names[target]}"
+    fig.suptitle(heading, fontsize=12)
     all_probs = "   ".join(f"{n} {p:.2f}" for n, p in zip(class_names, probs, strict=True))
     caption = textwrap.fill(f"Radiologist: {comment}", width=95)
     lines = [all_probs]
@@ -687,11 +708,12 @@ def write_case_figures(
     class_names: list[str],
     out_dir: Path,
     *,
+    target: int,
     lung_masks: np.ndarray | None = None,
     scores: list[dict[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
-    """`cases/<case>.png` for each case (the map's target is the predicted class), with the
-    lungs and named zones drawn when `lung_masks` are given; returns the rows
+    """`cases/<case>.png` for each case, its map for class `target` (see `case_target`), with
+    the lungs and named zones drawn when `lung_masks` are given; returns the rows
     `write_cases_page` lays out (with the case's `score`, if any)."""
     rows = []
     for i, case in enumerate(cases.to_dict("records")):
@@ -702,10 +724,12 @@ def write_case_figures(
         lung = {} if lung_masks is None else {
             "lung_mask": lung_masks[i], "zones": str(case.get("zones", "")), "score": score,
         }  # fmt: skip
-        case_figure(images[i], cams[i], k, float(probs[i, k]), class_names, probs[i], comment,
+        case_figure(images[i], cams[i], target, class_names, probs[i], comment,
                     str(case["case"]), out_dir / image, **lung)  # fmt: skip
         rows.append({**case, "image": image, "predicted": class_names[k],
-                     "prob": float(probs[i, k]), "comment": comment, "score": score})  # fmt: skip
+                     "prob": float(probs[i, k]), "map_class": class_names[target],
+                     "map_prob": float(probs[i, target]), "comment": comment,
+                     "score": score})  # fmt: skip
     return rows
 
 
@@ -756,7 +780,9 @@ def write_cases_page(
         f"# Class activation maps ({method}): {len(rows)} case studies",
         "",
         "COVID-19 radiographs from Radiopaedia, each shown with the four-class model's prediction",
-        f"and the radiologist's comment. The map is upsampled from the last block of `{layer}`,",
+        "and the radiologist's comment. Every map is the one for the COVID-19 class, whatever the",
+        "model predicted, so that it is scored against the COVID-19 findings the radiologist",
+        f"described. The map is upsampled from the last block of `{layer}`,",
         f"a coarse grid ({grid}), so it marks regions, not lesions, and it shows where the",
         "model looked, not whether it was right. The zones are from the patient's point of view;",
         "on every image the patient's right (R) is on the image's **left**.",
@@ -780,6 +806,8 @@ def write_cases_page(
             f"![{row['case']}: {method} overlay]({row['image']})",
             "",
             f"- Prediction: **{row['predicted']}** (p = {row['prob']:.2f}); label: {row['label']}",
+            f"- Map for: **{row['map_class']}** (p = {row['map_prob']:.2f})"
+            + ("" if row["map_class"] == row["predicted"] else ", not the predicted class"),
             f"- Radiologist: {row['comment']}",
             f"- Zones named (patient's view): {zones}",
         ]

@@ -96,13 +96,18 @@ def main(argv: list[str] | None = None) -> None:
         labels = label_indices(test_table, names, args.data)
         run = {"method": p.method, "batch_size": p.batch_size, "layer": p.target_layer}
 
-        log.info("%s maps (%s) of %d cases", p.method, p.target_layer, len(case_x))
+        # The cases are COVID-19 films: their maps explain the COVID-19 class (see case_target).
+        covid = cam.case_target(names)
+        log.info("%s maps (%s) of %d cases, for %s", p.method, p.target_layer, len(case_x),
+                 names[covid])  # fmt: skip
         case_prob = predict_proba(model, case_x)
-        case_pred = case_prob.argmax(1)
-        case_cams = cam.compute_cams(model, case_x, case_pred.tolist(), **run)
+        case_targets = np.full(len(case_x), covid)
+        case_cams = cam.compute_cams(model, case_x, case_targets.tolist(), **run)
         scores = cam.case_zone_scores(case_cams, case_lungs, cases["zones"].tolist())
+        for score, k in zip(scores, case_prob.argmax(1), strict=True):
+            score["predicted"] = names[k]  # beside the map's class in metrics/gradcam.json
         rows = cam.write_case_figures(case_x, case_cams, case_prob, cases, names, args.out,
-                                      lung_masks=case_lungs, scores=scores)  # fmt: skip
+                                      target=covid, lung_masks=case_lungs, scores=scores)  # fmt: skip
 
         # Every test image: the in-lung share per predicted class needs more than a sample.
         test_prob = predict_proba(model, test_x)
@@ -125,8 +130,9 @@ def main(argv: list[str] | None = None) -> None:
                  len(checked), len(case_x))  # fmt: skip
         test = (test_x[checked], test_cams[checked], test_pred[checked])
         twin = cam.random_twin(meta["arch"], len(names), base.seed)
-        metrics = cam.map_checks(model, twin, test, (case_x, case_cams, case_pred),
+        metrics = cam.map_checks(model, twin, test, (case_x, case_cams, case_targets),
                                  labels[checked], names, p, seed=base.seed, val=val)  # fmt: skip
+        metrics["cases_map_class"] = names[covid]
         metrics["lungs"] = cam.lung_checks(
             (test_cams, test_lungs, test_pred), names, scores, cases["case"].tolist(),
             bootstrap=p.bootstrap, seed=base.seed,

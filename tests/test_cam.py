@@ -300,10 +300,35 @@ def argv(tmp_path: Path, checkpoint: Path) -> list[str]:
             "--metrics", str(tmp_path / "metrics" / "gradcam.json")]  # fmt: skip
 
 
-def test_stage_end_to_end(tmp_path: Path, stage, model: nn.Module) -> None:
+def viral_model(model: nn.Module) -> nn.Module:
+    """The random model with its head pushed to `viral`: every image is predicted viral. The
+    covid and viral rows of the head made positive, so that both classes' maps have mass."""
+    out = build_model("resnet18", 4, zero_init_residual=False)
+    out.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        out.backbone.fc.weight[:2].abs_()
+        out.backbone.fc.bias.copy_(torch.tensor([0.0, 50.0, 0.0, 0.0]))
+    return out.eval()
+
+
+def test_stage_end_to_end(
+    tmp_path: Path, stage, model: nn.Module, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Also: the case maps are for the COVID-19 class, not the predicted one (the cases are
+    COVID-19 films scored against COVID-19 findings), and say so when the prediction differs.
+    Watched red before the fix: the cases' maps were computed for their predicted class."""
     write_split(tmp_path / "split")
-    write_checkpoint(tmp_path / "four.pt", model, "four_class")
+    write_checkpoint(tmp_path / "four.pt", viral_model(model), "four_class")
+    calls, real = [], cam.compute_cams
+
+    def recording(model, images, targets=None, **kw):
+        calls.append(None if targets is None else list(targets))
+        return real(model, images, targets, **kw)
+
+    monkeypatch.setattr(cam, "compute_cams", recording)
     stage.main(argv(tmp_path, tmp_path / "four.pt"))
+    assert calls[0] == [NAMES.index("covid")] * 3  # the cases, first
+    assert all(c == [NAMES.index("viral")] * len(c) for c in calls[1:2])  # test: predicted
 
     out = tmp_path / "plots"
     for i in range(3):
@@ -320,6 +345,8 @@ def test_stage_end_to_end(tmp_path: Path, stage, model: nn.Module) -> None:
     assert "](cases/case00.png)" in page and "R-upper, R-mid" in page
     assert "https://radiopaedia.org/cases/x-2" in page and "CC BY-NC-SA 3.0" in page
     assert "Opacity in the right lower lobe." in page
+    assert "- Prediction: **viral** (p = 1.00)" in page
+    assert "- Map for: **covid** (p = 0.00), not the predicted class" in page
 
     metrics = json.loads((tmp_path / "metrics" / "gradcam.json").read_text())
     assert metrics["method"] == "gradcam" and metrics["n_test_images"] == 8
@@ -340,6 +367,8 @@ def test_stage_end_to_end(tmp_path: Path, stage, model: nn.Module) -> None:
     assert lung["test"]["all"]["lung_area_share"] == pytest.approx(2 * 40 * 22 / 64**2)
     assert sorted(lung["cases"]["per_case"]) == ["case00", "case01", "case02"]
     assert lung["cases"]["per_case"]["case01"]["all_zones"] is True
+    assert metrics["cases_map_class"] == "covid"
+    assert {c["predicted"] for c in lung["cases"]["per_case"].values()} == {"viral"}
     assert lung["cases"]["per_case"]["case01"]["zone_lift"] == pytest.approx(1.0)
     assert lung["cases"]["cases_naming_some_zones"]["zone_lift"]["n"] == 2
     assert "Map vs lungs: map mass in lungs" in page
