@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from cxr import cam
-from cxr.models import build_model, save_checkpoint
+from cxr.models import CXRNet, build_model, save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 NAMES = ["covid", "viral", "bacterial", "normal"]
@@ -40,15 +40,50 @@ def images(n: int, size: int = SIZE, seed: int = 0) -> np.ndarray:
 # ---- maps ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("method", ["gradcam", "eigencam"])
-def test_cams_have_the_image_shape_and_unit_range(model: nn.Module, method: str) -> None:
-    x = images(3)
-    # Targets None = predicted class; with random weights other classes' maps can be all zero.
-    maps = cam.compute_cams(model, x, None, method=method, batch_size=2)
-    assert maps.shape == x.shape
-    assert maps.dtype == np.float32
-    assert maps.min() >= 0.0 and maps.max() <= 1.0
-    assert all(m.max() > m.min() for m in maps)  # a real 2 x 2 map, not a flat one
+class PatchDetector(nn.Module):
+    """A two-class network built by hand with a ResNet's `layer3` / `layer4` / `fc` names:
+    class 0's logit is the mean brightness above the normalisation mean, class 1's the mean
+    darkness below it. layer3 ends on a 16 x 16 grid at 64 px, layer4 on 8 x 8. The correct
+    map for class 0 is the bright patch, for class 1 everything but the patch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        signs = nn.Conv2d(1, 2, 1, bias=False)
+        with torch.no_grad():
+            signs.weight.copy_(torch.tensor([1.0, -1.0]).view(2, 1, 1, 1))
+        self.layer3 = nn.Sequential(signs, nn.ReLU(), nn.AvgPool2d(4))
+        self.layer4 = nn.Sequential(nn.AvgPool2d(2))
+        self.fc = nn.Linear(2, 2, bias=False)
+        with torch.no_grad():
+            self.fc.weight.copy_(torch.eye(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.layer4(self.layer3(x)).mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize("layer", ["layer3", "layer4"])
+@pytest.mark.parametrize("method", ["gradcam", "gradcam++", "hirescam", "xgradcam"])
+def test_the_map_marks_the_planted_patch_of_its_target_class(method: str, layer: str) -> None:
+    """A bright 16 x 16 patch top right (image 0) and bottom left (image 1) on a dark film: the
+    class-0 map peaks on the patch, the class-1 map off it, at the image's size in [0, 1].
+    A map transposed or flipped, not upsampled to the image, or drawn for the predicted class
+    instead of the target fails. Watched red with compute_cams wrapped to pass targets=None
+    (every map the predicted class's) and wrapped to transpose its maps."""
+    model = CXRNet(PatchDetector()).eval()
+    x = np.full((2, SIZE, SIZE), 20, dtype=np.uint8)
+    patch = np.zeros_like(x, dtype=bool)
+    patch[0, 8:24, 40:56] = True
+    patch[1, 40:56, 8:24] = True
+    x[patch] = 230
+    bright = cam.compute_cams(model, x, [0, 0], method=method, batch_size=2, layer=layer)
+    dark = cam.compute_cams(model, x, [1, 1], method=method, batch_size=2, layer=layer)
+    for maps in (bright, dark):
+        assert maps.shape == x.shape and maps.dtype == np.float32
+        assert maps.min() >= 0.0 and maps.max() <= 1.0
+    for i in range(2):
+        assert patch[i].flat[bright[i].argmax()] and not patch[i].flat[dark[i].argmax()]
+        assert bright[i][patch[i]].mean() > 0.5 > bright[i][~patch[i]].mean()
+        assert dark[i][patch[i]].mean() < 0.5 < dark[i][~patch[i]].mean()
 
 
 def test_cams_under_no_grad_and_with_frozen_weights(model: nn.Module) -> None:

@@ -190,16 +190,25 @@ def test_bootstrap_is_seeded():
     assert first != other
 
 
-def test_bootstrap_interval_contains_point():
-    y, prob, groups = _noisy_binary()
-    stats = metrics.default_statistics(positive_class=1)
-    result = metrics.bootstrap_ci(y, prob, groups, stats, n_resamples=100, seed=1)
-    assert set(result) == set(stats)
-    for name, ci in result.items():
-        assert ci["low"] <= ci["point"] <= ci["high"], name
-        assert ci["low"] < ci["high"], name  # noisy data: a real spread, not a constant
-        assert ci["n_valid"] == 100, name  # 30 groups: both classes in every resample
-    assert json.loads(json.dumps(result, allow_nan=False)) == result
+def test_bootstrap_interval_is_the_binomial_one_for_whole_patient_groups():
+    """A known answer: 200 patients with 2 films each, both right for 140 of them. Resampling
+    patients, the bootstrap accuracy is Binomial(200, 0.7) / 200, so its 95% percentile
+    interval is that distribution's 2.5% and 97.5% quantiles (0.635, 0.76), up to one step
+    (1/200) and the Monte Carlo error of 4000 resamples (~0.0015). Resampling films instead
+    (Binomial(400, 0.7) / 400: low 0.655) or taking 5% tails (low 0.645) misses it.
+    Watched red with the resampling done per film and with the tails at (1 - level)."""
+    from scipy.stats import binom
+
+    groups = np.repeat(np.arange(200), 2)
+    right = np.repeat(np.arange(200) < 140, 2)
+    y = np.zeros(400, dtype=int)
+    prob = np.where(right[:, None], [[0.9, 0.1]], [[0.1, 0.9]])
+    stats = {"accuracy": metrics.default_statistics(positive_class=1)["accuracy"]}
+    ci = metrics.bootstrap_ci(y, prob, groups, stats, n_resamples=4000, seed=0)["accuracy"]
+    assert ci["point"] == pytest.approx(0.7) and ci["n_valid"] == 4000
+    low, high = binom.ppf([0.025, 0.975], 200, 0.7) / 200
+    assert abs(ci["low"] - low) <= 0.007 and abs(ci["high"] - high) <= 0.007, (ci, low, high)
+    assert json.loads(json.dumps(ci, allow_nan=False)) == ci
 
 
 def test_bootstrap_interval_narrows_with_level():
