@@ -1,22 +1,36 @@
-"""`python -m cxr <command>` (or the `cxr` console script): bench | predict."""
+"""`python -m cxr <command>` (or the `cxr` console script): bench | predict | calibrate."""
 
 from __future__ import annotations
 
+import importlib
 import sys
+
+# command -> module whose main(argv) runs it; imported only when chosen (torch takes seconds).
+COMMANDS = {
+    "bench": "cxr.bench",
+    "predict": "cxr.predict",
+    "calibrate": "cxr.calibrate",
+    "validate": "cxr.validate",
+}
+EXIT_INTERRUPTED = 130
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    commands = ("bench", "predict")
-    if not argv or argv[0] not in commands:
-        print(f"usage: python -m cxr {{{'|'.join(commands)}}} [options]  (--help for each)")
+    # Ctrl-C at any moment, imports and model loading included, is one line and status 130;
+    # the commands catch it themselves where they have rows to save, and write files
+    # atomically, so nothing is left half-written.
+    try:
+        run(list(sys.argv[1:] if argv is None else argv))
+    except KeyboardInterrupt:
+        print("error: interrupted (Ctrl-C); no file was left half-written", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
+
+
+def run(argv: list[str]) -> None:
+    if not argv or argv[0] not in COMMANDS:
+        print(f"usage: python -m cxr {{{'|'.join(COMMANDS)}}} [options]  (--help for each)")
         sys.exit(0 if argv and argv[0] in ("-h", "--help") else 2)
-    command, rest = argv[0], argv[1:]
-    if command == "bench":
-        from cxr.bench import main as run
-    else:
-        from cxr.predict import main as run
-    run(rest)
+    importlib.import_module(COMMANDS[argv[0]]).main(argv[1:])
 
 
 if __name__ == "__main__":

@@ -34,6 +34,11 @@ def is_dicom(path: Path) -> bool:
 
 def read_dicom(path: str | Path) -> np.ndarray:
     """Read a DICOM file as a 2-D uint8 display image (255 = bright); ImageError if unusable."""
+    return read_dicom_frames(path)[0]
+
+
+def read_dicom_frames(path: str | Path) -> tuple[np.ndarray, int]:
+    """`read_dicom` (the first frame), and the number of frames the file holds."""
     path = Path(path)
     try:
         ds = pydicom.dcmread(path, force=not has_dicom_magic(path))
@@ -49,10 +54,11 @@ def read_dicom(path: str | Path) -> np.ndarray:
         raise ImageError(
             f"{path}: colour DICOM ({ds.get('PhotometricInterpretation')}) not supported"
         )
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
     if pixels.ndim == 3:  # multi-frame: a radiograph has one; take the first
         pixels = pixels[0]
     try:
-        return to_display(pixels, ds)
+        return to_display(pixels, ds), frames
     except (ValueError, KeyError, AttributeError, TypeError) as exc:
         raise ImageError(f"{path}: cannot apply the DICOM LUTs ({exc})") from exc
 

@@ -16,3 +16,8 @@ class InputError(ValueError):
     """An input file or option that does not fit: arrays and manifests of different rows, a
     model and data of different sizes, labels the model does not know. A ValueError, so code
     that catches those still catches it."""
+
+
+class BundleError(RuntimeError):
+    """The model bundle (models/bundle.json) or a site calibration is missing, unreadable, or does
+    not match the checkpoints beside it."""

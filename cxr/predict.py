@@ -1,8 +1,16 @@
 """Predict new radiographs with the trained four-class and binary models.
 
-    python -m cxr predict scans/ extra.png --four-class models/four_class.pt \
-        --binary models/binary.pt --threshold-from metrics/binary.json \
-        --out predictions.csv [--cam plots/predict] [--batch-size 16] [--strict]
+    python -m cxr predict scans/ extra.png [--models DIR] [--threshold T] \
+        --out predictions.csv [--force] [--cam plots/predict] [--batch-size 16] [--strict]
+
+Models, lung segmenter and COVID-19 threshold come from the model bundle, `bundle.json` in
+--models (default: the `models/` folder of the repository this package lives in, so predict
+works from any working directory), which the evaluate stage writes beside the checkpoints with
+each one's sha256. --binary, --four-class and --segmenter override single checkpoints. The
+threshold is, in order: --threshold; a site calibration (`site.json` in --models, or --site,
+written by `python -m cxr calibrate` for this very binary checkpoint); the bundle's, which is
+refused for a --binary checkpoint the bundle was not written for. The `threshold_source`
+column says which (argument, site or bundle).
 
 Every file given, and every regular file under a folder given (searched recursively, symlinked
 folders followed once), gets one row: a prediction or an error. Whether a file is an image is
@@ -17,15 +25,20 @@ checkpoints; every new image is harmonised, as the split stage does for all sour
 already-harmonised Kermany set. Each prediction is sanity-checked first (near-constant, extreme
 aspect ratio, tiny: see the limits below); what is odd goes in the `warning` column.
 
+JPEG/PNG/TIFF files are turned upright by their EXIF orientation, as the split stage reads
+them; of a multi-frame file (animated GIF, multi-page TIFF, multi-frame DICOM) only the first
+frame is predicted, with a warning. --out replaces only an earlier output of predict (its
+columns or records), anything else only with --force; the --out file, its temporary and the
+overlays in --cam are never read as inputs.
+
 Exit status: 0 all images predicted, 1 some failed (or, with --strict, some got a warning, or
---out could not be written), 2 bad usage, checkpoint, threshold or --out, 130 interrupted
-(Ctrl-C; the rows done so far are written to --out).
+--out could not be written), 2 bad usage, checkpoint, bundle, threshold or --out, 130
+interrupted (Ctrl-C; the rows done so far are written to --out, nothing is left half-written).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import errno
 import json
@@ -39,13 +52,23 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn, TextIO
+from typing import Any, NoReturn
 
 import numpy as np
 
+from cxr.atomic import atomic_open, is_temporary_of
+from cxr.bundle import (
+    SITE_NAME,
+    Bundle,
+    default_models_dir,
+    load_bundle,
+    sha256_of,
+    site_threshold,
+)
 from cxr.cli import setup_logging
-from cxr.dicom import DICOM_SUFFIXES, read_dicom
-from cxr.images import ImageError, Preprocessing, decode, preprocess_gray, to_grayscale
+from cxr.dicom import DICOM_SUFFIXES, read_dicom_frames
+from cxr.errors import BundleError
+from cxr.images import ImageError, Preprocessing, decode_frames, preprocess_gray, to_grayscale
 from cxr.infer import configure_cpu, predict_proba
 from cxr.lungs import crop_inputs, implausible_lungs
 from cxr.models import CheckpointError, CXRNet, load_checkpoint
@@ -54,6 +77,7 @@ from cxr.params import non_negative_int
 log = logging.getLogger(__name__)
 
 OUT_FORMATS = (".json", ".csv")
+CAM_SUFFIX = "_cam.png"  # Grad-CAM overlays: <stem>_cam.png in --cam
 EXIT_OK, EXIT_IMAGE_ERRORS, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 # A real radiograph is far smaller (a 4,300 x 3,500 px 16-bit DICOM is 30 MB uncompressed);
@@ -76,6 +100,11 @@ MAX_ASPECT_RATIO = 3.0
 # Short side of the original, px: below this, resizing up to the model input invents the
 # detail the model reads (icons, thumbnails); the smallest mirror image is 156 px.
 MIN_SIDE = 64
+
+# Columns every output of predict has had, whatever the four-class model's class names: how an
+# earlier output (which --out may replace without --force) is recognised.
+OWN_COLUMNS = ("file", "status", "predicted", "binary_p_covid", "covid_positive", "warning",
+               "message")  # fmt: skip
 
 
 class UsageError(ValueError):
@@ -106,10 +135,53 @@ class Input:
 
 @dataclass
 class Inputs:
-    """What the paths given expand to, and how many hidden entries the folder walk skipped."""
+    """What the paths given expand to, and how many entries were skipped: hidden ones, and
+    predict's own outputs (--out, its temporary, --cam overlays)."""
 
     items: list[Input] = field(default_factory=list)
     hidden: int = 0
+    own: int = 0
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """The COVID-19 decision threshold on the binary model's p(covid), and where it came from:
+    `argument` (--threshold), `site` (python -m cxr calibrate) or `bundle` (evaluate stage)."""
+
+    value: float
+    source: str
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """The checkpoints to load and the threshold to apply, each checked to belong together."""
+
+    four_class: Path
+    binary: Path
+    segmenter: Path | None
+    threshold: Threshold
+
+
+@dataclass(frozen=True)
+class Own:
+    """predict's own outputs, never read back as inputs: a second run over a folder that holds
+    them must not predict its own CSV or overlays."""
+
+    out: Path | None = None
+    cam: Path | None = None
+
+    def owns(self, path: Path) -> bool:
+        real = Path(os.path.realpath(path))
+        if self.out is not None:
+            out = Path(os.path.realpath(self.out))
+            if real == out or is_temporary_of(real, out):
+                return True
+        # Overlays only (<stem>_cam.png): a --cam folder may hold the user's own images too.
+        return (
+            self.cam is not None
+            and real.parent == Path(os.path.realpath(self.cam))
+            and real.name.endswith(CAM_SUFFIX)
+        )
 
 
 # --- arguments, threshold, checkpoints --------------------------------------------------------
@@ -120,30 +192,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="python -m cxr predict", description=__doc__.split("\n")[0]
     )
     parser.add_argument("paths", nargs="+", type=Path, help="image/DICOM files or folders")
-    parser.add_argument("--four-class", type=Path, default=Path("models/four_class.pt"))
-    parser.add_argument("--binary", type=Path, default=Path("models/binary.pt"))
+    add_model_options(parser)
     parser.add_argument(
-        "--threshold-from", type=Path, default=Path("metrics/binary.json"),
-        help="evaluate stage metrics holding the validation-chosen threshold (threshold.value)",
+        "--site", type=Path, default=None,
+        help=f"site calibration (default: {SITE_NAME} in --models, when present)",
     )  # fmt: skip
     parser.add_argument(
         "--threshold", type=float, default=None,
-        help="COVID-19 decision threshold instead of --threshold-from (e.g. 0.5)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--segmenter", type=Path, default=Path("models/segmenter.pt"),
-        help="lung segmenter (segment stage): lung check, and the crop for crop: lungs models",
+        help="COVID-19 decision threshold instead of the site's or the bundle's (e.g. 0.5)",
     )  # fmt: skip
     parser.add_argument("--out", type=Path, default=None, help="predictions .json or .csv")
+    parser.add_argument(
+        "--force", action="store_true",
+        help="let --out replace an existing file that is not an earlier output of predict",
+    )  # fmt: skip
     parser.add_argument("--cam", type=Path, default=None, help="folder for Grad-CAM overlays")
     parser.add_argument(
         "--cam-layer", choices=["layer3", "layer4"], default="layer3",
         help="ResNet layer the overlays are computed at (the gradcam stage's default: layer3)",
     )  # fmt: skip
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument(
-        "--threads", type=non_negative_int, default=0, help="torch CPU threads (0 = one per core)"
-    )
     parser.add_argument(
         "--strict", action="store_true",
         help="exit 1 when any image gets a sanity warning (near-constant, odd shape, tiny)",
@@ -156,15 +223,61 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def check_out(path: Path) -> None:
-    """Refuse an --out that cannot be written before any image is read, so no work is lost."""
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    """Where the models come from, and how fast to run them: shared with calibrate, so both
+    run the same models the same way."""
+    parser.add_argument(
+        "--models", type=Path, default=default_models_dir(),
+        help="folder with bundle.json and the checkpoints it names (default: %(default)s)",
+    )  # fmt: skip
+    parser.add_argument("--four-class", type=Path, default=None, help="instead of the bundle's")
+    parser.add_argument(
+        "--binary", type=Path, default=None,
+        help="instead of the bundle's; needs --threshold or a site calibration for it",
+    )  # fmt: skip
+    parser.add_argument(
+        "--segmenter", type=Path, default=None,
+        help="lung segmenter instead of the bundle's: lung check, and the crop for crop: lungs",
+    )  # fmt: skip
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument(
+        "--threads", type=non_negative_int, default=0, help="torch CPU threads (0 = one per core)"
+    )
+
+
+def check_out(path: Path, force: bool = False) -> None:
+    """Refuse an --out that cannot be written, or that holds what predict did not write, before
+    any image is read, so no work is lost and no one else's file is replaced."""
     if path.suffix.lower() not in OUT_FORMATS:
         raise UsageError(f"--out must end in {' or '.join(OUT_FORMATS)}, got {path}")
     if path.is_dir():
         raise UsageError(f"--out {path} is a folder; give a file, e.g. {path / 'predictions.csv'}")
     if path.exists() and not path.is_file():
         raise UsageError(f"--out {path} exists and is not a regular file; choose another name")
+    if path.is_file() and not force and not written_by_predict(path):
+        raise UsageError(
+            f"--out {path} exists and is not an earlier output of predict (not its columns); "
+            "refusing to replace it: choose another name, or pass --force"
+        )
     check_writable_folder(path.parent, f"--out {path}")
+
+
+def written_by_predict(path: Path) -> bool:
+    """Whether `path` is an earlier output of predict: a CSV whose header is predict's (first
+    `file`, `status`, and OWN_COLUMNS), or a JSON list of records with OWN_COLUMNS."""
+    try:
+        if path.suffix.lower() == ".csv":
+            with open(path, encoding="utf-8", newline="") as fh:
+                header = next(csv.reader([fh.readline(65536)]), [])
+            return header[:2] == ["file", "status"] and set(OWN_COLUMNS) <= set(header)
+        if path.stat().st_size > MAX_FILE_BYTES:  # no output of predict is that large
+            return False
+        records = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, csv.Error):
+        return False
+    return isinstance(records, list) and all(
+        isinstance(r, dict) and set(OWN_COLUMNS) <= r.keys() for r in records
+    )
 
 
 def check_cam(folder: Path) -> None:
@@ -197,20 +310,60 @@ def check_writable_folder(folder: Path, what: str) -> None:
         ) from exc
 
 
-def read_threshold(path: Path) -> float:
-    """The COVID-19 threshold the evaluate stage chose on validation data: threshold.value."""
-    hint = "run the evaluate stage, or pass --threshold explicitly (e.g. --threshold 0.5)"
-    try:
-        blob = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UsageError(f"{path} not found: {hint}") from None
-    except (OSError, json.JSONDecodeError) as exc:
-        raise UsageError(f"{path}: not readable JSON ({exc}); {hint}") from exc
-    value = blob.get("threshold") if isinstance(blob, dict) else None
-    value = value.get("value") if isinstance(value, dict) else None
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= 1:
-        raise UsageError(f"{path}: no threshold.value in [0, 1] (found {value!r}); {hint}")
-    return float(value)
+def resolve(args: argparse.Namespace) -> Resolved:
+    """Checkpoints from the bundle unless given, and the threshold that belongs to the binary
+    one. The bundle is not needed when both classifiers and --threshold are given."""
+    files, bundle = model_files(args, need_bundle=args.threshold is None)
+    return Resolved(
+        four_class=files["four_class"],
+        binary=files["binary"],
+        segmenter=files["segmenter"],
+        threshold=choose_threshold(args, bundle, files["binary"]),
+    )
+
+
+def model_files(
+    args: argparse.Namespace, need_bundle: bool
+) -> tuple[dict[str, Path | None], Bundle | None]:
+    """The checkpoint of each role: --binary/--four-class/--segmenter, else the bundle's (only
+    the checkpoints taken from the bundle are hashed and verified)."""
+    given = {"binary": args.binary, "four_class": args.four_class, "segmenter": args.segmenter}
+    bundle = None
+    if need_bundle or args.binary is None or args.four_class is None:
+        bundle = load_bundle(args.models, tuple(role for role, p in given.items() if p is None))
+    files = {role: path if path is not None or bundle is None else bundle.files[role]
+             for role, path in given.items()}  # fmt: skip
+    return files, bundle
+
+
+def choose_threshold(args: argparse.Namespace, bundle: Bundle | None, binary: Path) -> Threshold:
+    """--threshold; else a site calibration made for this binary checkpoint; else the bundle's,
+    only for the checkpoint it was chosen for."""
+    if args.threshold is not None:
+        return Threshold(args.threshold, "argument")
+    assert bundle is not None  # resolve loads it whenever no --threshold is given
+    if args.binary is None:
+        digest = bundle.sha256["binary"]  # verified by load_bundle
+    elif args.binary.is_file():
+        digest = sha256_of(args.binary)
+    else:
+        raise CheckpointError(f"{args.binary}: file not found")
+    site = args.site or args.models / SITE_NAME
+    if args.site is not None or site.exists():
+        calibrated = site_threshold(site, binary, digest)
+        log.info("COVID-19 threshold %.4f: the site's (%s)", calibrated.threshold, site)
+        return Threshold(calibrated.threshold, "site")
+    if digest != bundle.sha256["binary"]:
+        raise UsageError(
+            f"--binary {binary} (sha256 {digest[:12]}...) is not the binary model {bundle.path} "
+            f"was written for (sha256 {str(bundle.sha256['binary'])[:12]}...), and its threshold "
+            f"({bundle.threshold:.4f}, {bundle.threshold_source}) belongs to that model: pass "
+            "--threshold, calibrate one for it (python -m cxr calibrate), or --models DIR with "
+            "its own bundle"
+        )
+    log.info("COVID-19 threshold %.4f: the bundle's (%s, %s)", bundle.threshold,
+             bundle.threshold_source, bundle.path)  # fmt: skip
+    return Threshold(bundle.threshold, "bundle")
 
 
 def checkpoint_spec(meta: dict[str, Any], path: Path) -> Preprocessing:
@@ -233,12 +386,13 @@ def load_segmenter_for(spec: Preprocessing, path: Path | None) -> tuple[Any, dic
     from cxr.segmenter import load_segmenter  # torch model code only needed here
 
     if path is None or not path.exists():
+        where = "none was given or bundled" if path is None else f"{path} does not exist"
         if spec.crop != "none":
             raise UsageError(
                 f"these models crop to the lungs (crop: {spec.crop}) and need the lung segmenter, "
-                f"but {path} does not exist: run `dvc repro segment` or pass --segmenter"
+                f"but {where}: run `dvc repro segment` or pass --segmenter"
             )
-        log.info("no lung segmenter at %s: the lung check is skipped", path)
+        log.info("no lung segmenter (%s): the lung check is skipped", where)
         return None
     try:
         return load_segmenter(path)
@@ -312,11 +466,12 @@ def not_regular(mode: int) -> str:
     return f"not a regular file ({file_kind(mode)}); refused without reading it"
 
 
-def walk(folder: Path, folder_stat: os.stat_result) -> Inputs:
+def walk(folder: Path, folder_stat: os.stat_result, own: Own) -> Inputs:
     """Every regular file under `folder`, and an error entry for each thing that cannot be one.
 
     Symlinked folders are followed, each folder searched once; a link back to a folder being
-    searched (a loop) is reported instead of followed. Hidden entries are counted, not listed.
+    searched (a loop) is reported instead of followed. Hidden entries and predict's own
+    outputs are counted, not listed.
     """
     found = Inputs()
     searched: dict[tuple[int, int], Path] = {_key(folder_stat): folder}
@@ -330,10 +485,13 @@ def walk(folder: Path, folder_stat: os.stat_result) -> Inputs:
             found.items.append(Input(directory, f"cannot list folder ({exc.strerror or exc})"))
             continue
         for name in names:
+            path = directory / name
+            if own.owns(path):  # before the hidden check: the temporary of --out is hidden
+                found.own += 1
+                continue
             if name.startswith("."):
                 found.hidden += 1
                 continue
-            path = directory / name
             st, problem = stat_path(path)
             if st is None:
                 found.items.append(Input(path, problem))
@@ -357,27 +515,31 @@ def _key(st: os.stat_result) -> tuple[int, int]:
     return st.st_dev, st.st_ino
 
 
-def expand(path: Path) -> Inputs:
+def expand(path: Path, own: Own) -> Inputs:
     """One command-line path: a folder walked, a file as it is, anything else an error entry."""
+    if own.owns(path):  # even before it exists: the first run's --out
+        return Inputs(own=1)
     st, problem = stat_path(path)
     if st is None:
         return Inputs([Input(path, problem)])
     if not stat.S_ISDIR(st.st_mode):
         return Inputs([Input(path)])  # devices and FIFOs are refused when read, with a row
-    found = walk(path, st)
+    found = walk(path, st, own)
     if not found.items:
         skipped = f"; {found.hidden} hidden entries skipped" if found.hidden else ""
         found.items.append(Input(path, f"no files in folder (searched recursively{skipped})"))
     return found
 
 
-def collect_inputs(paths: list[Path]) -> Inputs:
-    """Files as given, folders expanded; each file once; missing or empty paths flagged."""
-    inputs = Inputs()
+def collect_inputs(paths: list[Path], own: Own | None = None) -> Inputs:
+    """Files as given, folders expanded, predict's own outputs left out; each file once;
+    missing or empty paths flagged."""
+    inputs, own = Inputs(), own or Own()
     seen: set[str] = set()
     for path in paths:
-        found = expand(path)
+        found = expand(path, own)
         inputs.hidden += found.hidden
+        inputs.own += found.own
         for item in found.items:
             key = str(item.path) if item.error else os.path.realpath(item.path)
             if key not in seen:
@@ -385,6 +547,7 @@ def collect_inputs(paths: list[Path]) -> Inputs:
                 inputs.items.append(item)
     if not any(item.error is None for item in inputs.items):
         problems = [f"{item.path}: {item.error}" for item in inputs.items]
+        problems += ["only predict's own outputs (--out, --cam) were given"] if inputs.own else []
         more = f"; and {len(problems) - 3} more" if len(problems) > 3 else ""
         raise UsageError(f"no images to predict ({'; '.join(problems[:3])}{more})")
     return inputs
@@ -415,12 +578,22 @@ def read_capped(path: Path) -> bytes:
     return data
 
 
-def read_gray(path: Path) -> np.ndarray:
-    """One file -> its 2-D uint8 grayscale image at the original size (DICOM windowed)."""
+def read_gray(path: Path) -> tuple[np.ndarray, int]:
+    """One file -> its first frame as a 2-D uint8 grayscale image at the original size (DICOM
+    windowed, others upright by their EXIF orientation), and how many frames the file holds."""
     data = read_capped(path)
     if path.suffix.lower() in DICOM_SUFFIXES or data[128:132] == b"DICM":
-        return read_dicom(path)  # within the cap: read_capped just measured it
-    return to_grayscale(decode(data, str(path)))
+        return read_dicom_frames(path)  # within the cap: read_capped just measured it
+    image, frames = decode_frames(data, str(path))
+    return to_grayscale(image), frames
+
+
+def frame_warnings(frames: int) -> list[str]:
+    """A radiograph is one picture; the other frames of an animation or a multi-page file are
+    not looked at, and the user should know."""
+    if frames <= 1:
+        return []
+    return [f"multi-frame file ({frames} frames): only the first frame was predicted"]
 
 
 def sanity_warnings(original: np.ndarray, pixels: np.ndarray) -> list[str]:
@@ -453,9 +626,9 @@ def load_input(path: Path, spec: Preprocessing) -> tuple[np.ndarray, str]:
     New images are harmonised like every training source but Kermany's, whose publisher had
     already squashed them to 224 px JPEG (see cxr.images.Preprocessing).
     """
-    original = read_gray(path)
+    original, frames = read_gray(path)
     pixels = preprocess_gray(original, spec, already_harmonised=False)
-    return pixels, "; ".join(sanity_warnings(original, pixels))
+    return pixels, "; ".join(frame_warnings(frames) + sanity_warnings(original, pixels))
 
 
 # --- prediction -------------------------------------------------------------------------------
@@ -478,7 +651,7 @@ def ok_record(
     path: Path,
     probs: np.ndarray,
     p_covid: float,
-    threshold: float,
+    threshold: Threshold,
     names: list[str],
     warning: str,
 ) -> dict[str, Any]:
@@ -490,8 +663,9 @@ def ok_record(
         "p_predicted": float(probs[best]),
         **{f"p_{name}": float(p) for name, p in zip(names, probs, strict=True)},
         "binary_p_covid": float(p_covid),
-        "threshold": threshold,
-        "covid_positive": bool(p_covid >= threshold),
+        "threshold": threshold.value,
+        "threshold_source": threshold.source,
+        "covid_positive": bool(p_covid >= threshold.value),
         "cam": None,
         "warning": warning,
         "message": "",
@@ -507,7 +681,8 @@ def columns(names: list[str]) -> list[str]:
     """Output columns, the same for every row and for JSON and CSV."""
     probs = [f"p_{name}" for name in names]
     return ["file", "status", "predicted", "p_predicted", *probs, "binary_p_covid",
-            "threshold", "covid_positive", "cam", "warning", "message"]  # fmt: skip
+            "threshold", "threshold_source", "covid_positive", "cam", "warning",
+            "message"]  # fmt: skip
 
 
 def read_inputs(
@@ -530,11 +705,20 @@ def read_inputs(
     return images, where, warnings, errors
 
 
-def predict_chunk(
-    items: list[Input], models: Models, threshold: float, batch_size: int
-) -> tuple[list[dict[str, Any]], np.ndarray]:
-    """Records for `items` in order (error rows for unreadable ones) and the images read."""
-    names, size = models.class_names, models.spec.image_size
+@dataclass(frozen=True)
+class Batch:
+    """What the models see for the readable files of a chunk, and what became of each file."""
+
+    images: np.ndarray  # N x S x S uint8: preprocessed, and cropped as the models were trained
+    where: list[int]  # the position in the chunk of each image
+    warnings: dict[int, str]  # by position, for the images
+    errors: dict[int, str]  # by position, for the files that could not be read
+
+
+def model_inputs(items: list[Input], models: Models) -> Batch:
+    """Files -> the models' input: the one path predict and calibrate share (shared
+    preprocessing, lung check and crop by the segmenter)."""
+    size = models.spec.image_size
     images, where, warnings, errors = read_inputs(items, models.spec)
     batch = np.stack(images) if images else np.zeros((0, size, size), dtype=np.uint8)
     if models.segmenter is not None and len(batch):
@@ -542,14 +726,30 @@ def predict_chunk(
         for row, i in enumerate(where):
             warnings[i] = "; ".join(w for w in (warnings[i], implausible_lungs(masks[row])) if w)
         batch = crop_inputs(batch, masks, models.spec.to_dict())
-    four = predict_proba(models.four_class, batch, batch_size=batch_size)
-    covid = predict_proba(models.binary, batch, batch_size=batch_size)[:, models.covid_index]
-    records = {i: error_record(items[i].path, message, names) for i, message in errors.items()}
-    for row, i in enumerate(where):
+    return Batch(batch, where, warnings, errors)
+
+
+def covid_probability(models: Models, images: np.ndarray, batch_size: int) -> np.ndarray:
+    """The binary model's p(covid), the score the threshold applies to."""
+    return predict_proba(models.binary, images, batch_size=batch_size)[:, models.covid_index]
+
+
+def predict_chunk(
+    items: list[Input], models: Models, threshold: Threshold, batch_size: int
+) -> tuple[list[dict[str, Any]], np.ndarray]:
+    """Records for `items` in order (error rows for unreadable ones) and the images read."""
+    names = models.class_names
+    batch = model_inputs(items, models)
+    four = predict_proba(models.four_class, batch.images, batch_size=batch_size)
+    covid = covid_probability(models, batch.images, batch_size)
+    records = {
+        i: error_record(items[i].path, message, names) for i, message in batch.errors.items()
+    }
+    for row, i in enumerate(batch.where):
         records[i] = ok_record(
-            items[i].path, four[row], float(covid[row]), threshold, names, warnings[i]
+            items[i].path, four[row], float(covid[row]), threshold, names, batch.warnings[i]
         )
-    return [records[i] for i in range(len(items))], batch
+    return [records[i] for i in range(len(items))], batch.images
 
 
 def segment(segmenter: tuple[Any, dict[str, Any]], images: np.ndarray) -> np.ndarray:
@@ -580,22 +780,23 @@ def write_cams(
     folder.mkdir(parents=True, exist_ok=True)
     for record, image, cam in zip(ok, images, cams, strict=True):
         out = folder / _unique_name(Path(record["file"]).stem, used)
-        Image.fromarray(overlay(image, cam)).save(out)
+        with atomic_open(out, binary=True) as fh:  # Ctrl-C never leaves half an overlay
+            Image.fromarray(overlay(image, cam)).save(fh, format="PNG")
         record["cam"] = printable(str(out))
 
 
 def _unique_name(stem: str, used: set[str]) -> str:
     """<stem>_cam.png, numbered when two inputs share a stem (a/x.png, b/x.png)."""
-    name, k = f"{stem}_cam.png", 1
+    name, k = f"{stem}{CAM_SUFFIX}", 1
     while name in used:
         k += 1
-        name = f"{stem}-{k}_cam.png"
+        name = f"{stem}-{k}{CAM_SUFFIX}"
     used.add(name)
     return name
 
 
 def predict_all(
-    inputs: list[Input], models: Models, *, threshold: float, batch_size: int,
+    inputs: list[Input], models: Models, *, threshold: Threshold, batch_size: int,
     cam_dir: Path | None, cam_layer: str = "layer3",
 ) -> Iterator[list[dict[str, Any]]]:  # fmt: skip
     """Records chunk by chunk of `batch_size` files, so memory stays flat for any number of
@@ -611,27 +812,6 @@ def predict_all(
 
 
 # --- output -----------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def atomic_open(path: Path) -> Iterator[TextIO]:
-    """A UTF-8 text file written beside `path` and renamed over it when the block succeeds.
-
-    Readers never see half a file; a failed or interrupted write removes its temporary file and
-    leaves any earlier `path` as it was. The temporary name is hidden and random, so it never
-    clobbers a user's file.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # 0o666: the umask applies
-    try:
-        with open(fd, "w", encoding="utf-8", newline="") as fh:
-            yield fh
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def write_records(records: list[dict[str, Any]], path: Path, names: list[str]) -> None:
@@ -675,7 +855,7 @@ def save(records: list[dict[str, Any]], out: Path | None, names: list[str]) -> s
 
 
 def summary(
-    records: list[dict[str, Any]], total: int, seconds: float, hidden: int, saved: Path | None
+    records: list[dict[str, Any]], total: int, seconds: float, skipped: Inputs, saved: Path | None
 ) -> str:
     """One line for stderr that counts every file seen, so none can go missing unnoticed."""
     n_ok = sum(r["status"] == "ok" for r in records)
@@ -683,7 +863,8 @@ def summary(
     rate = n_ok / seconds if seconds > 0 else math.inf
     line = f"{n_ok} of {total} files predicted in {seconds:.2f} s ({rate:.1f} images/s)"
     line += f"; {n_warned} with warnings" if n_warned else ""
-    line += f"; {hidden} hidden entries skipped" if hidden else ""
+    line += f"; {skipped.hidden} hidden entries skipped" if skipped.hidden else ""
+    line += f"; {skipped.own} of predict's own outputs skipped" if skipped.own else ""
     return line + (f"; predictions in {saved}" if saved else "")
 
 
@@ -701,17 +882,16 @@ def fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
     sys.exit(code)
 
 
-def prepare(args: argparse.Namespace) -> tuple[float, Models, Inputs]:
-    """Everything checked before the first image is read: outputs, threshold, models, inputs."""
+def prepare(args: argparse.Namespace) -> tuple[Threshold, Models, Inputs]:
+    """Everything checked before the first image is read: outputs, bundle, threshold, models,
+    inputs."""
     if args.out is not None:
-        check_out(args.out)
+        check_out(args.out, args.force)
     if args.cam is not None:
         check_cam(args.cam)
-    threshold = args.threshold
-    if threshold is None:
-        threshold = read_threshold(args.threshold_from)
-    models = load_models(args.four_class, args.binary, args.segmenter)
-    return threshold, models, collect_inputs(args.paths)
+    resolved = resolve(args)
+    models = load_models(resolved.four_class, resolved.binary, resolved.segmenter)
+    return resolved.threshold, models, collect_inputs(args.paths, Own(args.out, args.cam))
 
 
 def exit_code(records: list[dict[str, Any]], strict: bool) -> int:
@@ -737,7 +917,7 @@ def finish(
     except KeyboardInterrupt:
         fail(f"interrupted while writing {args.out}; it was left as it was", EXIT_INTERRUPTED)
     saved = out if out is not None and problem is None else None
-    print(summary(records, len(inputs.items), seconds, inputs.hidden, saved), file=sys.stderr)
+    print(summary(records, len(inputs.items), seconds, inputs, saved), file=sys.stderr)
     if interrupted:
         fail(
             f"interrupted (Ctrl-C) after {len(records)} of {len(inputs.items)} files; "
@@ -755,7 +935,7 @@ def main(argv: list[str] | None = None) -> None:
     configure_cpu(args.threads)
     try:
         threshold, models, inputs = prepare(args)
-    except (UsageError, CheckpointError) as exc:
+    except (UsageError, CheckpointError, BundleError) as exc:
         fail(str(exc))
     except KeyboardInterrupt:
         fail("interrupted before any image was predicted; nothing written", EXIT_INTERRUPTED)

@@ -12,6 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 from cxr import figures
 from cxr.arrays import load_split
+from cxr.bundle import BUNDLE_NAME, write_bundle
 from cxr.cli import setup_logging, user_errors
 from cxr.config import load_base, load_evaluate_params
 from cxr.errors import InputError
@@ -36,6 +37,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--lungs", type=Path, default=Path("data/lungs"), help="segment stage masks (crop: lungs)"
     )
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument(
+        "--segmenter", type=Path, default=None,
+        help="lung segmenter named in the bundle (default: segmenter.pt beside --binary, if any)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--bundle", type=Path, default=None,
+        help=f"model bundle to write beside the checkpoints (default: {BUNDLE_NAME} beside --binary)",
+    )  # fmt: skip
     parser.add_argument("--metrics", type=Path, default=Path("metrics"), help="writes <task>.json")
     parser.add_argument("--data-counts", type=Path, default=Path("metrics/data.json"))
     parser.add_argument("--plots", type=Path, default=Path("plots/evaluate"))
@@ -84,6 +93,22 @@ def load_splits(directory: Path) -> dict:
     return {name: load_split(directory, name) for name in names}
 
 
+def write_model_bundle(args: argparse.Namespace, threshold: dict) -> None:
+    """bundle.json beside the checkpoints: the models and the threshold chosen here travel
+    together, so predict never pairs a model with another model's threshold."""
+    bundle = args.bundle or args.binary.parent / BUNDLE_NAME
+    if bundle.name != BUNDLE_NAME:
+        raise ValueError(
+            f"--bundle must be named {BUNDLE_NAME} (predict looks for it), got {bundle}"
+        )
+    segmenter = args.segmenter or args.binary.parent / "segmenter.pt"
+    if args.segmenter is None and not segmenter.exists():
+        segmenter = None  # models without the lung crop may do without one
+    source = f"{threshold['method']} on {threshold['chosen_on']}"
+    write_bundle(bundle.parent, args.binary, args.four_class, segmenter, threshold["value"], source)
+    log.info("model bundle -> %s (threshold %.4f, %s)", bundle, threshold["value"], source)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     setup_logging()
@@ -96,6 +121,7 @@ def main(argv: list[str] | None = None) -> None:
         results, metas = {}, {}
         for task, path in zip(TASKS, (args.binary, args.four_class), strict=True):
             results[task], metas[task] = evaluate_checkpoint(task, path, splits, args, p, base.seed)
+        write_model_bundle(args, results["binary"]["threshold"])
         data_counts = json.loads(args.data_counts.read_text())
         write_summary(args.reports / "summary.md", results, metas, data_counts, p, references)
         write_model_card(args.reports / "model_card.md", results, metas, data_counts, p, references)
