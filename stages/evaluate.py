@@ -15,7 +15,7 @@ from cxr.arrays import load_split
 from cxr.bundle import BUNDLE_NAME, write_bundle
 from cxr.cli import setup_logging, user_errors
 from cxr.config import load_base, load_evaluate_params
-from cxr.errors import InputError
+from cxr.errors import BundleError, InputError
 from cxr.evaluate import check_class_order, evaluate_task, known_class, score_split
 from cxr.infer import configure_cpu
 from cxr.lungs import crop_inputs, load_lung_masks
@@ -98,7 +98,7 @@ def write_model_bundle(args: argparse.Namespace, threshold: dict) -> None:
     together, so predict never pairs a model with another model's threshold."""
     bundle = args.bundle or args.binary.parent / BUNDLE_NAME
     if bundle.name != BUNDLE_NAME:
-        raise ValueError(
+        raise BundleError(
             f"--bundle must be named {BUNDLE_NAME} (predict looks for it), got {bundle}"
         )
     segmenter = args.segmenter or args.binary.parent / "segmenter.pt"

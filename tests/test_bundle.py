@@ -133,3 +133,26 @@ def test_evaluate_stage_writes_the_bundle_with_its_threshold(tmp_path: Path) -> 
     assert bundled.sha256["segmenter"] == sha(workdir / "segmenter.pt")
     predict_args = predict.parse_args(["x.png", "--models", str(workdir)])
     assert predict.resolve(predict_args).threshold == predict.Threshold(chosen["value"], "bundle")
+
+
+def test_evaluate_refuses_a_bundle_predict_would_not_find(tmp_path: Path) -> None:
+    """--bundle must be named bundle.json, and a --segmenter named but missing is an error,
+    not a bundle without a segmenter. Both are the user's to fix: one-line errors."""
+    import argparse
+
+    from cxr.cli import is_user_error
+    from stages import evaluate as stage
+
+    models = make_models(tmp_path)
+    chosen = {"value": 0.4, "method": "youden", "chosen_on": "val (adult images)"}
+    base = {"binary": models["binary"], "four_class": models["four"]}
+    with pytest.raises(BundleError) as wrong_name:
+        stage.write_model_bundle(
+            argparse.Namespace(**base, bundle=tmp_path / "other.json", segmenter=None), chosen
+        )
+    assert "must be named bundle.json" in str(wrong_name.value) and is_user_error(wrong_name.value)
+    with pytest.raises(BundleError, match="file not found"):
+        missing = tmp_path / "segmenter.pt"
+        stage.write_model_bundle(argparse.Namespace(**base, bundle=None, segmenter=missing), chosen)
+    stage.write_model_bundle(argparse.Namespace(**base, bundle=None, segmenter=None), chosen)
+    assert load_bundle(tmp_path).files["segmenter"] is None  # none beside the models: none bundled
