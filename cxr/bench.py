@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from cxr.config import AugmentParams, TrainParams
+from cxr.config import TrainParams, load_train_params
 from cxr.infer import autocast, configure_cpu, pick_device
 from cxr.models import build_model
 from cxr.params import non_negative_int
@@ -49,9 +50,12 @@ def raw_throughput(model: nn.Module, batch: int, size: int, steps: int, warmup: 
     return batch * steps / (_clock(device) - start)
 
 
-def pipeline_throughput(model: nn.Module, batch: int, size: int, steps: int, warmup: int) -> float:
+def pipeline_throughput(
+    model: nn.Module, p: TrainParams, batch: int, size: int, steps: int, warmup: int
+) -> float:
     """Images/s of `train_epoch`, the loop the training stage runs, on uint8 images in host memory
-    (as the stage's memory-mapped split: gathered per batch, copied to the device)."""
+    (as the stage's memory-mapped split: gathered per batch, copied to the device), with the
+    optimizer and augmentation of the training params `p`."""
     device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(0)
     n = batch * (steps + warmup)
@@ -60,10 +64,10 @@ def pipeline_throughput(model: nn.Module, batch: int, size: int, steps: int, war
     labels = torch.randint(0, num_classes, (n,), generator=gen)
     allowed = labels[:, None] == torch.arange(num_classes)[None, :]
     batches = torch.randperm(n, generator=gen).view(-1, batch)
-    optimizer = make_optimizer(model, TrainParams(task="four_class", lr=1.0e-4))
+    optimizer = make_optimizer(model, p)
     kwargs = dict(
         weights=None, optimizer=optimizer, scheduler=None,
-        aug=AugmentParams(), generator=gen, desc="bench",
+        aug=p.augmentation(), generator=gen, desc="bench",
     )  # fmt: skip
     train_epoch(model, batches[:warmup], images, allowed, **kwargs)
     start = _clock(device)
@@ -78,12 +82,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--steps", type=int, default=5, help="timed batches per measurement")
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument(
+        "--params", type=Path, default=Path("params.yaml"),
+        help="its train_four_class section sets the optimizer and augmentation",
+    )  # fmt: skip
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds; best kept")
     parser.add_argument(
         "--threads", type=non_negative_int, default=0, help="torch CPU threads (0 = one per core)"
     )
     args = parser.parse_args(argv)
     configure_cpu(args.threads)
+    p = load_train_params(args.params, "train_four_class")
     torch.manual_seed(0)
     device = pick_device()
     model = build_model(args.arch, 4).to(device, memory_format=torch.channels_last)
@@ -93,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
     raw, pipe = 0.0, 0.0
     for _ in range(args.rounds):
         raw = max(raw, raw_throughput(model, *shape[1:3], args.steps, args.warmup))
-        pipe = max(pipe, pipeline_throughput(model, *shape[1:3], args.steps, args.warmup))
+        pipe = max(pipe, pipeline_throughput(model, p, *shape[1:3], args.steps, args.warmup))
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"{args.arch} {args.image_size}px batch {args.batch_size}, {args.steps} timed batches, "
           f"{where}, {torch.get_num_threads()} threads")  # fmt: skip

@@ -77,7 +77,7 @@ def cam_class(method: str) -> type[BaseCAM]:
     return METHODS[method]
 
 
-def target_layer(model: CXRNet, name: str = "layer4") -> nn.Module:
+def target_layer(model: CXRNet, name: str) -> nn.Module:
     """The last residual block of ResNet stage `name` (layer4 = `model.cam_layer`)."""
     if name not in TARGET_LAYERS:
         raise ValueError(f"unknown target layer {name!r}; choose one of {list(TARGET_LAYERS)}")
@@ -90,10 +90,13 @@ def compute_cams(
     targets: list[int] | None = None,
     *,
     method: str = "gradcam",
-    batch_size: int = 8,
-    layer: str = "layer4",
+    batch_size: int,
+    layer: str,
 ) -> np.ndarray:
     """N x H x W maps in [0, 1] for uint8 N x H x W images, on the last block of `layer`.
+
+    `layer` and `batch_size` have no default: the pipeline's come from params.yaml (gradcam), so
+    a second value here could only contradict them.
 
     `targets` are class indices (None: each image's predicted class). Every map is min-max
     scaled by pytorch-grad-cam, so maps show where, not how much; compare them by rank or share.
@@ -137,7 +140,7 @@ def random_twin(arch: str, num_classes: int, seed: int) -> CXRNet:
 # --- where the map lies -----------------------------------------------------------------------
 
 
-def border_mask(shape: tuple[int, int], fraction: float = 0.12) -> np.ndarray:
+def border_mask(shape: tuple[int, int], fraction: float) -> np.ndarray:
     """True in the outer band: round(fraction * side) pixels on each of the four sides."""
     if not 0.0 < fraction < 0.5:
         raise ValueError(f"border fraction must be in (0, 0.5), got {fraction}")
@@ -148,7 +151,7 @@ def border_mask(shape: tuple[int, int], fraction: float = 0.12) -> np.ndarray:
     return mask
 
 
-def border_share(cam: np.ndarray, fraction: float = 0.12) -> float:
+def border_share(cam: np.ndarray, fraction: float) -> float:
     """Share of a map's total mass in the outer band; the centre's share is 1 minus this.
 
     A uniform map gives the band's area share, 1 - (1 - 2f)^2 (0.4224 for f = 0.12; exactly
@@ -183,7 +186,7 @@ def confidence_drop(
     cams: np.ndarray,
     targets: list[int] | np.ndarray,
     *,
-    top_percent: float = 20.0,
+    top_percent: float,
     seed: int = 0,
     batch_size: int = 32,
 ) -> dict[str, float]:
@@ -243,7 +246,7 @@ def road(
     cams: np.ndarray,
     targets: list[int] | np.ndarray,
     *,
-    percentiles: list[int] | tuple[int, ...] = (20, 40, 60, 80),
+    percentiles: list[int] | tuple[int, ...],
     seed: int = 0,
     batch_size: int = 32,
 ) -> dict[str, Any]:
@@ -297,10 +300,10 @@ def randomisation_correlation(
     images: np.ndarray,
     targets: list[int] | None = None,
     *,
-    method: str = "gradcam",
-    batch_size: int = 8,
+    method: str,
+    batch_size: int,
     trained_cams: np.ndarray | None = None,
-    layer: str = "layer4",
+    layer: str,
 ) -> float:
     """Mean Spearman correlation between the trained and the random network's maps for the same
     images and targets (Adebayo et al. 2018). Near 1: the map does not depend on what the model
@@ -319,7 +322,7 @@ def randomisation_correlation(
 
 
 def border_share_by_class(
-    cams: np.ndarray, labels: np.ndarray, class_names: list[str], fraction: float = 0.12
+    cams: np.ndarray, labels: np.ndarray, class_names: list[str], fraction: float
 ) -> dict[str, float]:
     """Mean border share of the maps of each class present in `labels` (indices)."""
     return {
@@ -766,9 +769,9 @@ def write_cases_page(
     rows: list[dict[str, Any]],
     path: Path,
     *,
-    method: str = "gradcam",
+    method: str,
     galleries: dict[str, str] | None = None,
-    layer: str = "layer4",
+    layer: str,
 ) -> None:
     """One Markdown page with every case: figure, prediction, comment, zones, credit.
 

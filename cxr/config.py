@@ -1,9 +1,12 @@
-"""The schema of params.yaml: one dataclass per section, checked when a stage starts."""
+"""The schema of params.yaml: one dataclass per section, checked when a stage starts.
+
+The dataclasses hold no default values: params.yaml is the one place a value is set, and a key
+missing from it is an error (cxr.params.from_section), never a silent second default in code."""
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -40,11 +43,11 @@ def finite(x: float) -> bool:
 class BaseParams:
     """Values several stages read."""
 
-    seed: int = 42
-    image_size: int = 112
+    seed: int
+    image_size: int
     # Model input: the whole preprocessed image (none) or its predicted lungs' box (lungs).
-    crop: Literal["none", "lungs"] = "none"
-    crop_margin: float = 0.1
+    crop: Literal["none", "lungs"]
+    crop_margin: float
 
     def validate(self) -> None:
         require(
@@ -61,23 +64,23 @@ class BaseParams:
 
 @dataclass(frozen=True)
 class SplitParams:
-    group_by: Literal["patient", "image"] = "patient"
-    val_fraction: float = 0.2
-    test_fraction: float = 0.2
-    harmonise: bool = True
-    harmonise_size: int = 224
-    jpeg_quality: int = 75
+    group_by: Literal["patient", "image"]
+    val_fraction: float
+    test_fraction: float
+    harmonise: bool
+    harmonise_size: int
+    jpeg_quality: int
     # Datasets whose publisher already squashed images to 224 px JPEG q75 (see cxr.images).
-    pre_harmonised: list[str] = field(default_factory=lambda: ["kermany"])
+    pre_harmonised: list[str]
     # Tone normalisation after harmonising: none | equalize (see cxr.images.Preprocessing).
-    intensity: str = "equalize"
+    intensity: str
     # false: no rsna/nih adult non-COVID rows in train/val (the study's data); test unchanged.
-    adult_controls: bool = True
+    adult_controls: bool
     # Whole datasets moved out of train/val/test into the `external` evaluation cohort.
-    external: list[str] = field(default_factory=list)
+    external: list[str]
     # Places (a `location` or a `country` of sources.csv) held out the same way, whole groups.
-    external_places: list[str] = field(default_factory=list)
-    near_duplicate_threshold: float = 0.99  # thumbnail correlation (see cxr.duplicates)
+    external_places: list[str]
+    near_duplicate_threshold: float  # thumbnail correlation (see cxr.duplicates)
 
     def validate(self) -> None:
         for key in ("val_fraction", "test_fraction"):
@@ -115,18 +118,18 @@ class SplitParams:
 
 @dataclass(frozen=True)
 class AugmentParams:
-    hflip: bool = True
-    degrees: float = 15.0
-    translate: float = 0.1
-    scale: list[float] = field(default_factory=lambda: [0.9, 1.1])
+    hflip: bool
+    degrees: float
+    translate: float
+    scale: list[float]
     # Acquisition-robust augmentation (cxr.data.draw_photometric): what differs between hospitals'
     # films (tone curve, sharpness, noise, burned-in text) drawn per image; 0 turns one off.
-    gamma: float = 0.0  # log-gamma drawn in [-gamma, gamma]
-    contrast: float = 0.0  # contrast factor in [1 - contrast, 1 + contrast]
-    brightness: float = 0.0  # offset in [-brightness, brightness]
-    sharpen: float = 0.0  # unsharp-mask amount in [-sharpen, sharpen] (negative blurs)
-    noise: float = 0.0  # Gaussian noise sd drawn in [0, noise]
-    cutout: float = 0.0  # probability of one random box (5-20% of the side) of random grey
+    gamma: float  # log-gamma drawn in [-gamma, gamma]
+    contrast: float  # contrast factor in [1 - contrast, 1 + contrast]
+    brightness: float  # offset in [-brightness, brightness]
+    sharpen: float  # unsharp-mask amount in [-sharpen, sharpen] (negative blurs)
+    noise: float  # Gaussian noise sd drawn in [0, noise]
+    cutout: float  # probability of one random box (5-20% of the side) of random grey
 
     def check(self, where: str = "augment") -> None:
         """Range checks, naming keys `<where>.<key>` (TrainParams.augmentation passes
@@ -170,34 +173,34 @@ class TrainParams:
     """One training task; train_binary and train_four_class share these keys."""
 
     task: Literal["binary", "four_class"]
-    arch: str = "resnet152"
-    weights: str = "none"  # none | imagenet | path to a state_dict
-    zero_init_residual: bool = True
-    epochs: int = 10
-    batch_size: int = 16
-    optimizer: Literal["sgd", "adamw"] = "adamw"
-    lr: float = 1.0e-3
-    momentum: float = 0.9
-    weight_decay: float = 1.0e-4
-    schedule: Literal["onecycle", "multistep", "constant"] = "onecycle"
-    milestones: list[int] = field(default_factory=lambda: [10, 20])
-    gamma: float = 0.1
-    balance: Literal["none", "oversample", "weighted_loss"] = "oversample"
+    arch: str
+    weights: str  # none | imagenet | path to a state_dict
+    zero_init_residual: bool
+    epochs: int
+    batch_size: int
+    optimizer: Literal["sgd", "adamw"]
+    lr: float
+    momentum: float
+    weight_decay: float
+    schedule: Literal["onecycle", "multistep", "constant"]
+    milestones: list[int]
+    gamma: float
+    balance: Literal["none", "oversample", "weighted_loss"]
     # What `balance` evens out: class, or class x age_group (adult and pediatric separately).
-    balance_by: list[str] = field(default_factory=lambda: ["class"])
+    balance_by: list[str]
     # Images of unknown type (`pneumonia`): true = partial-label loss on {viral, bacterial};
     # false = leave them out of training. Binary: they are non-COVID either way.
-    partial_labels: bool = True
-    select_metric: Literal["macro_f1", "loss"] = "macro_f1"
-    patience: int = 0  # epochs without improvement before stopping; 0 = never stop early
-    augment: dict = field(default_factory=dict)
+    partial_labels: bool
+    select_metric: Literal["macro_f1", "loss"]
+    patience: int  # epochs without improvement before stopping; 0 = never stop early
+    augment: dict
     # Deterministic torch kernels: same bits on a GPU too; on the CPU same bits either way.
-    deterministic: bool = True
-    threads: int = 0  # torch CPU threads; 0 = one per core
+    deterministic: bool
+    threads: int  # torch CPU threads; 0 = one per core
     # Processes torchrun starts on this node (dvc.yaml's cmd); batch_size is their global batch.
-    processes: int = 1
-    sync_batchnorm: bool = False  # BatchNorm statistics over the global batch (GPUs only)
-    compile: bool = False  # torch.compile the training forward/backward
+    processes: int
+    sync_batchnorm: bool  # BatchNorm statistics over the global batch (GPUs only)
+    compile: bool  # torch.compile the training forward/backward
 
     def validate(self) -> None:
         name = f"train_{self.task}"
@@ -265,12 +268,12 @@ class TrainParams:
 
 @dataclass(frozen=True)
 class EvaluateParams:
-    bootstrap: int = 1000
-    ci_level: float = 0.95
-    threshold: Literal["youden", "sensitivity"] = "youden"
-    threshold_on: Literal["all", "adult"] = "adult"  # which validation images choose it
-    target_sensitivity: float = 0.95
-    calibration_bins: int = 10
+    bootstrap: int
+    ci_level: float
+    threshold: Literal["youden", "sensitivity"]
+    threshold_on: Literal["all", "adult"]  # which validation images choose it
+    target_sensitivity: float
+    calibration_bins: int
 
     def validate(self) -> None:
         # 0 resamples is allowed: point estimates only, every CI null (`n/a` in the report).
@@ -298,18 +301,16 @@ class EvaluateParams:
 
 @dataclass(frozen=True)
 class GradcamParams:
-    method: Literal["gradcam", "gradcam++", "hirescam", "scorecam", "xgradcam", "eigencam"] = (
-        "gradcam"
-    )
-    gallery_per_group: int = 3
-    border_fraction: float = 0.12
-    faithfulness_top_percent: float = 20.0
-    batch_size: int = 8
+    method: Literal["gradcam", "gradcam++", "hirescam", "scorecam", "xgradcam", "eigencam"]
+    gallery_per_group: int
+    border_fraction: float
+    faithfulness_top_percent: float
+    batch_size: int
     # Grad-CAM's layer: layer4 (4 x 4 grid at 112 px) or layer3 (7 x 7); chosen on validation.
-    target_layer: Literal["layer4", "layer3"] = "layer4"
+    target_layer: Literal["layer4", "layer3"]
     # ROAD (Rong et al. 2022) removal percentiles: MoRF and LeRF averaged over these.
-    road_percentiles: list[int] = field(default_factory=lambda: [20, 40, 60, 80])
-    bootstrap: int = 1000  # resamples for the CIs of the case means (zone lift, pointing)
+    road_percentiles: list[int]
+    bootstrap: int  # resamples for the CIs of the case means (zone lift, pointing)
 
     def validate(self) -> None:
         # The ranges cxr.cam.border_mask and cxr.cam.confidence_drop accept: checked here so a bad
@@ -346,17 +347,17 @@ class GradcamParams:
 class SegmentParams:
     """The lung segmenter (cxr.segmenter): a small U-Net trained from scratch."""
 
-    size: int = 64  # network input, pixels: the split arrays are area-downsampled to it
-    channels: int = 8  # width of the top level; doubles at each level down
-    depth: int = 4  # levels (3 poolings at depth 4)
-    epochs: int = 20
-    batch_size: int = 16
-    lr: float = 3.0e-3  # one-cycle peak, AdamW
-    weight_decay: float = 1.0e-4
-    augment: bool = True  # flip, rotate, scale, shift image and mask together
-    threshold: float = 0.5  # on the lung probability
-    min_component: float = 0.005  # pieces under this share of the image are dropped
-    threads: int = 0  # torch CPU threads; 0 = one per core
+    size: int  # network input, pixels: the split arrays are area-downsampled to it
+    channels: int  # width of the top level; doubles at each level down
+    depth: int  # levels (3 poolings at depth 4)
+    epochs: int
+    batch_size: int
+    lr: float  # one-cycle peak, AdamW
+    weight_decay: float
+    augment: bool  # flip, rotate, scale, shift image and mask together
+    threshold: float  # on the lung probability
+    min_component: float  # pieces under this share of the image are dropped
+    threads: int  # torch CPU threads; 0 = one per core
 
     def validate(self) -> None:
         step = 2 ** (self.depth - 1)
@@ -387,12 +388,17 @@ class SegmentParams:
         require(self.threads >= 0, "segment.threads", "an integer >= 0", self.threads)
 
 
+def _load(cls: type, path: str | Path, name: str) -> Any:
+    """Section `name` of the params file at `path` as `cls`, every key required."""
+    return from_section(cls, section(load_params(path), name), name, source=str(path))
+
+
 def load_base(path: str | Path) -> BaseParams:
-    return from_section(BaseParams, section(load_params(path), "base"), "base")
+    return _load(BaseParams, path, "base")
 
 
 def load_split_params(path: str | Path) -> SplitParams:
-    return from_section(SplitParams, section(load_params(path), "split"), "split")
+    return _load(SplitParams, path, "split")
 
 
 def load_train_params(path: str | Path, name: str) -> TrainParams:
@@ -400,19 +406,19 @@ def load_train_params(path: str | Path, name: str) -> TrainParams:
     task = name.removeprefix("train_")
     if values.setdefault("task", task) != task:
         raise ParamsError(f"{name}.task must be {task!r}")
-    return from_section(TrainParams, values, name)
+    return from_section(TrainParams, values, name, source=str(path))
 
 
 def load_evaluate_params(path: str | Path) -> EvaluateParams:
-    return from_section(EvaluateParams, section(load_params(path), "evaluate"), "evaluate")
+    return _load(EvaluateParams, path, "evaluate")
 
 
 def load_gradcam_params(path: str | Path) -> GradcamParams:
-    return from_section(GradcamParams, section(load_params(path), "gradcam"), "gradcam")
+    return _load(GradcamParams, path, "gradcam")
 
 
 def load_segment_params(path: str | Path) -> SegmentParams:
-    return from_section(SegmentParams, section(load_params(path), "segment"), "segment")
+    return _load(SegmentParams, path, "segment")
 
 
 def preprocessing(base: BaseParams, split: SplitParams) -> Preprocessing:

@@ -88,25 +88,23 @@ def _check_value(value: Any, annotation: Any, where: str) -> Any:
     return value
 
 
-def from_section(cls: type[T], values: dict[str, Any], name: str) -> T:
-    """Build a params dataclass from a section, refusing unknown and mistyped keys."""
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+def from_section(cls: type[T], values: dict[str, Any], name: str, source: str = "params.yaml") -> T:
+    """Build a params dataclass from section `name` of the file `source`.
+
+    Every field of the dataclass is required and no other key is allowed: the file is the one
+    source of values, so a key left out (or renamed) is an error naming it, in one line, rather
+    than a value the code makes up.
+    """
+    fields = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(values) - set(fields))
     if unknown:
-        raise ParamsError(
-            f"unknown key(s) in params section {name!r}: {unknown}; known: {sorted(fields)}"
-        )
+        keys = ", ".join(f"{name}.{k}" for k in unknown)
+        raise ParamsError(f"{source}: {keys} unknown (known keys: {', '.join(fields)})")
+    missing = [k for k in fields if k not in values]
+    if missing:
+        raise ParamsError(f"{source}: {', '.join(f'{name}.{k}' for k in missing)} missing")
     hints = typing.get_type_hints(cls)
-    kwargs = {}
-    for key, field in fields.items():
-        if key not in values:
-            if (
-                field.default is dataclasses.MISSING
-                and field.default_factory is dataclasses.MISSING
-            ):
-                raise ParamsError(f"params section {name!r} is missing key {key!r}")
-            continue
-        kwargs[key] = _check_value(values[key], hints[key], f"{name}.{key}")
+    kwargs = {key: _check_value(values[key], hints[key], f"{name}.{key}") for key in fields}
     obj = cls(**kwargs)
     validate = getattr(obj, "validate", None)
     if validate is not None:

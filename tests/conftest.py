@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+PARAMS = REPO / "params.yaml"
 
 
 def mirror_path() -> Path | None:
@@ -57,3 +62,46 @@ def quadrant_set(
         r, c = divmod(int(k), 2)
         images[i, r * half : (r + 1) * half, c * half : (c + 1) * half] = 230
     return images, labels
+
+
+# --- params: the repository's params.yaml is the one source of values, in tests too ----------
+
+
+def repo_params(section: str, **changes: Any) -> Any:
+    """Section `section` of the repository's params.yaml as its dataclass (cxr.config), with
+    `changes` made: the values every stage would run with, but for the ones a test sets (a
+    dict such as `augment` is merged key by key)."""
+    from cxr import config
+
+    if section.startswith("train_"):
+        params = config.load_train_params(PARAMS, section)
+    else:
+        loaders = {"base": config.load_base, "split": config.load_split_params,
+                   "evaluate": config.load_evaluate_params,
+                   "gradcam": config.load_gradcam_params,
+                   "segment": config.load_segment_params}  # fmt: skip
+        params = loaders[section](PARAMS)
+    for key, value in changes.items():  # a dict (train_*.augment) changes key by key
+        if isinstance(value, dict) and isinstance(getattr(params, key), dict):
+            changes[key] = {**getattr(params, key), **value}
+    return dataclasses.replace(params, **changes)
+
+
+def write_params(path: Path, **sections: dict[str, Any]) -> Path:
+    """The repository's params.yaml with the keys of `sections` changed, written to `path`
+    (a nested dict, e.g. `augment`, is merged key by key)."""
+    params = yaml.safe_load(PARAMS.read_text())
+    for name, changes in sections.items():
+        target = params.setdefault(name, {})
+        for key, value in changes.items():
+            if isinstance(value, dict) and isinstance(target.get(key), dict):
+                target[key] = {**target[key], **copy.deepcopy(value)}
+            else:
+                target[key] = copy.deepcopy(value)
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return path
+
+
+def augment_params(**changes: Any) -> Any:
+    """The repository's augmentation (train_four_class.augment) with `changes`."""
+    return dataclasses.replace(repo_params("train_four_class").augmentation(), **changes)

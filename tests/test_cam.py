@@ -18,10 +18,12 @@ from torch import nn
 
 from cxr import cam
 from cxr.models import CXRNet, build_model, save_checkpoint
+from tests.conftest import write_params
 
 ROOT = Path(__file__).resolve().parents[1]
 NAMES = ["covid", "viral", "bacterial", "normal"]
 SIZE = 64
+RUN = {"batch_size": 2, "layer": "layer4"}  # compute_cams' settings (params.yaml's in the stage)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny convs (tests/conftest.py)
@@ -88,12 +90,12 @@ def test_the_map_marks_the_planted_patch_of_its_target_class(method: str, layer:
 
 def test_cams_under_no_grad_and_with_frozen_weights(model: nn.Module) -> None:
     x = images(2)
-    expected = cam.compute_cams(model, x, [1, 1])
+    expected = cam.compute_cams(model, x, [1, 1], **RUN)
     frozen = build_model("resnet18", 4, zero_init_residual=False)
     frozen.load_state_dict(model.state_dict())
     frozen.requires_grad_(False)
     with torch.no_grad():
-        got = cam.compute_cams(frozen, x, [1, 1])
+        got = cam.compute_cams(frozen, x, [1, 1], **RUN)
     np.testing.assert_allclose(got, expected, atol=1e-5)
 
 
@@ -103,19 +105,19 @@ def test_layer3_gives_a_finer_map_than_layer4(model: nn.Module) -> None:
     assert cam.target_layer(model, "layer3") is model.backbone.layer3[-1]
     assert cam.target_layer(model, "layer4") is model.cam_layer
     x = images(2)
-    coarse = cam.compute_cams(model, x, None, layer="layer4")  # None: the predicted class
-    fine = cam.compute_cams(model, x, None, layer="layer3")
+    coarse = cam.compute_cams(model, x, None, batch_size=2, layer="layer4")  # None: predicted
+    fine = cam.compute_cams(model, x, None, batch_size=2, layer="layer3")
     assert coarse.shape == fine.shape == (2, SIZE, SIZE)
     for c, f in zip(coarse, fine, strict=True):
         grid4, grid3 = c[16::32, 16::32], f[8::16, 8::16]
         assert len(np.unique(np.round(grid3, 4))) > len(np.unique(np.round(grid4, 4))) > 1
     with pytest.raises(ValueError, match="layer4"):
-        cam.compute_cams(model, x, None, layer="layer2")
+        cam.compute_cams(model, x, None, batch_size=2, layer="layer2")
 
 
 def test_unknown_method_lists_the_choices(model: nn.Module) -> None:
     with pytest.raises(ValueError, match="gradcam\\+\\+.*eigencam"):
-        cam.compute_cams(model, images(1), None, method="gradcam3000")
+        cam.compute_cams(model, images(1), None, method="gradcam3000", **RUN)
 
 
 # ---- border share ----------------------------------------------------------------------------
@@ -145,7 +147,7 @@ def test_border_share_hand_example() -> None:
     # A stack: mean over maps; an empty map is left out.
     stack = np.stack([m, np.zeros((10, 10)), np.ones((10, 10))])
     assert cam.border_share(stack, 0.25) == pytest.approx((0.2 + (1 - 0.4**2)) / 2)
-    assert np.isnan(cam.border_share(np.zeros((10, 10))))
+    assert np.isnan(cam.border_share(np.zeros((10, 10)), 0.1))
 
 
 def test_border_fraction_out_of_range() -> None:
@@ -244,10 +246,12 @@ def test_case_zone_scores_and_lung_checks() -> None:
 
 def test_randomisation_correlation_of_a_model_with_itself_is_one(model: nn.Module) -> None:
     x = images(3)
-    assert cam.randomisation_correlation(model, model, x) == pytest.approx(1.0)
+    run = {"method": "gradcam", **RUN}
+    assert cam.randomisation_correlation(model, model, x, **run) == pytest.approx(1.0)
     # Against a map with the opposite ranking: -1.
-    maps = cam.compute_cams(model, x)
-    assert cam.randomisation_correlation(model, model, x, trained_cams=-maps) == pytest.approx(-1)
+    maps = cam.compute_cams(model, x, **RUN)
+    rho = cam.randomisation_correlation(model, model, x, trained_cams=-maps, **run)
+    assert rho == pytest.approx(-1)
 
 
 def test_random_twin_is_seeded_and_leaves_the_global_rng_alone() -> None:
@@ -324,11 +328,9 @@ def write_checkpoint(path: Path, model: nn.Module, task: str) -> None:
 
 
 def argv(tmp_path: Path, checkpoint: Path) -> list[str]:
-    (tmp_path / "params.yaml").write_text(
-        "base:\n  seed: 3\n  image_size: 64\n"
-        "gradcam:\n  method: gradcam\n  gallery_per_group: 1\n  border_fraction: 0.12\n"
-        "  faithfulness_top_percent: 20.0\n  batch_size: 4\n"
-    )
+    write_params(tmp_path / "params.yaml", base={"seed": 3, "image_size": 64},
+                 gradcam={"method": "gradcam", "gallery_per_group": 1, "border_fraction": 0.12,
+                          "batch_size": 4, "target_layer": "layer3"})  # fmt: skip
     return ["--model", str(checkpoint), "--data", str(tmp_path / "split"),
             "--lungs", str(tmp_path / "lungs"),
             "--params", str(tmp_path / "params.yaml"), "--out", str(tmp_path / "plots"),
@@ -394,7 +396,7 @@ def test_stage_end_to_end(
     assert share["uniform_reference"] == pytest.approx(1 - (1 - 2 * 8 / 64) ** 2)  # 8 px band
     assert sorted(share["test"]) == sorted(NAMES)
     assert all(0.0 <= v <= 1.0 for v in [share["cases"], *share["test"].values()])
-    assert metrics["target_layer"] == "layer4"  # the dataclass default; params.yaml may differ
+    assert metrics["target_layer"] == "layer3"  # the params file's, the only source
     assert metrics["faithfulness"]["val"]["n_images"] == 5
     assert metrics["road"]["val"]["n_images"] == 5 and metrics["road"]["cases"]["n_images"] == 3
     lung = metrics["lungs"]

@@ -44,13 +44,12 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 import torchvision
-import yaml
 from torch import nn
 
 from cxr import distributed
 from cxr import train as train_module
 from cxr.arrays import load_split, save_split
-from cxr.config import BaseParams, TrainParams
+from cxr.config import TrainParams
 from cxr.data import seed_everything
 from cxr.distributed import World
 from cxr.infer import predict_proba
@@ -59,6 +58,7 @@ from cxr.params import ParamsError
 from cxr.resume import ResumeFile
 from cxr.train import train_model
 from tests.conftest import quadrant_set as shared_quadrant_set
+from tests.conftest import repo_params, write_params
 
 REPO = Path(__file__).resolve().parents[1]
 N_TRAIN = 48
@@ -71,8 +71,8 @@ def quadrant_set(n: int, size: int = 32, seed: int = 0) -> tuple[np.ndarray, np.
 
 
 def params(**kw) -> TrainParams:
-    base = dict(task="four_class", arch="resnet18", epochs=2, batch_size=8, lr=3.0e-3, threads=1)
-    return TrainParams(**(base | kw))
+    base = dict(arch="resnet18", epochs=2, batch_size=8, lr=3.0e-3, threads=1)
+    return repo_params("train_four_class", **(base | kw))
 
 
 def groupnorm_model() -> CXRNet:
@@ -233,9 +233,9 @@ def test_batch_size_is_global_and_must_divide_by_the_processes():
     with pytest.raises(ValueError, match="global batch"):
         distributed.check_batch(30, World(size=4))
     with pytest.raises(ParamsError, match="train_binary.batch_size must be divisible"):
-        TrainParams(task="binary", batch_size=30, processes=4).validate()
+        repo_params("train_binary", batch_size=30, processes=4).validate()
     with pytest.raises(ParamsError, match="train_binary.processes"):
-        TrainParams(task="binary", processes=0).validate()
+        repo_params("train_binary", processes=0).validate()
 
 
 def test_threads_are_shared_between_the_processes_of_a_node(monkeypatch):
@@ -336,12 +336,11 @@ def write_split(root: Path, n: int = 40, size: int = 32) -> Path:
 
 
 def stage_argv(root: Path, **train) -> list[str]:
-    params = {
-        "base": {"seed": 3, "image_size": 32},
-        "split": {},
-        "train_binary": {"arch": "resnet18", "epochs": 2, "batch_size": 8, "threads": 1} | train,
-    }
-    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    tiny = {"arch": "resnet18", "epochs": 2, "batch_size": 8, "threads": 1,
+            "balance_by": ["class"]}  # fmt: skip
+    write_params(
+        root / "params.yaml", base={"seed": 3, "image_size": 32}, train_binary=tiny | train
+    )
     return ["stages/train.py", "--section", "train_binary", "--params", str(root / "params.yaml"),
             "--data", str(root / "split"), "--model", str(root / "binary.pt"),
             "--metrics", str(root / "m.json"), "--plots", str(root / "live"),
@@ -441,22 +440,22 @@ def test_the_fingerprint_follows_params_and_data(tmp_path):
 
     data = write_split(tmp_path)
     lungs = tmp_path / "lungs"  # crop: lungs only; absent is fine otherwise
-    base = BaseParams()
-    p = TrainParams(task="binary")
+    base = repo_params("base")
+    p = repo_params("train_binary")
 
     def fp(b=base, params=p, world=None) -> str:
         return resume_file(tmp_path / "r.pt", data, lungs, b, params, world or World()).fingerprint
 
     one = fp()
     assert one == fp()
-    assert one != fp(params=TrainParams(task="binary", lr=0.1))
+    assert one != fp(params=repo_params("train_binary", lr=0.1))
     assert one != fp(world=World(size=2))
     images, table = load_split(data, "val", in_memory=True)
     images[0, 0, 0] ^= 1
     save_split(data, "val", images, table)
     assert one != fp()
     # Cropped to the lungs, the masks shape the inputs: a changed mask is another run.
-    cropped = BaseParams(crop="lungs")
+    cropped = repo_params("base", crop="lungs")
     for name in ("train", "val"):
         x, t = load_split(data, name, in_memory=True)
         save_split(lungs, name, (x > 127).astype(np.uint8), t)

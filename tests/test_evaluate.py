@@ -14,11 +14,12 @@ import yaml
 
 from cxr import report
 from cxr.arrays import save_split
-from cxr.config import BINARY_CLASSES, FOUR_CLASSES, EvaluateParams
+from cxr.config import BINARY_CLASSES, FOUR_CLASSES
 from cxr.data import labels_for
 from cxr.evaluate import Scored, evaluate_task
 from cxr.models import CheckpointError, build_model, save_checkpoint
 from stages import evaluate as stage
+from tests.conftest import repo_params, write_params
 
 LABELS = ["covid", "viral", "bacterial", "normal"]
 
@@ -56,7 +57,7 @@ def test_binary_threshold_is_chosen_on_validation_and_applied_to_test():
                   np.array([[0.15, 0.85], [0.25, 0.75], [0.4, 0.6]]))  # fmt: skip
     adult = Scored("adult_check", table(["normal", "normal"], dataset="nih"), np.array([0, 0]),
                    np.array([[0.45, 0.55], [0.9, 0.1]]))  # fmt: skip
-    p = EvaluateParams(bootstrap=50, threshold_on="all")
+    p = repo_params("evaluate", bootstrap=50, threshold_on="all")
     result = evaluate_task(
         "binary", list(BINARY_CLASSES), {"val": val, "test": test, "adult_check": adult}, p, 0
     )
@@ -83,8 +84,8 @@ def test_threshold_on_adult_validation_images_ignores_easy_pediatric_negatives()
     sources = [("ieee8023", "adult")] * 2 + [("rsna", "adult")] + [("kermany", "pediatric")] * 3
     prob = [[0.1, 0.9], [0.6, 0.4], [0.5, 0.5], [0.99, 0.01], [0.99, 0.01], [0.99, 0.01]]
     val = scored("val", table(labels, sources=sources), prob, "binary")
-    everyone = operating_point(val, EvaluateParams(threshold_on="all"), 1)
-    adults = operating_point(val, EvaluateParams(threshold_on="adult"), 1)
+    everyone = operating_point(val, repo_params("evaluate", threshold_on="all"), 1)
+    adults = operating_point(val, repo_params("evaluate", threshold_on="adult"), 1)
     assert everyone["value"] == pytest.approx(0.4) and everyone["n"] == 6
     assert adults["value"] == pytest.approx(0.9) and adults["n"] == 3
 
@@ -120,7 +121,7 @@ def four() -> dict:
                               ADULT4, "four_class"),
     }  # fmt: skip
     return evaluate_task(
-        "four_class", list(FOUR_CLASSES), splits, EvaluateParams(bootstrap=BOOT), 0
+        "four_class", list(FOUR_CLASSES), splits, repo_params("evaluate", bootstrap=BOOT), 0
     )
 
 
@@ -220,7 +221,7 @@ def test_external_report_per_dataset_by_hand():
                   [0.55, 0.15, 0.15, 0.15], [0.2, 0.1, 0.1, 0.6]], "four_class")  # fmt: skip
     splits = {"val": val, "test": val, "adult_check": val, "external": ext}
     result = evaluate_task(
-        "four_class", list(FOUR_CLASSES), splits, EvaluateParams(bootstrap=50), 0
+        "four_class", list(FOUR_CLASSES), splits, repo_params("evaluate", bootstrap=50), 0
     )
     by = result["external"]["by_dataset"]
     assert result["external"]["n"] == 5 and list(by) == ["hannover", "rsna"]
@@ -235,7 +236,9 @@ def test_external_report_per_dataset_by_hand():
     assert r["at_threshold"]["sensitivity"]["point"] is None
     # an empty external split adds no section
     splits["external"] = ext.subset(np.zeros(5, dtype=bool))
-    empty = evaluate_task("four_class", list(FOUR_CLASSES), splits, EvaluateParams(bootstrap=5), 0)
+    empty = evaluate_task(
+        "four_class", list(FOUR_CLASSES), splits, repo_params("evaluate", bootstrap=5), 0
+    )
     assert "external" not in empty
 
 
@@ -277,8 +280,8 @@ def workdir(tmp_path) -> Path:
 
 
 def make_workdir(tmp_path: Path) -> Path:
-    params = {"base": {"seed": 1, "image_size": 32}, "evaluate": {"bootstrap": 20}}
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    write_params(tmp_path / "params.yaml", base={"seed": 1, "image_size": 32},
+                 evaluate={"bootstrap": 20})  # fmt: skip
     (tmp_path / "data.json").write_text(
         json.dumps({s: {"total": 8} for s in ("train", "val", "test")} | {"groups": {"test": 8}})
     )
@@ -395,7 +398,7 @@ def test_a_checkpoint_whose_class_order_is_not_the_tasks_is_refused(workdir, cap
     four = scored("val", table(LABELS), np.eye(4).tolist(), "four_class")
     splits = {"val": four, "test": four, "adult_check": four}
     with pytest.raises(CheckpointError, match="class order"):  # the library refuses it too
-        evaluate_task("four_class", LABELS[::-1], splits, EvaluateParams(bootstrap=5), 0)
+        evaluate_task("four_class", LABELS[::-1], splits, repo_params("evaluate", bootstrap=5), 0)
 
 
 def ci(point: float, low: float, high: float) -> dict:

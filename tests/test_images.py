@@ -147,9 +147,9 @@ def test_split_routes_pre_harmonised_datasets_around_the_round_trip(tmp_path):
     """
     import pandas as pd
 
-    from cxr.config import SplitParams
     from cxr.images import preprocess_file
     from stages.split import preprocess_rows
+    from tests.conftest import repo_params
 
     rng = np.random.default_rng(0)
     pixels = rng.integers(0, 255, (224, 224), dtype=np.uint8)
@@ -157,7 +157,8 @@ def test_split_routes_pre_harmonised_datasets_around_the_round_trip(tmp_path):
         Image.fromarray(pixels, mode="L").save(tmp_path / name, quality=75)
     table = pd.DataFrame({"dataset": ["kermany", "ieee8023"], "file": ["k.jpg", "i.jpg"]})
     spec = Preprocessing(image_size=224)
-    out = preprocess_rows(table, tmp_path, SplitParams(), spec, workers=1)
+    out = preprocess_rows(table, tmp_path, repo_params("split", pre_harmonised=["kermany"]), spec,
+                          workers=1)  # fmt: skip
     untouched = preprocess_file(tmp_path / "k.jpg", spec, already_harmonised=True)
     round_trip = preprocess_file(tmp_path / "i.jpg", spec, already_harmonised=False)
     assert not np.array_equal(untouched, round_trip)  # the round trip is visible at all

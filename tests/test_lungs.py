@@ -45,6 +45,7 @@ from cxr.config import SegmentParams
 from cxr.errors import FetchError
 from cxr.images import resize
 from cxr.models import CheckpointError
+from tests.conftest import repo_params, write_params
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -361,7 +362,7 @@ def ellipses(n: int, size: int = 32, seed: int = 0) -> tuple[np.ndarray, np.ndar
 def tiny(**kw: object) -> SegmentParams:
     values = {"size": 32, "channels": 4, "depth": 3, "epochs": 30, "batch_size": 4,
               "lr": 1.0e-2, "augment": False}  # fmt: skip
-    return SegmentParams(**{**values, **kw})
+    return repo_params("segment", **{**values, **kw})
 
 
 def test_unet_overfits_ellipses() -> None:
@@ -432,9 +433,9 @@ def test_params_are_checked() -> None:
     from cxr.params import ParamsError
 
     with pytest.raises(ParamsError, match="segment.size"):
-        SegmentParams(size=60, depth=4).validate()  # not divisible by 8
+        repo_params("segment", size=60, depth=4).validate()  # not divisible by 8
     with pytest.raises(ParamsError, match="segment.threshold"):
-        SegmentParams(threshold=1.5).validate()
+        repo_params("segment", threshold=1.5).validate()
 
 
 # --- the stages ---------------------------------------------------------------------------------
@@ -471,11 +472,9 @@ def write_fixture(tmp: Path) -> None:
             big.save(masks / f"lung-masks/{name}{i}.png")
             rows.append({"image_path": paths[i], "file": f"lung-masks/{name}{i}.png"})
     pd.DataFrame(rows).to_csv(masks / "manifest.csv", index=False)
-    (tmp / "params.yaml").write_text(
-        "base:\n  seed: 5\n  image_size: 48\n"
-        "segment:\n  size: 16\n  channels: 2\n  depth: 3\n  epochs: 2\n  batch_size: 4\n"
-        "  threads: 1\n"
-    )
+    write_params(tmp / "params.yaml", base={"seed": 5, "image_size": 48},
+                 segment={"size": 16, "channels": 2, "depth": 3, "epochs": 2, "batch_size": 4,
+                          "threads": 1})  # fmt: skip
 
 
 def test_segment_stage_end_to_end(tmp_path: Path) -> None:

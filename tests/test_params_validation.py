@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import subprocess
 import sys
@@ -185,14 +186,58 @@ def test_the_repository_params_pass_every_check() -> None:
     assert params["fetch"]["dataset"] in DATASETS
 
 
-def test_dataclass_defaults_pass_every_check() -> None:
-    config.BaseParams().validate()
-    config.SplitParams().validate()
-    for task in ("binary", "four_class"):
-        config.TrainParams(task=task, arch="resnet18").validate()
-    config.EvaluateParams().validate()
-    config.GradcamParams().validate()
-    config.AugmentParams().check()
+def test_the_params_dataclasses_hold_no_default_values() -> None:
+    """params.yaml is the one source of values: a default in code could only contradict it (as
+    TrainParams' resnet152 / 10 epochs / batch 16 and GradcamParams' layer4 did).
+    Watched red before the fix: every field of these dataclasses but TrainParams.task had one."""
+    classes = [config.BaseParams, config.SplitParams, config.AugmentParams, config.TrainParams,
+               config.EvaluateParams, config.GradcamParams, config.SegmentParams]  # fmt: skip
+    with_default = [
+        f"{cls.__name__}.{f.name}"
+        for cls in classes
+        for f in dataclasses.fields(cls)
+        if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+    ]
+    assert not with_default, with_default
+
+
+def every_key(params: dict) -> list[str]:
+    """Dotted names of every key of the checked sections, augment's keys included."""
+    keys = []
+    for name in LOADERS:
+        for key, value in params[name].items():
+            keys.append(f"{name}.{key}")
+            if key == "augment" and isinstance(value, dict):
+                keys += [f"{name}.augment.{k}" for k in value]
+    return keys
+
+
+@pytest.mark.parametrize("dotted", every_key(load_params(PARAMS)))
+def test_a_missing_key_is_an_error_naming_it(tmp_path: Path, dotted: str) -> None:
+    """Watched red before the fix: a key left out took the dataclass's default, silently."""
+    params = load_params(PARAMS)
+    section, *inner, last = dotted.split(".")
+    node = params[section]
+    for key in inner:
+        node = node[key]
+    del node[last]
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    with pytest.raises(ParamsError) as err:
+        LOADERS[section](path)  # train_*: validate() reads the nested augment section too
+    message = str(err.value)
+    assert message.endswith(f": {dotted} missing") and "\n" not in message, message
+    if not inner:  # a top-level key: the message names the file it is missing from
+        assert message == f"{path}: {dotted} missing"
+
+
+def test_an_unknown_key_is_an_error_naming_it(tmp_path: Path) -> None:
+    path, _ = with_value(tmp_path, "train_binary.epoch", 3)  # a typo of `epochs`
+    with pytest.raises(ParamsError, match=rf"^{path}: train_binary\.epoch unknown \(known keys: "):
+        load_train_params(path, "train_binary")
+    path, _ = with_value(tmp_path, "gradcam.layer", "layer4")
+    with pytest.raises(ParamsError, match=r"gradcam\.layer unknown .*target_layer"):
+        config.load_gradcam_params(path)
 
 
 # ---- --threads -------------------------------------------------------------------------------

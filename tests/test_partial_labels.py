@@ -10,7 +10,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cxr.config import TrainParams
 from cxr.data import (
     allowed_classes,
     epoch_order,
@@ -22,6 +21,7 @@ from cxr.data import (
 from cxr.params import ParamsError
 from cxr.splits import drop_adult_controls
 from stages.train import training_rows
+from tests.conftest import repo_params
 
 ROWS = pd.DataFrame({
     "label": ["covid", "viral", "bacterial", "normal", "pneumonia", "normal"],
@@ -94,17 +94,17 @@ def test_pneumonia_is_its_own_stratum_for_four_class_only():
     binary = strata_for(ROWS, "binary", ["class"])
     assert binary[4] == binary[1]  # pneumonia is just non-COVID
     with pytest.raises(ParamsError, match="balance_by"):
-        TrainParams(task="binary", balance_by=["hospital"]).validate()
+        repo_params("train_binary", balance_by=["hospital"]).validate()
 
 
 def test_partial_labels_off_leaves_unknown_type_out_of_four_class_training_only():
     images = np.arange(len(ROWS))[:, None, None] * np.ones((1, 2, 2), dtype=np.uint8)
-    off = TrainParams(task="four_class", partial_labels=False)
+    off = repo_params("train_four_class", partial_labels=False)
     x, t = training_rows(images, ROWS, off)
     assert "pneumonia" not in set(t["label"]) and len(x) == len(t) == 5 and x[4, 0, 0] == 5
-    x, t = training_rows(images, ROWS, TrainParams(task="four_class"))
+    x, t = training_rows(images, ROWS, repo_params("train_four_class", partial_labels=True))
     assert len(t) == 6
-    x, t = training_rows(images, ROWS, TrainParams(task="binary", partial_labels=False))
+    x, t = training_rows(images, ROWS, repo_params("train_binary", partial_labels=False))
     assert len(t) == 6
 
 

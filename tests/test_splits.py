@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 
 from cxr.splits import LeakageError, check_no_leakage, split_table
+from tests.conftest import repo_params
 
 
 def make_table(n_groups: int = 120, seed: int = 0) -> pd.DataFrame:
@@ -77,7 +78,6 @@ def test_bad_params_are_refused():
 
 
 def test_external_datasets_leave_the_main_pool_and_a_typo_is_refused(tmp_path):
-    from cxr.config import SplitParams
     from cxr.params import ParamsError
     from stages.split import all_rows
 
@@ -88,16 +88,18 @@ def test_external_datasets_leave_the_main_pool_and_a_typo_is_refused(tmp_path):
     pd.DataFrame({"path": ["case00"], "label": ["covid"]}).to_csv(
         tmp_path / "cases.csv", index=False
     )
-    rows = all_rows(tmp_path, SplitParams(external=["hannover"]))
+    rows = all_rows(tmp_path, repo_params("split", external=["hannover"]))
     assert rows["cohort"].tolist() == ["external", "main", "adult_check", "external", "cases"]
-    assert all_rows(tmp_path, SplitParams())["cohort"].tolist()[:2] == ["main", "main"]
+    assert all_rows(tmp_path, repo_params("split", external=[]))["cohort"].tolist()[:2] == [
+        "main",
+        "main",
+    ]
     with pytest.raises(ParamsError, match="hanover"):
-        all_rows(tmp_path, SplitParams(external=["hanover"]))
+        all_rows(tmp_path, repo_params("split", external=["hanover"]))
 
 
 def _assign_external(tmp_path, **params):
     """all_rows + duplicate resolution + assign, on a hand-made manifest (no images needed)."""
-    from cxr.config import SplitParams
     from cxr.splits import resolve_duplicates
     from stages.split import all_rows, assign
 
@@ -117,7 +119,7 @@ def _assign_external(tmp_path, **params):
     pd.DataFrame({"path": ["case00"], "label": ["covid"]}).to_csv(
         tmp_path / "cases.csv", index=False
     )
-    p = SplitParams(**params)
+    p = repo_params("split", **{"external": [], "external_places": []} | params)
     table = all_rows(tmp_path, p)
     table, forced, _ = resolve_duplicates(table, [], set())
     return assign(table, forced, p, seed=0).set_index("path")["split"]
@@ -129,7 +131,9 @@ def test_external_moves_whole_patient_groups_and_whole_places(tmp_path):
     split = _assign_external(tmp_path, external=["hannover"])
     assert split["h1"] == split["i1"] == "external"  # the whole patient group
     assert split["i2"] != "external" and split["i3"] != "external"
-    split = _assign_external(tmp_path, external_places=["Hannover Medical School, Hannover, Germany"])
+    split = _assign_external(
+        tmp_path, external_places=["Hannover Medical School, Hannover, Germany"]
+    )
     assert split["h1"] == split["i1"] == split["i2"] == "external"
     assert split["i3"] != "external"
     split = _assign_external(tmp_path, external_places=["Italy"])  # a country holds out its films
@@ -145,11 +149,10 @@ def test_an_unknown_place_is_refused(tmp_path):
 
 def test_the_leakage_check_covers_external():
     """A group in train and external is a leak (watched red: the stage checked train/val/test)."""
-    from cxr.config import SplitParams
     from cxr.errors import LeakageError
     from stages.split import check_leakage
 
     table = pd.DataFrame({"split": ["train", "external"], "group_id": ["g1", "g1"],
                           "sha256": ["a", "b"]})  # fmt: skip
     with pytest.raises(LeakageError):
-        check_leakage(table, [], SplitParams())
+        check_leakage(table, [], repo_params("split", external=[]))

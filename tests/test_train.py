@@ -10,7 +10,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-import yaml
 
 from cxr.config import AugmentParams, TrainParams
 from cxr.data import augment_batch, epoch_order, sample_weights, seed_everything, to_input
@@ -18,12 +17,22 @@ from cxr.infer import predict_proba
 from cxr.models import CheckpointError, build_model, load_checkpoint, save_checkpoint
 from cxr.params import ParamsError, from_section
 from cxr.train import train_model
-from tests.conftest import quadrant_set
+from tests.conftest import quadrant_set, repo_params, write_params
 
 
 def tiny_params(**kw) -> TrainParams:
-    base = dict(task="four_class", arch="resnet18", epochs=2, batch_size=8, lr=3.0e-3)
-    return TrainParams(**(base | kw))
+    base = dict(arch="resnet18", epochs=2, batch_size=8, lr=3.0e-3)
+    return repo_params("train_four_class", **(base | kw))
+
+
+def section_values(name: str, **changes) -> dict:
+    """Section `name` of the repository's params.yaml as a plain dict, with `changes`."""
+    return dataclasses.asdict(repo_params(name)) | changes
+
+
+def augment(**changes) -> AugmentParams:
+    """The repository's augmentation (train_four_class.augment) with `changes`."""
+    return dataclasses.replace(repo_params("train_four_class").augmentation(), **changes)
 
 
 separable_set = quadrant_set  # the shared toy set (tests/conftest.py)
@@ -80,22 +89,22 @@ def test_pickled_objects_are_refused_not_executed(tmp_path):
 
 
 def test_params_reject_unknown_and_mistyped_keys():
-    with pytest.raises(ParamsError, match="unknown key"):
-        from_section(TrainParams, {"task": "binary", "epoch": 3}, "train_binary")
+    with pytest.raises(ParamsError, match=r"params.yaml: train_binary\.epoch unknown"):
+        from_section(TrainParams, section_values("train_binary", epoch=3), "train_binary")
     with pytest.raises(ParamsError, match="write 1.0e-3"):
-        from_section(TrainParams, {"task": "binary", "lr": "1e-3"}, "train_binary")
+        from_section(TrainParams, section_values("train_binary", lr="1e-3"), "train_binary")
     with pytest.raises(ParamsError, match="balance must be one of"):
-        from_section(TrainParams, {"task": "binary", "balance": "smote"}, "train_binary")
-    p = from_section(TrainParams, {"task": "binary", "lr": 1}, "train_binary")
+        from_section(TrainParams, section_values("train_binary", balance="smote"), "train_binary")
+    p = from_section(TrainParams, section_values("train_binary", lr=1), "train_binary")
     assert p.lr == 1.0 and isinstance(p.lr, float)
 
 
 def test_augmentation_is_batched_seeded_and_identity_when_off():
     x = to_input(np.random.default_rng(0).integers(0, 255, (4, 32, 32), dtype=np.uint8))
-    off = AugmentParams(hflip=False, degrees=0.0, translate=0.0, scale=[1.0, 1.0])
+    off = augment(hflip=False, degrees=0.0, translate=0.0, scale=[1.0, 1.0])
     same = augment_batch(x, off, torch.Generator().manual_seed(0))
     assert torch.allclose(same, x, atol=1e-5)
-    on = AugmentParams()
+    on = augment()
     a = augment_batch(x, on, torch.Generator().manual_seed(1))
     b = augment_batch(x, on, torch.Generator().manual_seed(1))
     assert a.shape == x.shape and torch.equal(a, b) and not torch.allclose(a, x)
@@ -104,7 +113,7 @@ def test_augmentation_is_batched_seeded_and_identity_when_off():
 def test_flip_only_mirrors_the_image():
     one = np.arange(16, dtype=np.uint8).reshape(1, 4, 4) * 10
     x = to_input(np.repeat(one, 8, axis=0))
-    flip = AugmentParams(hflip=True, degrees=0.0, translate=0.0, scale=[1.0, 1.0])
+    flip = augment(hflip=True, degrees=0.0, translate=0.0, scale=[1.0, 1.0])
     out = augment_batch(x, flip, torch.Generator().manual_seed(0))
     same = [torch.allclose(o, x[0], atol=1e-5) for o in out]
     mirrored = [torch.allclose(o, x[0].flip(-1), atol=1e-5) for o in out]
@@ -189,12 +198,12 @@ def test_checkpoint_metadata_is_complete_after_the_training_stage(tmp_path):
         save_split(
             tmp_path / "split", name, rng.integers(0, 255, (16, 32, 32), dtype=np.uint8), table
         )
-    params = {
-        "base": {"seed": 3, "image_size": 32},
-        "split": {},
-        "train_binary": {"arch": "resnet18", "epochs": 1, "batch_size": 8, "threads": 1},
-    }
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    write_params(
+        tmp_path / "params.yaml",
+        base={"seed": 3, "image_size": 32},
+        train_binary={"arch": "resnet18", "epochs": 1, "batch_size": 8, "threads": 1,
+                      "balance_by": ["class"]},  # the table has no age_group column
+    )  # fmt: skip
     stage.main(["--section", "train_binary", "--params", str(tmp_path / "params.yaml"),
                 "--data", str(tmp_path / "split"), "--model", str(tmp_path / "binary.pt"),
                 "--metrics", str(tmp_path / "m.json"), "--plots", str(tmp_path / "live")])  # fmt: skip

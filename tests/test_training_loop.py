@@ -14,6 +14,7 @@ Checked by hand (each bug made in the code, this file went red, then the code wa
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 
 import numpy as np
@@ -21,19 +22,21 @@ import pytest
 import torch
 
 from cxr import train as train_module
-from cxr.config import AugmentParams, TrainParams
+from cxr.config import TrainParams
 from cxr.data import augment_batch, seed_everything, to_input
 from cxr.models import build_model
 from cxr.train import make_optimizer, make_scheduler, param_groups, train_model
-from tests.conftest import quadrant_set
+from tests.conftest import augment_params, quadrant_set, repo_params, write_params
 
-NO_AUG = {"hflip": False, "degrees": 0.0, "translate": 0.0, "scale": [1.0, 1.0]}
+PHOTOMETRIC_OFF = {"gamma": 0.0, "contrast": 0.0, "brightness": 0.0, "sharpen": 0.0,
+                   "noise": 0.0, "cutout": 0.0}  # fmt: skip
+NO_AUG = {"hflip": False, "degrees": 0.0, "translate": 0.0, "scale": [1.0, 1.0]} | PHOTOMETRIC_OFF
 
 
 def params(**kw) -> TrainParams:
-    base = dict(task="four_class", arch="resnet18", epochs=3, batch_size=8, lr=3.0e-3,
-                augment=NO_AUG, schedule="constant", threads=1)  # fmt: skip
-    return TrainParams(**(base | kw))
+    base = dict(arch="resnet18", epochs=3, batch_size=8, lr=3.0e-3, augment=NO_AUG,
+                schedule="constant", threads=1)  # fmt: skip
+    return repo_params("train_four_class", **(base | kw))
 
 
 def run(p: TrainParams, images, labels, val_images, val_labels, seed=0, snapshots=None):
@@ -101,9 +104,9 @@ def test_every_image_gets_its_own_augmentation():
     """Eight copies of one image must come out as eight different images (one draw each)."""
     one = np.random.default_rng(0).integers(0, 255, (1, 32, 32), dtype=np.uint8)
     x = to_input(np.repeat(one, 8, axis=0))
-    for aug in (AugmentParams(hflip=False, degrees=15.0, translate=0.0, scale=[1.0, 1.0]),
-                AugmentParams(hflip=False, degrees=0.0, translate=0.1, scale=[1.0, 1.0]),
-                AugmentParams(hflip=False, degrees=0.0, translate=0.0, scale=[0.8, 1.2])):  # fmt: skip
+    for aug in (augment_params(**NO_AUG | {"degrees": 15.0}),
+                augment_params(**NO_AUG | {"translate": 0.1}),
+                augment_params(**NO_AUG | {"scale": [0.8, 1.2]})):  # fmt: skip
         out = augment_batch(x, aug, torch.Generator().manual_seed(0))
         flat = out.reshape(8, -1)
         distinct = {tuple(torch.round(r * 1e4).int().tolist()) for r in flat}
@@ -188,7 +191,8 @@ def test_deterministic_training_is_bit_identical(threads):
     """Same inputs, seed and thread count: identical checkpoints (augmentation and oversampling
     on, so every random draw is covered)."""
     images, labels = quadrant_set(32)
-    p = params(epochs=2, deterministic=True, augment={}, balance="oversample", threads=threads)
+    aug = dataclasses.asdict(augment_params())  # the repository's: every draw is covered
+    p = params(epochs=2, deterministic=True, augment=aug, balance="oversample", threads=threads)
 
     def once():
         torch.set_num_threads(threads)
@@ -205,7 +209,6 @@ def test_training_stage_twice_gives_bit_identical_checkpoints(tmp_path):
     """The whole stage (loading, seeding, threads from params, oversampling, augmentation,
     training, best-epoch selection) run twice: identical weights."""
     import pandas as pd
-    import yaml
 
     from cxr.arrays import save_split
     from cxr.models import load_checkpoint
@@ -217,10 +220,9 @@ def test_training_stage_twice_gives_bit_identical_checkpoints(tmp_path):
                           "group_id": [f"g{i}" for i in range(48)]})  # fmt: skip
     for name, rows in (("train", slice(0, 32)), ("val", slice(32, 48))):
         save_split(tmp_path / "split", name, images[rows], table[rows].reset_index(drop=True))
-    params = {"base": {"seed": 5, "image_size": 32}, "split": {},
-              "train_four_class": {"arch": "resnet18", "epochs": 2, "batch_size": 8,
-                                   "threads": 2, "deterministic": True}}  # fmt: skip
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    write_params(tmp_path / "params.yaml", base={"seed": 5, "image_size": 32},
+                 train_four_class={"arch": "resnet18", "epochs": 2, "batch_size": 8,
+                                   "threads": 2, "deterministic": True})  # fmt: skip
 
     def once(tag: str) -> dict:
         stage.main(["--section", "train_four_class", "--params", str(tmp_path / "params.yaml"),
@@ -256,15 +258,16 @@ def test_photometric_augmentation_is_identity_when_off_and_reproducible_when_on(
     changed the mid-grey contrast), and with the cut-out box ignored."""
     import torch
 
-    from cxr.config import AugmentParams
     from cxr.data import apply_photometric, draw_photometric
 
     x = torch.linspace(0.05, 0.95, 16 * 16).view(1, 1, 16, 16).repeat(4, 1, 1, 1)
-    off = draw_photometric(4, 16, AugmentParams(), torch.Generator().manual_seed(0))
+    off = draw_photometric(
+        4, 16, augment_params(**PHOTOMETRIC_OFF), torch.Generator().manual_seed(0)
+    )
     assert torch.allclose(apply_photometric(x, off), x, atol=1e-6)
 
-    on = AugmentParams(gamma=0.4, contrast=0.3, brightness=0.1, sharpen=1.0, noise=0.02,
-                       cutout=1.0)  # fmt: skip
+    on = augment_params(gamma=0.4, contrast=0.3, brightness=0.1, sharpen=1.0, noise=0.02,
+                        cutout=1.0)  # fmt: skip
     a = apply_photometric(x, draw_photometric(4, 16, on, torch.Generator().manual_seed(1)))
     b = apply_photometric(x, draw_photometric(4, 16, on, torch.Generator().manual_seed(1)))
     assert torch.equal(a, b)  # same seed, same draw
@@ -287,11 +290,11 @@ def test_photometric_augmentation_is_identity_when_off_and_reproducible_when_on(
 def test_contrast_draw_changes_contrast():
     import torch
 
-    from cxr.config import AugmentParams
     from cxr.data import apply_photometric, draw_photometric
 
     x = torch.tensor([0.25, 0.75]).view(1, 1, 1, 2).expand(8, 1, 2, 2).contiguous()
-    p = draw_photometric(8, 2, AugmentParams(contrast=0.5), torch.Generator().manual_seed(0))
+    contrast = augment_params(**PHOTOMETRIC_OFF | {"contrast": 0.5})
+    p = draw_photometric(8, 2, contrast, torch.Generator().manual_seed(0))
     out = apply_photometric(x, p)
     spread = out[:, 0, 0, 1] - out[:, 0, 0, 0]
     assert torch.allclose(spread, 0.5 * p["contrast"], atol=1e-5)
