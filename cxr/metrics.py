@@ -19,6 +19,7 @@ from sklearn.metrics import (
     balanced_accuracy_score,
     confusion_matrix,
     f1_score,
+    multilabel_confusion_matrix,
     precision_recall_fscore_support,
     roc_auc_score,
     roc_curve,
@@ -89,11 +90,10 @@ def classification_report(
     precision, recall, f1, support = precision_recall_fscore_support(
         y_true, y_pred, labels=labels, zero_division=0
     )
-    cm = np.asarray(confusion(y_true, y_pred, K))
-    n = int(cm.sum())
-    fp = cm.sum(axis=0) - np.diag(cm)
-    tn = n - cm.sum(axis=1) - fp  # everything outside row k and column k
-    specificity = [_div(tn[k], tn[k] + fp[k]) for k in labels]
+    # One 2 x 2 one-vs-rest matrix per class, [[tn, fp], [fn, tp]]: specificity = tn / (tn + fp).
+    ovr = multilabel_confusion_matrix(y_true, y_pred, labels=labels)
+    specificity = [_div(ovr[k, 0, 0], ovr[k, 0, 0] + ovr[k, 0, 1]) for k in labels]
+    n = len(y_true)
     aucs = [_ovr_auc(y_true == k, prob[:, k]) for k in labels]
 
     per_class = {
