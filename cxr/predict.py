@@ -233,7 +233,8 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--four-class", type=Path, default=None, help="instead of the bundle's")
     parser.add_argument(
         "--binary", type=Path, default=None,
-        help="instead of the bundle's; needs --threshold or a site calibration for it",
+        help="instead of the bundle's (whose threshold then does not apply: predict needs "
+        "--threshold or a site calibration made for this checkpoint)",
     )  # fmt: skip
     parser.add_argument(
         "--segmenter", type=Path, default=None,
