@@ -1,4 +1,4 @@
-"""`python -m cxr <command>` (or the `cxr` console script): bench | predict | calibrate."""
+"""`python -m cxr <command>` (or the `cxr` script): bench | predict | calibrate | validate | growth."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ COMMANDS = {
     "predict": "cxr.predict",
     "calibrate": "cxr.calibrate",
     "validate": "cxr.validate",
+    "growth": "cxr.growth",
 }
 EXIT_INTERRUPTED = 130
 
