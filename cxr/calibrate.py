@@ -3,7 +3,7 @@
     python -m cxr calibrate SITE_NEGATIVES/ [more files or folders] --specificity 0.9 \
         [--models DIR] [--out FILE] [--force] [--batch-size 16] [--threads N]
 
-The films go through predict's own path (cxr.predict.model_inputs: the same reading,
+The films go through predict's own path (cxr.api.model_inputs: the same reading,
 preprocessing, lung check and crop, with the models of the bundle in --models or the ones
 given), and the binary model's p(covid) of each is scored. The threshold is the smallest one
 that calls at least the target share of these films negative: predict calls a film COVID-19
@@ -35,24 +35,16 @@ from typing import Any, NoReturn
 import numpy as np
 from scipy.stats import binomtest
 
+from cxr.api import covid_probability, model_inputs
 from cxr.atomic import write_json
 from cxr.bundle import SITE_FORMAT, SITE_NAME, Bundle, sha256_of
 from cxr.cli import setup_logging
 from cxr.errors import BundleError
 from cxr.infer import configure_cpu
+from cxr.inputs import Input, UsageError, collect_inputs, printable
+from cxr.loading import Models, load_models, model_files
 from cxr.models import CheckpointError
-from cxr.predict import (
-    Input,
-    Models,
-    UsageError,
-    add_model_options,
-    collect_inputs,
-    covid_probability,
-    load_models,
-    model_files,
-    model_inputs,
-    printable,
-)
+from cxr.predict import add_model_options
 
 log = logging.getLogger(__name__)
 

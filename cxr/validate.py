@@ -60,29 +60,18 @@ import numpy as np
 from sklearn.metrics import brier_score_loss, roc_auc_score
 
 from cxr import metrics
+from cxr.api import predict_chunk
 from cxr.atomic import temporary_name
 from cxr.bundle import BUNDLE_NAME, SITE_NAME, Bundle, sha256_of, site_threshold
 from cxr.cli import setup_logging
 from cxr.errors import BundleError
 from cxr.infer import configure_cpu
+from cxr.inputs import Input, UsageError, printable, stat_path
+from cxr.loading import Models, Threshold, choose_threshold, load_models, model_files
 from cxr.models import CheckpointError
+from cxr.outputs import check_writable_folder, columns, error_record
 from cxr.params import non_negative_int
-from cxr.predict import (
-    Input,
-    Models,
-    Threshold,
-    UsageError,
-    add_model_options,
-    check_writable_folder,
-    choose_threshold,
-    columns,
-    error_record,
-    load_models,
-    model_files,
-    predict_chunk,
-    printable,
-    stat_path,
-)
+from cxr.predict import add_model_options
 from cxr.report import pct, with_ci
 
 log = logging.getLogger(__name__)

@@ -72,7 +72,7 @@ def test_predict_refuses_a_binary_the_bundle_was_not_written_for(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Issue 19 defect 5: `--binary other.pt` used to take the threshold another model chose.
-    Watched red before the fix: with the sha256 comparison in predict.choose_threshold removed,
+    Watched red before the fix: with the sha256 comparison in cxr.loading.choose_threshold removed,
     this exits 0 with threshold_source "bundle"."""
     models = make_models(tmp_path / "models")
     other = make_checkpoint(tmp_path / "other.pt", "binary", seed=9)

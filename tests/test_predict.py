@@ -25,7 +25,7 @@ from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian, generate_uid
 
-from cxr import predict
+from cxr import api, inputs, loading, outputs, predict
 from cxr.bundle import write_bundle
 from cxr.dicom import read_dicom
 from cxr.images import Preprocessing, load_image, preprocess, preprocess_file, preprocess_gray
@@ -484,13 +484,13 @@ def test_predict_feeds_the_model_the_split_stage_row_of_the_same_file(
     models = make_models(tmp_path / "models", prep=prep)
     rows = pick_rows(split, load_split_params(params).pre_harmonised)
     seen: list[np.ndarray] = []
-    real = predict.covid_probability
+    real = api.covid_probability
 
-    def spy(models: predict.Models, images: np.ndarray, batch_size: int) -> np.ndarray:
+    def spy(models: loading.Models, images: np.ndarray, batch_size: int) -> np.ndarray:
         seen.append(images.copy())
         return real(models, images, batch_size)
 
-    monkeypatch.setattr(predict, "covid_probability", spy)
+    monkeypatch.setattr(api, "covid_probability", spy)
     files = [raw / row["file"] for row, _ in rows]
     out = tmp_path / "pred.json"
     code, _, err = run(capsys, [str(a) for a in (*files, "--models", models["models"],
@@ -656,9 +656,9 @@ def test_rewriting_out_replaces_it_whole(
 
 
 def test_printable_escapes_only_the_bytes_that_are_not_utf8() -> None:
-    assert predict.printable(os.fsdecode(b"scan\xff\xfe.png")) == "scan\\xff\\xfe.png"
-    assert predict.printable("röntgen/Ωmega.png") == "röntgen/Ωmega.png"
-    assert predict.printable("lone \ud800 surrogate") == "lone \\ud800 surrogate"
+    assert inputs.printable(os.fsdecode(b"scan\xff\xfe.png")) == "scan\\xff\\xfe.png"
+    assert inputs.printable("röntgen/Ωmega.png") == "röntgen/Ωmega.png"
+    assert inputs.printable("lone \ud800 surrogate") == "lone \\ud800 surrogate"
 
 
 @pytest.mark.parametrize("suffix", [".csv", ".json"])
@@ -748,10 +748,10 @@ def test_devices_fifos_and_huge_files_are_refused_unread(
     good = save(Image.fromarray(radiograph()), tmp_path / "good.png")
     huge = tmp_path / "huge.png"
     with open(huge, "wb") as fh:  # sparse: no disk used, and never read
-        fh.truncate(predict.MAX_FILE_BYTES + 1)
+        fh.truncate(inputs.MAX_FILE_BYTES + 1)
     at_cap = save(Image.fromarray(radiograph(seed=2)), tmp_path / "at_cap.png")
     with open(at_cap, "ab") as fh:  # PNG ignores bytes after IEND: exactly at the cap is fine
-        fh.truncate(predict.MAX_FILE_BYTES)
+        fh.truncate(inputs.MAX_FILE_BYTES)
     timer = fifo_with_watchdog(tmp_path / "pipe")
     out = tmp_path / "pred.json"
     started = time.perf_counter()
@@ -832,15 +832,15 @@ def test_warning_thresholds_are_the_documented_ones() -> None:
     square = np.zeros((100, 100), np.uint8)
 
     def kinds(original: np.ndarray, pixels: np.ndarray) -> list[str]:
-        found = predict.sanity_warnings(original, pixels)
+        found = api.sanity_warnings(original, pixels)
         return [kind for warning in found for kind in WARNING_KINDS if warning.startswith(kind)]
 
-    assert predict.MIN_PIXEL_STD == 5.0
+    assert api.MIN_PIXEL_STD == 5.0
     assert kinds(square, flat) == []
     flatter = flat.copy()
     flatter[0, 0] = 0  # std just under 5
     assert kinds(square, flatter) == ["near-constant"]
-    assert (predict.MAX_ASPECT_RATIO, predict.MIN_SIDE) == (3.0, 64)
+    assert (api.MAX_ASPECT_RATIO, api.MIN_SIDE) == (3.0, 64)
     assert kinds(np.zeros((64, 192), np.uint8), lively) == []
     assert kinds(np.zeros((193, 64), np.uint8), lively) == ["extreme aspect ratio"]
     assert kinds(np.zeros((63, 100), np.uint8), lively) == ["tiny"]
@@ -920,8 +920,8 @@ def stub_segmenter(monkeypatch: pytest.MonkeyPatch) -> None:
         return np.stack([two_lungs(size) if x.mean() > 20 else np.zeros((size, size), bool)
                          for x in images])  # fmt: skip
 
-    monkeypatch.setattr(predict, "segment", fake_segment)
-    monkeypatch.setattr(predict, "load_segmenter_for", lambda spec, path: ("stub", {}))
+    monkeypatch.setattr(api, "segment", fake_segment)
+    monkeypatch.setattr(loading, "load_segmenter_for", lambda spec, path: ("stub", {}))
 
 
 def test_lung_check_warns_when_no_plausible_lungs(
@@ -962,11 +962,11 @@ def test_crop_parity_between_training_arrays_and_predict(
 
     path = tmp_path / "film.png"
     Image.fromarray(radiograph(200, seed=5)).save(path)
-    models = predict.load_models(ckpt["four"], ckpt["binary"], ckpt["segmenter"])
+    models = loading.load_models(ckpt["four"], ckpt["binary"], ckpt["segmenter"])
     spec = dataclasses.replace(models.spec, crop="lungs", crop_margin=0.1)
     models = dataclasses.replace(models, spec=spec)
-    threshold = predict.Threshold(0.5, "argument")
-    _, batch = predict.predict_chunk([predict.Input(path)], models, threshold, 4)
+    threshold = loading.Threshold(0.5, "argument")
+    _, batch = predict.predict_chunk([inputs.Input(path)], models, threshold, 4)
     array = preprocess_file(path, spec)  # what the split stage stores for this file
     trained_on = crop_inputs(array[None], two_lungs(spec.image_size)[None], spec.to_dict())
     assert np.array_equal(batch, trained_on)
@@ -1006,8 +1006,8 @@ def test_exif_orientation_is_applied_as_the_split_stage_reads_it(
     assert run(capsys, args(ckpt, upright, sideways, "--out", out))[0] == 0
     a, b = json.loads(out.read_text())
     assert (a["binary_p_covid"], a["p_covid"]) == (b["binary_p_covid"], b["p_covid"])
-    models = predict.load_models(ckpt["four"], ckpt["binary"], None)
-    batch = predict.model_inputs([predict.Input(sideways)], models)
+    models = loading.load_models(ckpt["four"], ckpt["binary"], None)
+    batch = api.model_inputs([inputs.Input(sideways)], models)
     assert np.array_equal(batch.images[0], preprocess_file(sideways, models.spec))
 
 
@@ -1081,7 +1081,7 @@ def test_out_refuses_a_file_predict_did_not_write_unless_forced(
     assert f"--out {out} exists and is not an earlier output of predict" in err and "--force" in err
     assert out.read_text() == content and listing(tmp_path) == ["in", "in/x.png", name]
     assert run(capsys, args(ckpt, image, "--out", out, "--force"))[0] == 0
-    assert predict.written_by_predict(out) and str(image) in out.read_text()
+    assert outputs.written_by_predict(out) and str(image) in out.read_text()
 
 
 def test_out_and_cam_inside_the_input_folder_are_never_read_back(

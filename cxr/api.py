@@ -1,0 +1,377 @@
+"""The Python API, and the one model path that predict, validate and calibrate take too.
+
+    from cxr import Predictor
+
+    predictor = Predictor.load("models/")           # bundle: checkpoints, segmenter, threshold
+    table = predictor.predict([array, pil_image, "film.dcm"])  # a pandas DataFrame
+    heat = predictor.explain(array)                  # Grad-CAM of the COVID-19 class, in [0, 1]
+
+An image is a numpy array (2-D grey: uint8, uint16, any integer or float; or colour H x W x 3
+RGB / x 4 RGBA uint8), a PIL image or a file path. An array or PIL image is read as a file
+holding the same pixels is: colour to grey as PIL does, 16-bit and float stretched from their
+own min..max (cxr.images.to_grayscale), so predicting an array gives the probabilities predict
+gives for the same pixels saved as PNG. Then every image takes the same steps as every file
+predict reads: the shared preprocessing (the spec read from the checkpoints, harmonised like
+the training images), the sanity checks, the lung check and crop by the segmenter, both
+classifiers, and the warnings, assembled in one place (`image_warnings`).
+
+An array of the wrong shape or type raises InputError (the caller's mistake); a file that
+cannot be read gets an error row, as in predict's CSV.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Union
+
+import numpy as np
+from PIL import Image
+
+from cxr.errors import InputError
+from cxr.images import ImageError, Preprocessing, preprocess_gray, to_grayscale, upright
+from cxr.infer import predict_proba
+from cxr.inputs import Input, UsageError, frame_warnings, read_gray
+from cxr.loading import Given, Models, Threshold, load_models, resolve
+from cxr.lungs import crop_inputs, implausible_lungs
+from cxr.outputs import columns, error_record, ok_record
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+ImageLike = Union[np.ndarray, Image.Image, str, os.PathLike]  # noqa: UP007 (a runtime alias)
+
+# Sanity checks on what is classified. Across the 7,301 radiographs of the mirror the widest is
+# 1.55:1 and the smallest short side 156 px; the flattest of the 518 sample images has a pixel
+# std of 15.5 (at 32 and 112 px). The limits sit well outside that, to flag what is not a chest
+# film rather than an unusual one.
+# Std of the model-input pixels (0-255, after preprocessing: what the models see): below 5 gray
+# levels a blank, constant or fully transparent image has no anatomy left to classify, yet the
+# models still answer confidently.
+MIN_PIXEL_STD = 5.0
+# Long side / short side of the original: the squash-resize to a square would shrink one axis
+# of a 3:1 image to a third, twice the distortion of the widest mirror image (real chest films
+# are about 0.7-1.4); a strip, a screenshot or two films side by side lands beyond it.
+MAX_ASPECT_RATIO = 3.0
+# Short side of the original, px: below this, resizing up to the model input invents the
+# detail the model reads (icons, thumbnails); the smallest mirror image is 156 px.
+MIN_SIDE = 64
+
+
+# --- one image, as predict reads a file -------------------------------------------------------
+
+
+def array_gray(array: np.ndarray, name: str) -> np.ndarray:
+    """A 2-D uint8 grey image from an array, as a PNG/TIFF of the same pixels is read."""
+    a = np.asarray(array)
+    if a.ndim == 3 and a.shape[2] == 1:
+        a = a[..., 0]
+    colour = a.ndim == 3 and a.shape[2] in (3, 4)
+    if not (a.ndim == 2 or colour) or 0 in a.shape:
+        raise InputError(
+            f"{name}: an array of shape {a.shape} is not an image: expected 2-D grey (H x W) or "
+            "colour (H x W x 3 RGB, H x W x 4 RGBA); for several images pass a list"
+        )
+    if colour:
+        if a.dtype != np.uint8:
+            raise InputError(f"{name}: a colour array must be uint8 (0-255), got {a.dtype}")
+        return to_grayscale(Image.fromarray(np.ascontiguousarray(a)))
+    if a.dtype == np.uint8:
+        return np.ascontiguousarray(a)
+    if a.dtype.kind in "ui":
+        lo, hi = int(a.min()), int(a.max())
+        # The stretch of to_grayscale, through the mode a file of these values opens in.
+        if lo >= 0 and hi <= 65535:
+            return to_grayscale(Image.fromarray(a.astype(np.uint16)))
+        if lo >= -(2**31) and hi < 2**31:
+            return to_grayscale(Image.fromarray(a.astype(np.int32)))
+        raise InputError(f"{name}: integer values {lo}..{hi} do not fit an image (32-bit)")
+    if a.dtype.kind == "f":
+        if not np.isfinite(a).all():
+            raise InputError(f"{name}: the array holds NaN or infinite values")
+        return to_grayscale(Image.fromarray(a.astype(np.float32)))
+    raise InputError(f"{name}: an array of {a.dtype} is not an image (uint8, uint16, float)")
+
+
+def as_gray(image: ImageLike, name: str) -> tuple[np.ndarray, list[str]]:
+    """Any image the API takes -> its 2-D uint8 grey original and its notes (multi-frame).
+    A path is read as predict reads it; errors reading it are ImageError/OSError."""
+    if isinstance(image, str | os.PathLike):
+        gray, frames = read_gray(Path(image))
+        return gray, frame_warnings(frames)
+    if isinstance(image, Image.Image):
+        frames = int(getattr(image, "n_frames", 1))
+        return to_grayscale(upright(image, name)), frame_warnings(frames)
+    if isinstance(image, np.ndarray):
+        return array_gray(image, name), []
+    raise InputError(
+        f"{name}: a {type(image).__name__} is not an image: pass a numpy array, a PIL image or "
+        "a file path"
+    )
+
+
+def sanity_warnings(original: np.ndarray, pixels: np.ndarray) -> list[str]:
+    """What makes this image an unlikely chest radiograph, judged on the original and the
+    model input; the models answer for anything, so this is the only hint that they guessed."""
+    height, width = original.shape
+    warnings = []
+    spread = float(pixels.std(dtype=np.float64))
+    if spread < MIN_PIXEL_STD:
+        warnings.append(
+            f"near-constant image (pixel std {spread:.1f} < {MIN_PIXEL_STD:g}): blank, "
+            "transparent or not a radiograph"
+        )
+    ratio = max(height, width) / max(min(height, width), 1)
+    if ratio > MAX_ASPECT_RATIO:
+        warnings.append(
+            f"extreme aspect ratio ({width}x{height} px, {ratio:.1f}:1 > "
+            f"{MAX_ASPECT_RATIO:g}:1): not a single chest film"
+        )
+    if min(height, width) < MIN_SIDE:
+        warnings.append(
+            f"tiny image ({width}x{height} px, short side < {MIN_SIDE}): too little detail"
+        )
+    return warnings
+
+
+def model_pixels(
+    original: np.ndarray, notes: list[str], spec: Preprocessing
+) -> tuple[np.ndarray, list[str]]:
+    """A grey original -> the model's uint8 input through the shared preprocessing, and its
+    warnings so far (`notes`, then the sanity checks).
+
+    New images are harmonised like every training source but Kermany's, whose publisher had
+    already squashed them to 224 px JPEG (see cxr.images.Preprocessing).
+    """
+    pixels = preprocess_gray(original, spec, already_harmonised=False)
+    return pixels, [*notes, *sanity_warnings(original, pixels)]
+
+
+# --- the model path ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """Model inputs of a batch and what was found on the way."""
+
+    images: np.ndarray  # N x S x S uint8: preprocessed, and cropped as the models were trained
+    warnings: list[list[str]]  # per image: notes, sanity checks, lung check
+    masks: np.ndarray | None  # the predicted lungs (before the crop), when there is a segmenter
+
+
+def segment(segmenter: tuple[Any, dict[str, Any]], images: np.ndarray) -> np.ndarray:
+    """Boolean lung masks, post-processed as the segment stage does."""
+    from cxr.segmenter import binarise, predict_prob
+
+    model, meta = segmenter
+    prob = predict_prob(model, images, size=int(meta["input_size"]))
+    return binarise(
+        prob, threshold=float(meta["threshold"]), min_fraction=float(meta["min_component"])
+    )
+
+
+def with_lungs(models: Models, pixels: list[np.ndarray], warnings: list[list[str]]) -> Prepared:
+    """Preprocessed images -> the models' input: the lung check and, for `crop: lungs`, the
+    crop, both by the segmenter."""
+    size = models.spec.image_size
+    batch = np.stack(pixels) if pixels else np.zeros((0, size, size), dtype=np.uint8)
+    warnings = [list(w) for w in warnings]
+    masks = None
+    if models.segmenter is not None and len(batch):
+        masks = segment(models.segmenter, batch)
+        for row, mask in enumerate(masks):
+            warnings[row] += [w for w in (implausible_lungs(mask),) if w]
+        batch = crop_inputs(batch, masks, models.spec.to_dict())
+    return Prepared(batch, warnings, masks)
+
+
+def covid_probability(models: Models, images: np.ndarray, batch_size: int) -> np.ndarray:
+    """The binary model's p(covid), the score the threshold applies to."""
+    return predict_proba(models.binary, images, batch_size=batch_size)[:, models.covid_index]
+
+
+def image_warnings(found: list[str]) -> str:
+    """THE place where an image's warnings are put together for its row: what reading,
+    preprocessing and the lung check found. Checks added later (an out-of-distribution
+    gate) add their findings here, so every way in (CLI, API, validate) reports them alike."""
+    return "; ".join(w for w in found if w)
+
+
+def score(
+    models: Models, threshold: Threshold, prepared: Prepared, files: Sequence[str | Path],
+    batch_size: int,
+) -> list[dict[str, Any]]:  # fmt: skip
+    """One ok record per prepared image: both classifiers, the threshold, the warnings."""
+    names = models.class_names
+    four = predict_proba(models.four_class, prepared.images, batch_size=batch_size)
+    covid = covid_probability(models, prepared.images, batch_size)
+    return [
+        ok_record(
+            Path(file),
+            four[row],
+            float(covid[row]),
+            threshold,
+            names,
+            image_warnings(prepared.warnings[row]),
+        )  # fmt: skip
+        for row, file in enumerate(files)
+    ]
+
+
+# --- files: predict's, calibrate's and validate's way in ---------------------------------------
+
+
+@dataclass(frozen=True)
+class Batch:
+    """What the models see for the readable files of a chunk, and what became of each file."""
+
+    images: np.ndarray  # N x S x S uint8: preprocessed, and cropped as the models were trained
+    where: list[int]  # the position in the chunk of each image
+    found: dict[int, list[str]]  # by position, for the images: their warnings so far
+    errors: dict[int, str]  # by position, for the files that could not be read
+
+    @property
+    def warnings(self) -> dict[int, str]:
+        return {i: image_warnings(w) for i, w in self.found.items()}
+
+
+def read_inputs(
+    items: list[Input], spec: Preprocessing
+) -> tuple[list[np.ndarray], list[int], dict[int, list[str]], dict[int, str]]:
+    """Each file decoded (cxr.inputs.read_gray) and preprocessed; the positions in `items` they
+    came from, and the warnings and errors by position."""
+    images, where, found, errors = [], [], {}, {}
+    for i, item in enumerate(items):
+        if item.error is not None:
+            errors[i] = f"{item.path}: {item.error}"
+            continue
+        try:
+            original, frames = read_gray(item.path)
+            pixels, found[i] = model_pixels(original, frame_warnings(frames), spec)
+            images.append(pixels)
+            where.append(i)
+        except (ImageError, OSError, ValueError) as exc:  # PIL/NumPy on odd modes: still the file
+            message = str(exc)
+            errors[i] = message if message.startswith(str(item.path)) else f"{item.path}: {message}"
+    return images, where, found, errors
+
+
+def model_inputs(items: list[Input], models: Models) -> Batch:
+    """Files -> the models' input: decoding, then the API's own path (shared preprocessing,
+    lung check and crop by the segmenter)."""
+    pixels, where, found, errors = read_inputs(items, models.spec)
+    prepared = with_lungs(models, pixels, [found[i] for i in where])
+    return Batch(prepared.images, where, dict(zip(where, prepared.warnings, strict=True)), errors)
+
+
+def predict_chunk(
+    items: list[Input], models: Models, threshold: Threshold, batch_size: int
+) -> tuple[list[dict[str, Any]], np.ndarray]:
+    """Records for `items` in order (error rows for unreadable ones) and the images read."""
+    batch = model_inputs(items, models)
+    prepared = Prepared(batch.images, [batch.found[i] for i in batch.where], None)
+    done = score(models, threshold, prepared, [items[i].path for i in batch.where], batch_size)
+    records = {
+        i: error_record(items[i].path, message, models.class_names)
+        for i, message in batch.errors.items()
+    }
+    records.update(zip(batch.where, done, strict=True))
+    return [records[i] for i in range(len(items))], batch.images
+
+
+# --- the API ----------------------------------------------------------------------------------
+
+
+class Predictor:
+    """Both classifiers, the segmenter and the COVID-19 threshold, for use from Python."""
+
+    def __init__(self, models: Models, threshold: Threshold, *, batch_size: int = 16) -> None:
+        if batch_size < 1:
+            raise UsageError(f"batch_size must be >= 1, got {batch_size}")
+        self.models, self.threshold, self.batch_size = models, threshold, batch_size
+
+    @classmethod
+    def load(
+        cls, models: str | os.PathLike = "models", *, threshold: float | None = None,
+        four_class: str | os.PathLike | None = None, binary: str | os.PathLike | None = None,
+        segmenter: str | os.PathLike | None = None, site: str | os.PathLike | None = None,
+        batch_size: int = 16,
+    ) -> Predictor:  # fmt: skip
+        """The models of the bundle in `models` (bundle.json, written by evaluate), with the
+        threshold predict would use: `threshold`, else the site's (site.json there, or
+        `site`, when made for this binary model), else the bundle's. Single checkpoints can be
+        given instead, as with predict's --four-class/--binary/--segmenter."""
+        if threshold is not None and not 0.0 <= threshold <= 1.0:
+            raise UsageError(f"threshold must be in [0, 1], got {threshold}")
+        paths = [None if p is None else Path(p) for p in (four_class, binary, segmenter, site)]
+        resolved = resolve(Given(Path(models), *paths, threshold=threshold))
+        loaded = load_models(resolved.four_class, resolved.binary, resolved.segmenter)
+        return cls(loaded, resolved.threshold, batch_size=batch_size)
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.models.class_names)
+
+    def _prepare(self, images: Sequence[ImageLike]) -> tuple[list[Any], dict[int, str]]:
+        """(pixels, warnings) per readable image, or its error by position."""
+        done: list[Any] = []
+        errors: dict[int, str] = {}
+        for i, image in enumerate(images):
+            name = str(image) if isinstance(image, str | os.PathLike) else f"image {i}"
+            try:
+                done.append(model_pixels(*as_gray(image, name), self.models.spec))
+            except (ImageError, OSError) as exc:  # a file: an error row, as predict gives
+                if not isinstance(image, str | os.PathLike):
+                    raise
+                message = str(exc)
+                errors[i] = message if message.startswith(name) else f"{name}: {message}"
+                done.append(None)
+        return done, errors
+
+    def predict(
+        self, images: ImageLike | Sequence[ImageLike], *, names: Sequence[str] | None = None
+    ) -> pd.DataFrame:
+        """One row per image, with predict's CSV columns (`file`: the path, `names[i]`, or
+        "image i"), in batches of `batch_size` as predict runs them."""
+        import pandas as pd
+
+        images = list(images) if isinstance(images, list | tuple) else [images]
+        if names is not None and len(names) != len(images):
+            raise InputError(f"{len(names)} names for {len(images)} images")
+        labels = [
+            names[i] if names is not None
+            else str(im) if isinstance(im, str | os.PathLike) else f"image {i}"
+            for i, im in enumerate(images)
+        ]  # fmt: skip
+        records: list[dict[str, Any]] = []
+        for start in range(0, len(images), self.batch_size):
+            records += self._predict_batch(
+                images[start : start + self.batch_size], labels[start : start + self.batch_size]
+            )
+        return pd.DataFrame.from_records(records, columns=columns(self.class_names))
+
+    def _predict_batch(self, images: list[ImageLike], labels: list[str]) -> list[dict[str, Any]]:
+        done, errors = self._prepare(images)
+        ok = [i for i in range(len(images)) if i not in errors]
+        prepared = with_lungs(self.models, [done[i][0] for i in ok], [done[i][1] for i in ok])
+        scored = score(self.models, self.threshold, prepared, [labels[i] for i in ok],
+                       self.batch_size)  # fmt: skip
+        records = {i: error_record(Path(labels[i]), m, self.class_names) for i, m in errors.items()}
+        records.update(zip(ok, scored, strict=True))
+        return [records[i] for i in range(len(images))]
+
+    def explain(self, image: ImageLike, *, layer: str = "layer3") -> np.ndarray:
+        """Grad-CAM of the four-class model's COVID-19 class for one image: an S x S float32
+        map in [0, 1] over the model's input (S = the checkpoints' image_size; the lung crop,
+        for models trained on it), through cxr.cam.compute_cams as the gradcam stage and
+        predict --cam compute it. Min-max scaled: it shows where, not how much."""
+        from cxr.cam import case_target, compute_cams  # matplotlib & co., only needed here
+
+        pixels, found = model_pixels(*as_gray(image, "image"), self.models.spec)
+        prepared = with_lungs(self.models, [pixels], [found])
+        target = case_target(self.models.class_names)
+        maps = compute_cams(self.models.four_class, prepared.images, [target], batch_size=1,
+                            layer=layer)  # fmt: skip
+        return maps[0]

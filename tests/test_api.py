@@ -1,0 +1,186 @@
+"""Tests for the Python API (cxr.api.Predictor) on tiny random checkpoints: the same numbers as
+the CLI, every kind of image it takes, clear errors, and Grad-CAM maps that depend on the image."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from cxr import Predictor, api
+from cxr.errors import InputError
+from cxr.inputs import UsageError
+from tests.test_predict import FOUR, make_checkpoint, make_models, radiograph, run
+
+THREADS = ["--threads", "1"]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    """One thread on the 2 shared cores (as predict's tests run), the defaults restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    torch.set_flush_denormal(False)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_models(tmp_path_factory.mktemp("api") / "models", threshold=0.4)["models"]
+
+
+def films() -> dict[str, np.ndarray]:
+    """Arrays of each kind the API takes, each with a PNG that holds the same pixels."""
+    grey = radiograph(96, seed=11)
+    wide = radiograph(120, seed=12)[:, :40]  # 3:1, so it also gets a warning
+    deep = (radiograph(80, seed=13).astype(np.uint16) * 257 + 7).astype(np.uint16)  # 16-bit
+    rgb = np.stack([radiograph(72, seed=s) for s in (14, 15, 16)], axis=-1)
+    return {"grey": grey, "wide": wide, "deep": deep, "rgb": rgb}
+
+
+PROBS = ["p_covid", "p_viral", "p_bacterial", "p_normal", "binary_p_covid", "p_predicted"]
+
+
+def test_api_on_arrays_gives_the_cli_csv_numbers(
+    tmp_path: Path, models: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The same pixels as arrays through Predictor.predict and as PNG files through
+    `python -m cxr predict`: the same columns, probabilities, calls, threshold and warnings.
+    Watched red with the API skipping the harmonising step (preprocess_gray with
+    already_harmonised=True): every probability differed."""
+    arrays = films()
+    paths = []
+    for name, array in arrays.items():
+        paths.append(tmp_path / f"{name}.png")
+        Image.fromarray(array).save(paths[-1])
+    out = tmp_path / "cli.csv"
+    code, _, err = run(capsys, [*map(str, paths), "--models", str(models), *THREADS,
+                                "--out", str(out)])  # fmt: skip
+    assert code == 0, err
+    cli = pd.read_csv(out, keep_default_na=False)
+    table = Predictor.load(models).predict(list(arrays.values()), names=[str(p) for p in paths])
+    assert list(table.columns) == list(cli.columns)
+    cli = cli.set_index("file").loc[[str(p) for p in paths]]
+    for column in PROBS:
+        assert table[column].tolist() == cli[column].astype(float).tolist(), column
+    assert table["predicted"].tolist() == cli["predicted"].tolist()
+    assert table["covid_positive"].tolist() == cli["covid_positive"].tolist()
+    assert set(table["threshold_source"]) == {"bundle"} and set(table["threshold"]) == {0.4}
+    assert table["warning"].tolist() == cli["warning"].tolist()
+    assert "extreme aspect ratio" in table["warning"][1]  # the check ran on the API's path
+
+
+def test_pil_images_arrays_and_paths_agree(tmp_path: Path, models: Path) -> None:
+    """One film as a uint8 array, a PIL image, a float array of the same grey levels (stretched
+    from its own min..max, like a float TIFF), an RGB image of equal channels and a file path: one set of probabilities.
+    Watched red with as_gray converting PIL images without to_grayscale (an RGB image kept its
+    colour and crashed the preprocessing)."""
+    grey = radiograph(90, seed=21)
+    stretched = np.round((grey - grey.min()) / (grey.max() - grey.min()) * 255).astype(np.uint8)
+    path = tmp_path / "film.png"
+    Image.fromarray(stretched).save(path)
+    predictor = Predictor.load(models)
+    rgb = Image.fromarray(np.repeat(stretched[..., None], 3, axis=2))
+    table = predictor.predict(
+        [stretched, Image.fromarray(stretched), rgb, stretched.astype(np.float32), str(path)]
+    )
+    assert table["status"].tolist() == ["ok"] * 5
+    assert table["file"].tolist() == ["image 0", "image 1", "image 2", "image 3", str(path)]
+    for column in PROBS:
+        assert table[column].nunique() == 1, table[column].tolist()
+    one = predictor.predict(stretched)  # a single image needs no list
+    assert one["binary_p_covid"].tolist() == [table["binary_p_covid"][0]]
+
+
+def test_wrong_inputs_raise_a_clear_error(models: Path) -> None:
+    """The caller's mistakes are InputError naming the image and what was expected; an
+    unreadable file is an error row, as in predict's CSV. Watched red with array_gray
+    accepting any shape (a 4 x 64 x 64 stack reached PIL and failed with 'Cannot handle this
+    data type')."""
+    predictor = Predictor.load(models)
+    good = radiograph(64)
+    cases = {
+        "is not an image: expected 2-D grey": np.zeros((4, 64, 64), np.uint8),
+        "for several images pass a list": np.zeros((2, 3, 64, 64), np.uint8),
+        "shape (0, 64)": np.zeros((0, 64), np.uint8),
+        "colour array must be uint8": np.zeros((64, 64, 3), np.float32),
+        "NaN or infinite": np.full((64, 64), np.nan),
+        "array of complex128 is not an image": np.zeros((64, 64), complex),
+        "a dict is not an image": {"pixels": good},
+    }
+    for message, bad in cases.items():
+        with pytest.raises(InputError, match=re.escape(message)) as info:
+            predictor.predict([good, bad])
+        assert str(info.value).startswith("image 1: "), info.value
+    with pytest.raises(InputError, match="2 names for 1 images"):
+        predictor.predict([good], names=["a", "b"])
+    table = predictor.predict([good, "/no/such/film.png"])
+    assert table["status"].tolist() == ["ok", "error"]
+    assert table["message"][1] == "/no/such/film.png: cannot read file (No such file or directory)"
+
+
+def test_load_takes_the_threshold_and_checkpoints_as_predict_does(
+    tmp_path: Path, models: Path
+) -> None:
+    """threshold= wins over the bundle's (source 'argument'); a checkpoint given by path
+    replaces the bundle's; the bundle's threshold is refused for another binary model; out of
+    range is a UsageError. Watched red with Predictor.load ignoring threshold=."""
+    film = radiograph(64, seed=3)
+    row = Predictor.load(models, threshold=0.0).predict([film]).iloc[0]
+    assert (row["threshold"], row["threshold_source"], row["covid_positive"]) == (
+        0.0, "argument", True,
+    )  # fmt: skip
+    other = make_checkpoint(tmp_path / "other.pt", "binary", seed=9)
+    with pytest.raises(UsageError, match="is not the binary model"):
+        Predictor.load(models, binary=other)
+    mine = Predictor.load(models, binary=other, threshold=0.5).predict([film])
+    bundled = Predictor.load(models).predict([film])
+    assert mine["binary_p_covid"][0] != bundled["binary_p_covid"][0]  # the other model ran
+    assert mine["p_covid"][0] == bundled["p_covid"][0]  # the bundle's four-class model
+    with pytest.raises(UsageError, match=r"threshold must be in \[0, 1\]"):
+        Predictor.load(models, threshold=1.5)
+
+
+def test_explain_is_the_covid_class_map_and_depends_on_the_image(models: Path) -> None:
+    """A size x size float32 map in [0, 1]; the map of the COVID-19 class (what compute_cams
+    gives for that target on the model input), not of another class; and a different film
+    gives a different map. Watched red with explain targeting the predicted class (the map
+    equalled another class's for a film not called COVID-19) and with it returning the map of
+    a fixed blank input (the two films' maps were equal)."""
+    from cxr.cam import compute_cams
+
+    predictor = Predictor.load(models)
+    size = predictor.models.spec.image_size
+    a, b = radiograph(96, seed=31), radiograph(96, seed=32)[::-1].copy()
+    heat_a, heat_b = predictor.explain(a), predictor.explain(b)
+    assert heat_a.shape == (size, size) and heat_a.dtype == np.float32
+    assert heat_a.min() >= 0.0 and heat_a.max() <= 1.0 and heat_a.max() > heat_a.min()
+    assert not np.allclose(heat_a, heat_b, atol=1e-3)
+    x = api.with_lungs(predictor.models, [api.model_pixels(a, [], predictor.models.spec)[0]],
+                       [[]]).images  # fmt: skip
+    four = predictor.models.four_class
+    by_class = [compute_cams(four, x, [k], batch_size=1, layer="layer3")[0] for k in range(4)]
+    assert np.array_equal(heat_a, by_class[FOUR.index("covid")])
+    assert any(not np.allclose(heat_a, m, atol=1e-3) for m in by_class[1:])
+
+
+def test_predictor_is_exported_from_the_package_without_importing_torch_eagerly() -> None:
+    """`from cxr import Predictor` works, and `import cxr` alone stays light (the stages and
+    commands import the package; torch takes seconds). Watched red with a plain import in
+    cxr/__init__.py."""
+    import subprocess
+    import sys
+
+    assert Predictor is api.Predictor
+    code = "import sys, cxr; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                         check=True)  # fmt: skip
+    assert out.stdout.strip() == "False"
