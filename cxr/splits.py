@@ -7,6 +7,8 @@ import warnings
 
 import numpy as np
 import pandas as pd
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 from sklearn.model_selection import StratifiedGroupKFold
 
 from cxr.errors import LeakageError
@@ -115,22 +117,25 @@ ADULT_CONTROL_DATASETS = ("rsna", "nih")
 TRAINING_SPLITS = ("train", "val")  # what a model learns from or is selected on
 
 
-def _union_find(pairs: list[tuple[str, str]]) -> dict[str, str]:
-    """Map each group id in `pairs` to one representative of its connected component."""
-    parent: dict[str, str] = {}
+def _component_representatives(pairs: list[tuple[str, str]]) -> dict[str, str]:
+    """Map each group id in `pairs` to the smallest id of its connected component.
 
-    def find(g: str) -> str:
-        parent.setdefault(g, g)
-        while parent[g] != g:
-            parent[g] = parent[parent[g]]
-            g = parent[g]
-        return g
-
-    for a, b in pairs:
-        ra, rb = find(a), find(b)
-        if ra != rb:
-            parent[max(ra, rb)] = min(ra, rb)
-    return {g: find(g) for g in parent}
+    scipy's connected_components does the graph work (it replaced a hand-written union-find);
+    the smallest id, not scipy's arbitrary component label, names the merged group, so the
+    split does not depend on the order the pairs were found in.
+    """
+    if not pairs:
+        return {}
+    ids, codes = np.unique(np.asarray(pairs, dtype=object).ravel(), return_inverse=True)
+    codes = codes.reshape(-1, 2)
+    edges = coo_matrix(
+        (np.ones(len(codes), dtype=np.int8), (codes[:, 0], codes[:, 1])), shape=(len(ids),) * 2
+    )
+    _, component = connected_components(edges, directed=False)
+    # ids are sorted, so a component's smallest id is the one with its smallest index
+    smallest = np.full(component.max() + 1, len(ids))
+    np.minimum.at(smallest, component, np.arange(len(ids)))
+    return dict(zip(ids.tolist(), ids[smallest[component]].tolist(), strict=True))
 
 
 def resolve_duplicates(
@@ -169,7 +174,7 @@ def resolve_duplicates(
                 merge.append((group[i], group[j]))
         elif main[i] or main[j]:
             forced.add(group[i] if main[i] else group[j])
-    rename = _union_find(merge)
+    rename = _component_representatives(merge)
     table["group_id"] = table["group_id"].map(lambda g: rename.get(g, g))
     forced = {rename.get(g, g) for g in forced}
     table = table.drop(index=sorted(drop))

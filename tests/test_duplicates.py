@@ -77,3 +77,21 @@ def test_conflicting_labels_are_dropped_same_labels_merged_case_twins_forced_to_
     assert out.at[3, "source_group_id"] == "g3"
     assert forced == {"g2", "g4"}  # the case twin's group, and g4 (a picture of the case)
     assert report["rows_dropped_conflicting_labels"] == 2 and report["groups_merged"] == 1
+
+
+def test_merged_groups_take_their_components_smallest_id_whatever_the_pair_order():
+    """A chain of near-duplicates (g5-g6, g6-g3, g3-g4) is one patient, named g3, its smallest
+    id, however the pairs were ordered; g1-g2 is another and g0 stays alone.
+
+    Watched red with the largest id in place of the smallest (np.maximum.at) and with pairs
+    merged only directly (g5 left apart from g3)."""
+    from itertools import permutations
+
+    from cxr.duplicates import Pair
+
+    pairs = [Pair(5, 6, 1.0), Pair(1, 2, 1.0), Pair(6, 3, 1.0), Pair(3, 4, 1.0)]
+    for order in permutations(pairs):
+        out, _, report = resolve_duplicates(table([""] * 7), list(order), twin_groups=set())
+        assert out["group_id"].tolist() == ["g0", "g1", "g1", "g3", "g3", "g3", "g3"]
+        assert out["source_group_id"].tolist() == [f"g{i}" for i in range(7)]
+        assert report["groups_merged"] == 4
