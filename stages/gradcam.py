@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 import numpy as np
 import pandas as pd
 
-from cxr import cam
+from cxr import cam, cam_figures, faithfulness, zone_scores
 from cxr.arrays import load_split
 from cxr.cli import setup_logging, user_errors
 from cxr.config import load_base, load_gradcam_params
@@ -97,16 +97,16 @@ def main(argv: list[str] | None = None) -> None:
         run = {"method": p.method, "batch_size": p.batch_size, "layer": p.target_layer}
 
         # The cases are COVID-19 films: their maps explain the COVID-19 class (see case_target).
-        covid = cam.case_target(names)
+        covid = cam_figures.case_target(names)
         log.info("%s maps (%s) of %d cases, for %s", p.method, p.target_layer, len(case_x),
                  names[covid])  # fmt: skip
         case_prob = predict_proba(model, case_x)
         case_targets = np.full(len(case_x), covid)
         case_cams = cam.compute_cams(model, case_x, case_targets.tolist(), **run)
-        scores = cam.case_zone_scores(case_cams, case_lungs, cases["zones"].tolist())
+        scores = zone_scores.case_zone_scores(case_cams, case_lungs, cases["zones"].tolist())
         for score, k in zip(scores, case_prob.argmax(1), strict=True):
             score["predicted"] = names[k]  # beside the map's class in metrics/gradcam.json
-        rows = cam.write_case_figures(case_x, case_cams, case_prob, cases, names, args.out,
+        rows = cam_figures.write_case_figures(case_x, case_cams, case_prob, cases, names, args.out,
                                       target=covid, lung_masks=case_lungs, scores=scores)  # fmt: skip
 
         # Every test image: the in-lung share per predicted class needs more than a sample.
@@ -114,26 +114,26 @@ def main(argv: list[str] | None = None) -> None:
         test_pred = test_prob.argmax(1)
         log.info("%s maps of %d test images", p.method, len(test_x))
         test_cams = cam.compute_cams(model, test_x, test_pred.tolist(), **run)
-        gallery = cam.pick_gallery(labels, test_pred, p.gallery_per_group, base.seed)
-        links = cam.write_galleries(
+        gallery = cam_figures.pick_gallery(labels, test_pred, p.gallery_per_group, base.seed)
+        links = cam_figures.write_galleries(
             test_x, test_cams, test_prob, labels, gallery, names, args.out, method=p.method
         )
-        cam.write_cases_page(rows, args.out / "index.md", method=p.method, galleries=links,
+        cam_figures.write_cases_page(rows, args.out / "index.md", method=p.method, galleries=links,
                              layer=p.target_layer)  # fmt: skip
 
         # Validation images: what the target layer may be chosen on (never test).
-        val_x = inputs.val[cam.sample_indices(len(inputs.val), METRIC_IMAGES, base.seed)]
+        val_x = inputs.val[cam_figures.sample_indices(len(inputs.val), METRIC_IMAGES, base.seed)]
         val_pred = predict_proba(model, val_x).argmax(1)
         val = (val_x, cam.compute_cams(model, val_x, val_pred.tolist(), **run), val_pred)
-        checked = cam.sample_indices(len(test_x), METRIC_IMAGES, base.seed)
+        checked = cam_figures.sample_indices(len(test_x), METRIC_IMAGES, base.seed)
         log.info("map checks on %d val, %d test images and the %d cases", len(val_x),
                  len(checked), len(case_x))  # fmt: skip
         test = (test_x[checked], test_cams[checked], test_pred[checked])
         twin = cam.random_twin(meta["arch"], len(names), base.seed)
-        metrics = cam.map_checks(model, twin, test, (case_x, case_cams, case_targets),
+        metrics = faithfulness.map_checks(model, twin, test, (case_x, case_cams, case_targets),
                                  labels[checked], names, p, seed=base.seed, val=val)  # fmt: skip
         metrics["cases_map_class"] = names[covid]
-        metrics["lungs"] = cam.lung_checks(
+        metrics["lungs"] = zone_scores.lung_checks(
             (test_cams, test_lungs, test_pred), names, scores, cases["case"].tolist(),
             bootstrap=p.bootstrap, seed=base.seed,
         )  # fmt: skip

@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch import nn
 
-from cxr import cam
+from cxr import cam, cam_figures, faithfulness, zone_scores
 from cxr.models import CXRNet, build_model, save_checkpoint
 from tests.conftest import write_params
 
@@ -128,9 +128,11 @@ def test_border_share_extremes_and_uniform() -> None:
     border_only = np.ones((100, 100))
     border_only[10:90, 10:90] = 0
     centre_only = 1.0 - border_only
-    assert cam.border_share(border_only, f) == pytest.approx(1.0)
-    assert cam.border_share(centre_only, f) == pytest.approx(0.0)
-    assert cam.border_share(np.ones((100, 100)), f) == pytest.approx(1 - (1 - 2 * f) ** 2)  # .36
+    assert faithfulness.border_share(border_only, f) == pytest.approx(1.0)
+    assert faithfulness.border_share(centre_only, f) == pytest.approx(0.0)
+    assert faithfulness.border_share(np.ones((100, 100)), f) == pytest.approx(
+        1 - (1 - 2 * f) ** 2
+    )  # .36
 
 
 def test_border_share_hand_example() -> None:
@@ -138,21 +140,21 @@ def test_border_share_hand_example() -> None:
     # 1 in the middle (centre) -> 3 / 4. A band of round(0.12 * 10) = 1 px too.
     m = np.zeros((10, 10))
     m[0, 0], m[5, 5] = 3.0, 1.0
-    assert cam.border_share(m, 0.1) == pytest.approx(0.75)
-    assert cam.border_share(m, 0.12) == pytest.approx(0.75)
+    assert faithfulness.border_share(m, 0.1) == pytest.approx(0.75)
+    assert faithfulness.border_share(m, 0.12) == pytest.approx(0.75)
     # A band of round(0.25 * 10) = 3 px (2.5 rounds up) reaches (2, 7) but not (3, 3).
     m = np.zeros((10, 10))
     m[2, 7], m[3, 3] = 1.0, 4.0
-    assert cam.border_share(m, 0.25) == pytest.approx(0.2)
+    assert faithfulness.border_share(m, 0.25) == pytest.approx(0.2)
     # A stack: mean over maps; an empty map is left out.
     stack = np.stack([m, np.zeros((10, 10)), np.ones((10, 10))])
-    assert cam.border_share(stack, 0.25) == pytest.approx((0.2 + (1 - 0.4**2)) / 2)
-    assert np.isnan(cam.border_share(np.zeros((10, 10)), 0.1))
+    assert faithfulness.border_share(stack, 0.25) == pytest.approx((0.2 + (1 - 0.4**2)) / 2)
+    assert np.isnan(faithfulness.border_share(np.zeros((10, 10)), 0.1))
 
 
 def test_border_fraction_out_of_range() -> None:
     with pytest.raises(ValueError, match="fraction"):
-        cam.border_share(np.ones((4, 4)), 0.5)
+        faithfulness.border_share(np.ones((4, 4)), 0.5)
 
 
 # ---- faithfulness and randomisation -----------------------------------------------------------
@@ -178,8 +180,8 @@ def test_confidence_drop_rewards_a_faithful_map() -> None:
     right[:, :8, :8] = 1.0  # 64 px = 6.25% of the image
     wrong[:, 20:, 20:] = 1.0
     model = TopLeftModel()
-    good = cam.confidence_drop(model, x, right, [0] * 4, top_percent=6.25, seed=0)
-    bad = cam.confidence_drop(model, x, wrong, [0] * 4, top_percent=6.25, seed=0)
+    good = faithfulness.confidence_drop(model, x, right, [0] * 4, top_percent=6.25, seed=0)
+    bad = faithfulness.confidence_drop(model, x, wrong, [0] * 4, top_percent=6.25, seed=0)
     assert good["n_images"] == 4 and good["top_percent"] == 6.25
     # The corner goes to the mean grey, rint(64 * 255 / 1024) = 16: logit 4 -> 4 * 16 / 255
     # = 0.251, p(class 0) = e^x / (e^x + 3): 0.9479 -> 0.2999, a drop of 0.648. Random pixels
@@ -199,13 +201,13 @@ def test_road_rewards_a_faithful_map() -> None:
     right[:, :8, :8] = 1.0
     wrong[:, 20:, 20:] = 1.0
     model = TopLeftModel()
-    good = cam.road(model, x, right, [0] * 4, percentiles=[80], seed=0)
-    bad = cam.road(model, x, wrong, [0] * 4, percentiles=[80], seed=0)
+    good = faithfulness.road(model, x, right, [0] * 4, percentiles=[80], seed=0)
+    bad = faithfulness.road(model, x, wrong, [0] * 4, percentiles=[80], seed=0)
     # Top 20% removed: the faithful map's covers the bright corner (imputed from its dark
     # neighbours): a big drop for MoRF, none for LeRF; the wrong map the other way round.
     assert good["morf"] < -0.3 and abs(good["lerf"]) < 0.05 and good["combined"] > 0.15
     assert bad["combined"] < 0 and abs(bad["morf"]) < 0.05
-    assert good == cam.road(model, x, right, [0] * 4, percentiles=[80], seed=0)  # seeded
+    assert good == faithfulness.road(model, x, right, [0] * 4, percentiles=[80], seed=0)  # seeded
     assert good["n_images"] == 4 and good["percentiles"] == [80]
 
 
@@ -218,7 +220,7 @@ def test_case_zone_scores_and_lung_checks() -> None:
     marker = hot * 0.5
     marker[0:2, 0:2] = 1.0  # brightest on a corner marker, off the lungs
     maps = np.stack([hot, np.ones((40, 40)), marker])
-    scores = cam.case_zone_scores(maps, np.stack([mask] * 3), ["R-lower", "", "L-upper"])
+    scores = zone_scores.case_zone_scores(maps, np.stack([mask] * 3), ["R-lower", "", "L-upper"])
     assert scores[0]["pointing_hit"] is True and scores[0]["in_lung_share"] == 1.0
     assert scores[0]["zone_lift"] == pytest.approx(6.0) and scores[0]["chance"] == pytest.approx(
         1 / 6
@@ -231,7 +233,7 @@ def test_case_zone_scores_and_lung_checks() -> None:
     # is counted apart, not as the miss.
     assert scores[2]["pointing_hit"] is False and scores[2]["peak_in_lungs"] is False
     test = (np.stack([hot, np.ones((40, 40))]), np.stack([mask, mask]), np.array([0, 2]))
-    out = cam.lung_checks(test, NAMES, scores, ["a", "b", "c"], bootstrap=20, seed=0)
+    out = zone_scores.lung_checks(test, NAMES, scores, ["a", "b", "c"], bootstrap=20, seed=0)
     assert sorted(out["test"]["by_predicted_class"]) == ["bacterial", "covid"]
     assert out["test"]["by_predicted_class"]["covid"]["in_lung_share"] == 1.0
     every = out["cases"]["all_cases"]
@@ -240,17 +242,17 @@ def test_case_zone_scores_and_lung_checks() -> None:
     assert every["pointing_chance"] == pytest.approx(1 / 6)  # over the same two cases
     assert every["peak_outside_lungs"] == {"count": 1, "n": 2, "rate": 0.5}
     assert out["cases"]["per_case"]["a"]["zones"] == "R-lower"
-    assert "maximum outside the lungs" in cam._score_line(scores[2])
-    assert "in-lung maximum miss (chance 0.17)" in cam._score_line(scores[2])
+    assert "maximum outside the lungs" in cam_figures._score_line(scores[2])
+    assert "in-lung maximum miss (chance 0.17)" in cam_figures._score_line(scores[2])
 
 
 def test_randomisation_correlation_of_a_model_with_itself_is_one(model: nn.Module) -> None:
     x = images(3)
     run = {"method": "gradcam", **RUN}
-    assert cam.randomisation_correlation(model, model, x, **run) == pytest.approx(1.0)
+    assert faithfulness.randomisation_correlation(model, model, x, **run) == pytest.approx(1.0)
     # Against a map with the opposite ranking: -1.
     maps = cam.compute_cams(model, x, **RUN)
-    rho = cam.randomisation_correlation(model, model, x, trained_cams=-maps, **run)
+    rho = faithfulness.randomisation_correlation(model, model, x, trained_cams=-maps, **run)
     assert rho == pytest.approx(-1)
 
 
@@ -264,7 +266,7 @@ def test_random_twin_is_seeded_and_leaves_the_global_rng_alone() -> None:
 def test_pick_gallery_groups_and_caps() -> None:
     labels = np.array([0, 0, 0, 0, 1, 1, 2])
     pred = np.array([0, 0, 0, 1, 1, 0, 0])
-    g = cam.pick_gallery(labels, pred, per_group=2, seed=0)
+    g = cam_figures.pick_gallery(labels, pred, per_group=2, seed=0)
     assert sorted(g) == [0, 1, 2]
     assert len(g[0]["correct"]) == 2 and set(g[0]["correct"]) <= {0, 1, 2}
     assert g[0]["misclassified"].tolist() == [3]
