@@ -11,6 +11,7 @@ augmentation, optimizer step) costs on top of the model itself.
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
@@ -90,6 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--threads", type=non_negative_int, default=0, help="torch CPU threads (0 = one per core)"
     )
+    parser.add_argument("--json", type=Path, help="also append the result as one JSON line here")
     args = parser.parse_args(argv)
     configure_cpu(args.threads)
     p = load_train_params(args.params, "train_four_class")
@@ -109,6 +111,16 @@ def main(argv: list[str] | None = None) -> None:
     print(f"raw forward+backward: {raw:8.2f} img/s")
     print(f"pipeline training:    {pipe:8.2f} img/s")
     print(f"ratio:                {pipe / raw:8.3f}")
+    if args.json:
+        record = {
+            "arch": args.arch, "image_size": args.image_size, "batch_size": args.batch_size,
+            "steps": args.steps, "rounds": args.rounds, "device": where,
+            "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "raw_images_per_second": round(raw, 2), "pipeline_images_per_second": round(pipe, 2),
+            "ratio": round(pipe / raw, 4),
+        }  # fmt: skip
+        with args.json.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
 
 
 if __name__ == "__main__":
