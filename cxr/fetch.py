@@ -25,8 +25,10 @@ from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
 import pandas as pd
-import requests
+import urllib3
 from tqdm import tqdm
+from urllib3.exceptions import ConnectTimeoutError, HTTPError, MaxRetryError, NewConnectionError
+from urllib3.util import Retry
 
 from cxr.errors import FetchError, InputError
 
@@ -43,6 +45,10 @@ MIRROR_ENV = "CXR_MIRROR"
 MIRROR_SUBPATH = Path("shared") / "cxr-mirror"
 # Origins reported per file, in the order they are logged.
 ORIGINS = ("mirror", "downloaded", "present")
+# A busy or briefly broken server is worth another try; any other 4xx is final.
+RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
+MAX_REDIRECTS = 5
+RETRY_AFTER_MAX = 300  # seconds; a longer Retry-After is cut to this, not waited out
 
 
 class _FileError(Exception):
@@ -51,10 +57,6 @@ class _FileError(Exception):
     def __init__(self, reason: str, *, offline: bool = False) -> None:
         super().__init__(reason)
         self.offline = offline
-
-
-class _Retryable(Exception):
-    """A transient download failure (5xx, 429, dropped connection) worth another try."""
 
 
 @dataclass(frozen=True)
@@ -72,12 +74,9 @@ class _Context:
 
     mirror: Path | None
     base_url: str
-    timeout: float
-    retries: int
-    backoff: float
+    http: urllib3.PoolManager  # thread-safe; its Retry does every download's retrying
     offline: threading.Event
     cancel: threading.Event
-    local: threading.local
     mode: int = 0o644  # permission bits of each written file (file_mode(), read before the workers)
 
 
@@ -261,12 +260,9 @@ def fetch_files(
     ctx = _Context(
         mirror=mirror,
         base_url=base_url,
-        timeout=timeout,
-        retries=retries,
-        backoff=backoff,
+        http=http_pool(timeout=timeout, retries=retries, backoff=backoff, workers=workers),
         offline=threading.Event(),
         cancel=threading.Event(),
-        local=threading.local(),
         mode=file_mode(),  # here, before the workers start creating files
     )
     counts: Counter[str] = Counter({o: 0 for o in ORIGINS})
@@ -377,50 +373,68 @@ def _fetch_or_skip(spec: FileSpec, dest: Path, ctx: _Context) -> str:
     return "downloaded"
 
 
+def http_pool(*, timeout: float, retries: int, backoff: float, workers: int) -> urllib3.PoolManager:
+    """Connections for the downloads, with urllib3's Retry in place of a hand-written loop.
+
+    Each of connection errors, read errors (a connection dropped mid-body included: the body is
+    read inside the request, so Retry sees it) and RETRY_STATUS responses gets `retries` more
+    tries, waiting a server's Retry-After (429, 503) or else 0, 2, 4, ... x `backoff` seconds.
+    """
+    retry = Retry(
+        total=None,  # counted per kind below, so following a redirect uses up no retry
+        connect=retries,
+        read=retries,
+        status=retries,
+        other=retries,
+        redirect=MAX_REDIRECTS,
+        allowed_methods={"GET"},
+        status_forcelist=RETRY_STATUS,
+        backoff_factor=backoff,
+        respect_retry_after_header=True,
+        retry_after_max=RETRY_AFTER_MAX,
+        raise_on_status=False,  # the last response comes back, and _get names its status
+    )
+    return urllib3.PoolManager(maxsize=max(1, workers), retries=retry, timeout=timeout)
+
+
 def _download(spec: FileSpec, dest: Path, ctx: _Context) -> None:
-    """Download with retries and exponential backoff; fail fast once the network is known down."""
+    """Download (retried by ctx.http's Retry) into a verified file; fail fast once the network
+    is known down."""
+    if ctx.offline.is_set():
+        raise _FileError("network unreachable (skipped after earlier failures)", offline=True)
     url = ctx.base_url + urllib.parse.quote(spec.path)
-    for attempt in range(ctx.retries + 1):
-        if ctx.offline.is_set():
-            raise _FileError("network unreachable (skipped after earlier failures)", offline=True)
-        try:
-            _write_verified(dest, spec, lambda fh: _get(url, fh, ctx), where=url, mode=ctx.mode)
-            return
-        except (_Retryable, requests.ConnectionError, requests.Timeout) as exc:
-            offline = isinstance(exc, requests.ConnectionError)
-            if attempt == ctx.retries:
-                if offline:
-                    ctx.offline.set()
-                reason = f"network unreachable ({_short(exc)})" if offline else _short(exc)
-                raise _FileError(f"{reason} from {ctx.base_url}", offline=offline) from exc
-            delay = ctx.backoff * 2**attempt
-            log.debug("retry %d/%d in %.1fs for %s: %s", attempt + 1, ctx.retries, delay, url, exc)
-            # Wake early if another worker has already found the network down.
-            ctx.offline.wait(delay)
+    try:
+        _write_verified(dest, spec, lambda fh: _get(url, fh, ctx), where=url, mode=ctx.mode)
+    except MaxRetryError as exc:
+        offline = isinstance(exc.reason, NewConnectionError | ConnectTimeoutError)
+        if offline:
+            ctx.offline.set()
+        reason = _short(exc.reason or exc)
+        reason = f"network unreachable ({reason})" if offline else f"{reason}, retries exhausted"
+        raise _FileError(f"{reason} from {ctx.base_url}", offline=offline) from exc
+    except HTTPError as exc:
+        raise _FileError(f"{_short(exc)} from {ctx.base_url}") from exc
 
 
 def _short(exc: Exception) -> str:
-    """The useful part of a requests error ('[Errno 111] Connection refused'), not 5 lines."""
+    """The useful part of a urllib3 error ('[Errno 111] Connection refused'), not 5 lines."""
     match = re.search(r"\[Errno [-\d]+\] [^)'\]\"]+", str(exc))
     if match:
         return match.group(0)
-    return str(exc) if isinstance(exc, _Retryable) else type(exc).__name__
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
 def _get(url: str, fh: BinaryIO, ctx: _Context) -> str:
-    """Stream one GET into `fh`; 5xx/429 and dropped connections are retryable, 4xx is not."""
-    session = getattr(ctx.local, "session", None)
-    if session is None:
-        session = ctx.local.session = requests.Session()
-    try:
-        with session.get(url, stream=True, timeout=ctx.timeout) as resp:
-            if resp.status_code >= 500 or resp.status_code == 429:
-                raise _Retryable(f"HTTP {resp.status_code} {resp.reason}")
-            if resp.status_code != 200:
-                raise _FileError(f"HTTP {resp.status_code} {resp.reason} for {url}")
-            return _hash_chunks(resp.iter_content(CHUNK_SIZE), fh, ctx)
-    except requests.exceptions.ChunkedEncodingError as exc:
-        raise _Retryable(f"connection dropped mid-download: {exc}") from exc
+    """One GET (with its retries) into `fh`; a status still bad after the retries is an error."""
+    resp = ctx.http.request("GET", url)
+    if resp.status in RETRY_STATUS:
+        raise _FileError(f"HTTP {resp.status} {resp.reason} for {url}, retries exhausted")
+    if resp.status != 200:
+        raise _FileError(f"HTTP {resp.status} {resp.reason} for {url}")
+    data = memoryview(resp.data)
+    return _hash_chunks(
+        (data[i : i + CHUNK_SIZE] for i in range(0, len(data), CHUNK_SIZE)), fh, ctx
+    )
 
 
 def _copy_stream(src: BinaryIO, fh: BinaryIO, ctx: _Context) -> str:
