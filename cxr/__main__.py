@@ -11,6 +11,7 @@ COMMANDS = {
     "predict": "cxr.predict",
     "calibrate": "cxr.calibrate",
     "validate": "cxr.validate",
+    "ood-report": "cxr.ood_report",
     "growth": "cxr.growth",
 }
 EXIT_INTERRUPTED = 130
