@@ -25,23 +25,20 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from PIL import Image
 
 from cxr.errors import InputError
-from cxr.images import ImageError, Preprocessing, preprocess_gray, to_grayscale, upright
+from cxr.images import ImageError, Preprocessing, preprocess_gray
 from cxr.infer import predict_proba
-from cxr.inputs import Input, UsageError, frame_warnings, read_gray
+from cxr.inputs import ImageLike, Input, UsageError, as_gray, frame_warnings, read_gray
 from cxr.loading import Given, Models, Threshold, load_models, resolve
 from cxr.lungs import crop_inputs, implausible_lungs
 from cxr.outputs import columns, error_record, ok_record
 
 if TYPE_CHECKING:
     import pandas as pd
-
-ImageLike = Union[np.ndarray, Image.Image, str, os.PathLike]  # noqa: UP007 (a runtime alias)
 
 # Sanity checks on what is classified. Across the 7,301 radiographs of the mirror the widest is
 # 1.55:1 and the smallest short side 156 px; the flattest of the 518 sample images has a pixel
@@ -59,57 +56,22 @@ MAX_ASPECT_RATIO = 3.0
 # detail the model reads (icons, thumbnails); the smallest mirror image is 156 px.
 MIN_SIDE = 64
 
+# The four-class model's viral vs bacterial split is validated on children only: the training
+# data holds 46 typed adult films (issue 18, point 5). A type called for an adult film, or a
+# film of unknown age, is said to be unvalidated in its row's warning.
+AGE_GROUPS = ("adult", "pediatric", "unknown")
+PNEUMONIA_TYPES = ("viral", "bacterial")
+ADULT_TYPE_WARNING = "pneumonia type (viral/bacterial) validated on children only"
+UNKNOWN_AGE_TYPE_WARNING = (
+    "age group unknown: pneumonia type (viral/bacterial) validated on children only"
+)
+# The class explain() maps: COVID-19, as the gradcam stage's case maps do.
+EXPLAINED = "covid"
+# Caveats on reading a call, not findings about the image: --strict does not fail on them.
+CAVEATS = (ADULT_TYPE_WARNING, UNKNOWN_AGE_TYPE_WARNING)
+
 
 # --- one image, as predict reads a file -------------------------------------------------------
-
-
-def array_gray(array: np.ndarray, name: str) -> np.ndarray:
-    """A 2-D uint8 grey image from an array, as a PNG/TIFF of the same pixels is read."""
-    a = np.asarray(array)
-    if a.ndim == 3 and a.shape[2] == 1:
-        a = a[..., 0]
-    colour = a.ndim == 3 and a.shape[2] in (3, 4)
-    if not (a.ndim == 2 or colour) or 0 in a.shape:
-        raise InputError(
-            f"{name}: an array of shape {a.shape} is not an image: expected 2-D grey (H x W) or "
-            "colour (H x W x 3 RGB, H x W x 4 RGBA); for several images pass a list"
-        )
-    if colour:
-        if a.dtype != np.uint8:
-            raise InputError(f"{name}: a colour array must be uint8 (0-255), got {a.dtype}")
-        return to_grayscale(Image.fromarray(np.ascontiguousarray(a)))
-    if a.dtype == np.uint8:
-        return np.ascontiguousarray(a)
-    if a.dtype.kind in "ui":
-        lo, hi = int(a.min()), int(a.max())
-        # The stretch of to_grayscale, through the mode a file of these values opens in.
-        if lo >= 0 and hi <= 65535:
-            return to_grayscale(Image.fromarray(a.astype(np.uint16)))
-        if lo >= -(2**31) and hi < 2**31:
-            return to_grayscale(Image.fromarray(a.astype(np.int32)))
-        raise InputError(f"{name}: integer values {lo}..{hi} do not fit an image (32-bit)")
-    if a.dtype.kind == "f":
-        if not np.isfinite(a).all():
-            raise InputError(f"{name}: the array holds NaN or infinite values")
-        return to_grayscale(Image.fromarray(a.astype(np.float32)))
-    raise InputError(f"{name}: an array of {a.dtype} is not an image (uint8, uint16, float)")
-
-
-def as_gray(image: ImageLike, name: str) -> tuple[np.ndarray, list[str]]:
-    """Any image the API takes -> its 2-D uint8 grey original and its notes (multi-frame).
-    A path is read as predict reads it; errors reading it are ImageError/OSError."""
-    if isinstance(image, str | os.PathLike):
-        gray, frames = read_gray(Path(image))
-        return gray, frame_warnings(frames)
-    if isinstance(image, Image.Image):
-        frames = int(getattr(image, "n_frames", 1))
-        return to_grayscale(upright(image, name)), frame_warnings(frames)
-    if isinstance(image, np.ndarray):
-        return array_gray(image, name), []
-    raise InputError(
-        f"{name}: a {type(image).__name__} is not an image: pass a numpy array, a PIL image or "
-        "a file path"
-    )
 
 
 def sanity_warnings(original: np.ndarray, pixels: np.ndarray) -> list[str]:
@@ -192,32 +154,49 @@ def covid_probability(models: Models, images: np.ndarray, batch_size: int) -> np
     return predict_proba(models.binary, images, batch_size=batch_size)[:, models.covid_index]
 
 
-def image_warnings(found: list[str]) -> str:
+def check_age_group(age_group: str) -> str:
+    if age_group not in AGE_GROUPS:
+        raise InputError(f"age_group {age_group!r} is not one of {', '.join(AGE_GROUPS)}")
+    return age_group
+
+
+def age_warning(call: str, age_group: str) -> str:
+    """The caveat on a viral/bacterial call for a film not known to be a child's ("" if none)."""
+    if call not in PNEUMONIA_TYPES or age_group == "pediatric":
+        return ""
+    return ADULT_TYPE_WARNING if age_group == "adult" else UNKNOWN_AGE_TYPE_WARNING
+
+
+def image_warnings(found: list[str], call: str | None = None, age_group: str = "unknown") -> str:
     """THE place where an image's warnings are put together for its row: what reading,
-    preprocessing and the lung check found. Checks added later (an out-of-distribution
-    gate) add their findings here, so every way in (CLI, API, validate) reports them alike."""
-    return "; ".join(w for w in found if w)
+    preprocessing and the lung check found, then the caveat on the four-class call for its
+    age group. Checks added later (an out-of-distribution gate) add their findings here, so
+    every way in (CLI, API, validate) reports them alike."""
+    caveat = age_warning(call, age_group) if call is not None else ""
+    return "; ".join(w for w in (*found, caveat) if w)
+
+
+def image_problems(warning: str) -> list[str]:
+    """The warnings of a row that are about the image, without the caveats on its call."""
+    return [w for w in warning.split("; ") if w and w not in CAVEATS]
 
 
 def score(
     models: Models, threshold: Threshold, prepared: Prepared, files: Sequence[str | Path],
-    batch_size: int,
+    batch_size: int, age_groups: Sequence[str],
 ) -> list[dict[str, Any]]:  # fmt: skip
     """One ok record per prepared image: both classifiers, the threshold, the warnings."""
     names = models.class_names
     four = predict_proba(models.four_class, prepared.images, batch_size=batch_size)
     covid = covid_probability(models, prepared.images, batch_size)
-    return [
-        ok_record(
-            Path(file),
-            four[row],
-            float(covid[row]),
-            threshold,
-            names,
-            image_warnings(prepared.warnings[row]),
-        )  # fmt: skip
-        for row, file in enumerate(files)
-    ]
+    records = []
+    for row, (file, age) in enumerate(zip(files, age_groups, strict=True)):
+        call = names[int(np.argmax(four[row]))]
+        warning = image_warnings(prepared.warnings[row], call, age)
+        records.append(
+            ok_record(file, four[row], float(covid[row]), threshold, names, warning, age)
+        )
+    return records
 
 
 # --- files: predict's, calibrate's and validate's way in ---------------------------------------
@@ -267,12 +246,17 @@ def model_inputs(items: list[Input], models: Models) -> Batch:
 
 
 def predict_chunk(
-    items: list[Input], models: Models, threshold: Threshold, batch_size: int
-) -> tuple[list[dict[str, Any]], np.ndarray]:
-    """Records for `items` in order (error rows for unreadable ones) and the images read."""
+    items: list[Input], models: Models, threshold: Threshold, batch_size: int,
+    age_group: str | Sequence[str] = "unknown",
+) -> tuple[list[dict[str, Any]], np.ndarray]:  # fmt: skip
+    """Records for `items` in order (error rows for unreadable ones) and the images read;
+    `age_group` for all of them, or one per item."""
+    ages = [age_group] * len(items) if isinstance(age_group, str) else list(age_group)
+    ages = [check_age_group(a) for a in ages]
     batch = model_inputs(items, models)
     prepared = Prepared(batch.images, [batch.found[i] for i in batch.where], None)
-    done = score(models, threshold, prepared, [items[i].path for i in batch.where], batch_size)
+    done = score(models, threshold, prepared, [items[i].path for i in batch.where], batch_size,
+                 [ages[i] for i in batch.where])  # fmt: skip
     records = {
         i: error_record(items[i].path, message, models.class_names)
         for i, message in batch.errors.items()
@@ -314,15 +298,16 @@ class Predictor:
     def class_names(self) -> list[str]:
         return list(self.models.class_names)
 
-    def _prepare(self, images: Sequence[ImageLike]) -> tuple[list[Any], dict[int, str]]:
+    def _prepare(
+        self, images: Sequence[ImageLike], labels: Sequence[str]
+    ) -> tuple[list[Any], dict[int, str]]:
         """(pixels, warnings) per readable image, or its error by position."""
         done: list[Any] = []
         errors: dict[int, str] = {}
-        for i, image in enumerate(images):
-            name = str(image) if isinstance(image, str | os.PathLike) else f"image {i}"
+        for i, (image, name) in enumerate(zip(images, labels, strict=True)):
             try:
                 done.append(model_pixels(*as_gray(image, name), self.models.spec))
-            except (ImageError, OSError) as exc:  # a file: an error row, as predict gives
+            except (ImageError, OSError, ValueError) as exc:  # a file: an error row, as predict's
                 if not isinstance(image, str | os.PathLike):
                     raise
                 message = str(exc)
@@ -331,15 +316,22 @@ class Predictor:
         return done, errors
 
     def predict(
-        self, images: ImageLike | Sequence[ImageLike], *, names: Sequence[str] | None = None
-    ) -> pd.DataFrame:
+        self, images: ImageLike | Sequence[ImageLike], *, names: Sequence[str] | None = None,
+        age_group: str | Sequence[str] = "unknown",
+    ) -> pd.DataFrame:  # fmt: skip
         """One row per image, with predict's CSV columns (`file`: the path, `names[i]`, or
-        "image i"), in batches of `batch_size` as predict runs them."""
+        "image i"), in batches of `batch_size` as predict runs them. `age_group` (adult,
+        pediatric or unknown; one for all, or one per image): a viral/bacterial call on a
+        film not known to be a child's gets a warning (the type is validated on children)."""
         import pandas as pd
 
         images = list(images) if isinstance(images, list | tuple) else [images]
         if names is not None and len(names) != len(images):
             raise InputError(f"{len(names)} names for {len(images)} images")
+        ages = [age_group] * len(images) if isinstance(age_group, str) else list(age_group)
+        if len(ages) != len(images):
+            raise InputError(f"{len(ages)} age groups for {len(images)} images")
+        ages = [check_age_group(a) for a in ages]
         labels = [
             names[i] if names is not None
             else str(im) if isinstance(im, str | os.PathLike) else f"image {i}"
@@ -347,18 +339,19 @@ class Predictor:
         ]  # fmt: skip
         records: list[dict[str, Any]] = []
         for start in range(0, len(images), self.batch_size):
-            records += self._predict_batch(
-                images[start : start + self.batch_size], labels[start : start + self.batch_size]
-            )
+            stop = start + self.batch_size
+            records += self._predict_batch(images[start:stop], labels[start:stop], ages[start:stop])
         return pd.DataFrame.from_records(records, columns=columns(self.class_names))
 
-    def _predict_batch(self, images: list[ImageLike], labels: list[str]) -> list[dict[str, Any]]:
-        done, errors = self._prepare(images)
+    def _predict_batch(
+        self, images: list[ImageLike], labels: list[str], ages: list[str]
+    ) -> list[dict[str, Any]]:
+        done, errors = self._prepare(images, labels)
         ok = [i for i in range(len(images)) if i not in errors]
         prepared = with_lungs(self.models, [done[i][0] for i in ok], [done[i][1] for i in ok])
         scored = score(self.models, self.threshold, prepared, [labels[i] for i in ok],
-                       self.batch_size)  # fmt: skip
-        records = {i: error_record(Path(labels[i]), m, self.class_names) for i, m in errors.items()}
+                       self.batch_size, [ages[i] for i in ok])  # fmt: skip
+        records = {i: error_record(labels[i], m, self.class_names) for i, m in errors.items()}
         records.update(zip(ok, scored, strict=True))
         return [records[i] for i in range(len(images))]
 
@@ -367,11 +360,14 @@ class Predictor:
         map in [0, 1] over the model's input (S = the checkpoints' image_size; the lung crop,
         for models trained on it), through cxr.cam.compute_cams as the gradcam stage and
         predict --cam compute it. Min-max scaled: it shows where, not how much."""
-        from cxr.cam import case_target, compute_cams  # matplotlib & co., only needed here
+        from cxr.cam import compute_cams  # matplotlib & co., only needed here
 
+        if EXPLAINED not in self.models.class_names:
+            raise InputError(f"explain needs a {EXPLAINED!r} class; the four-class model has "
+                             f"{self.models.class_names}")  # fmt: skip
         pixels, found = model_pixels(*as_gray(image, "image"), self.models.spec)
         prepared = with_lungs(self.models, [pixels], [found])
-        target = case_target(self.models.class_names)
+        target = self.models.class_names.index(EXPLAINED)
         maps = compute_cams(self.models.four_class, prepared.images, [target], batch_size=1,
                             layer=layer)  # fmt: skip
         return maps[0]

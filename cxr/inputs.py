@@ -1,5 +1,5 @@
 """Input walking for predict, calibrate and validate: what the paths given expand to, and one
-file's bytes read safely into a 2-D grey image.
+file's bytes (or an image the API is given: an array, a PIL image) read into a 2-D grey image.
 
 Every file given, and every regular file under a folder given (searched recursively, symlinked
 folders followed once), is an Input: a file to read, or a path with the reason it yields none.
@@ -14,12 +14,18 @@ import os
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Union
 
 import numpy as np
+from PIL import Image
 
 from cxr.atomic import is_temporary_of
 from cxr.dicom import DICOM_SUFFIXES, read_dicom_frames
-from cxr.images import ImageError, decode_frames, to_grayscale
+from cxr.errors import InputError
+from cxr.images import ImageError, decode_frames, to_grayscale, upright
+
+# What the API takes as an image: an array, a PIL image or a file path.
+ImageLike = Union[np.ndarray, Image.Image, str, os.PathLike]  # noqa: UP007 (a runtime alias)
 
 CAM_SUFFIX = "_cam.png"  # Grad-CAM overlays: <stem>_cam.png in --cam
 
@@ -248,3 +254,55 @@ def printable(text: str) -> str:
     except UnicodeEncodeError:  # a surrogate no file name decodes to: escape it as it is
         return text.encode("utf-8", "backslashreplace").decode("utf-8")
     return raw.decode("utf-8", "backslashreplace")
+
+
+# --- an image given in memory (the API), read as a file of the same pixels is ---------------
+
+
+def array_gray(array: np.ndarray, name: str) -> np.ndarray:
+    """A 2-D uint8 grey image from an array, as a PNG/TIFF of the same pixels is read."""
+    a = np.asarray(array)
+    if a.ndim == 3 and a.shape[2] == 1:
+        a = a[..., 0]
+    colour = a.ndim == 3 and a.shape[2] in (3, 4)
+    if not (a.ndim == 2 or colour) or 0 in a.shape:
+        raise InputError(
+            f"{name}: an array of shape {a.shape} is not an image: expected 2-D grey (H x W) or "
+            "colour (H x W x 3 RGB, H x W x 4 RGBA); for several images pass a list"
+        )
+    if colour:
+        if a.dtype != np.uint8:
+            raise InputError(f"{name}: a colour array must be uint8 (0-255), got {a.dtype}")
+        return to_grayscale(Image.fromarray(np.ascontiguousarray(a)))
+    if a.dtype == np.uint8:
+        return np.ascontiguousarray(a)
+    if a.dtype.kind in "ui":
+        lo, hi = int(a.min()), int(a.max())
+        # The stretch of to_grayscale, through the mode a file of these values opens in.
+        if lo >= 0 and hi <= 65535:
+            return to_grayscale(Image.fromarray(a.astype(np.uint16)))
+        if lo >= -(2**31) and hi < 2**31:
+            return to_grayscale(Image.fromarray(a.astype(np.int32)))
+        raise InputError(f"{name}: integer values {lo}..{hi} do not fit an image (32-bit)")
+    if a.dtype.kind == "f":
+        if not np.isfinite(a).all():
+            raise InputError(f"{name}: the array holds NaN or infinite values")
+        return to_grayscale(Image.fromarray(a.astype(np.float32)))
+    raise InputError(f"{name}: an array of {a.dtype} is not an image (uint8, uint16, float)")
+
+
+def as_gray(image: ImageLike, name: str) -> tuple[np.ndarray, list[str]]:
+    """Any image the API takes -> its 2-D uint8 grey original and its notes (multi-frame).
+    A path is read as predict reads it; errors reading it are ImageError/OSError."""
+    if isinstance(image, str | os.PathLike):
+        gray, frames = read_gray(Path(image))
+        return gray, frame_warnings(frames)
+    if isinstance(image, Image.Image):
+        frames = int(getattr(image, "n_frames", 1))
+        return to_grayscale(upright(image, name)), frame_warnings(frames)
+    if isinstance(image, np.ndarray):
+        return array_gray(image, name), []
+    raise InputError(
+        f"{name}: a {type(image).__name__} is not an image: pass a numpy array, a PIL image or "
+        "a file path"
+    )

@@ -39,6 +39,7 @@ def ok_record(
     threshold: Threshold,
     names: list[str],
     warning: str,
+    age_group: str = "unknown",
 ) -> dict[str, Any]:
     best = int(np.argmax(probs))
     return {
@@ -52,6 +53,7 @@ def ok_record(
         "threshold_source": threshold.source,
         "covid_positive": bool(p_covid >= threshold.value),
         "cam": None,
+        "age_group": age_group,
         "warning": warning,
         "message": "",
     }
@@ -66,8 +68,8 @@ def columns(names: list[str]) -> list[str]:
     """Output columns, the same for every row and for JSON and CSV."""
     probs = [f"p_{name}" for name in names]
     return ["file", "status", "predicted", "p_predicted", *probs, "binary_p_covid",
-            "threshold", "threshold_source", "covid_positive", "cam", "warning",
-            "message"]  # fmt: skip
+            "threshold", "threshold_source", "covid_positive", "cam", "age_group",
+            "warning", "message"]  # fmt: skip
 
 
 # --- --out and --cam, checked before any work ----------------------------------------------

@@ -1,7 +1,11 @@
 """Predict new radiographs with the trained four-class and binary models.
 
     python -m cxr predict scans/ extra.png [--models DIR] [--threshold T] \
-        --out predictions.csv [--force] [--cam plots/predict] [--batch-size 16] [--strict]
+        --out predictions.csv [--force] [--cam plots/predict] [--batch-size 16] [--strict] \
+        [--age-group adult|pediatric|unknown]
+
+The command-line face of cxr.api (the Python API): files are walked (cxr.inputs), read, and
+sent through the API's model path; rows are written by cxr.outputs.
 
 Models, lung segmenter and COVID-19 threshold come from the model bundle, `bundle.json` in
 --models (default: the `models/` folder of the repository this package lives in, so predict
@@ -23,7 +27,9 @@ dangling links, devices and FIFOs get error rows and are never read.
 Images go through the same preprocessing as the training images, the spec read from the
 checkpoints; every new image is harmonised, as the split stage does for all sources but the
 already-harmonised Kermany set. Each prediction is sanity-checked first (near-constant, extreme
-aspect ratio, tiny: see the limits below); what is odd goes in the `warning` column.
+aspect ratio, tiny: see the limits in cxr.api); what is odd goes in the `warning` column.
+The four-class model's viral vs bacterial split is validated on children only: a viral or
+bacterial call gets a warning unless --age-group pediatric (the `age_group` column).
 
 JPEG/PNG/TIFF files are turned upright by their EXIF orientation, as the split stage reads
 them; of a multi-frame file (animated GIF, multi-page TIFF, multi-frame DICOM) only the first
@@ -31,8 +37,8 @@ frame is predicted, with a warning. --out replaces only an earlier output of pre
 columns or records), anything else only with --force; the --out file, its temporary and the
 overlays in --cam are never read as inputs.
 
-Exit status: 0 all images predicted, 1 some failed (or, with --strict, some got a warning, or
---out could not be written), 2 bad usage, checkpoint, bundle, threshold or --out, 130
+Exit status: 0 all images predicted, 1 some failed (or, with --strict, some got a warning
+about the image, or --out could not be written), 2 bad usage, checkpoint, bundle, threshold or --out, 130
 interrupted (Ctrl-C; the rows done so far are written to --out, nothing is left half-written).
 """
 
@@ -47,7 +53,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NoReturn
 
-from cxr.api import predict_chunk
+from cxr.api import AGE_GROUPS, image_problems, predict_chunk
 from cxr.bundle import SITE_NAME, default_models_dir
 from cxr.cli import setup_logging
 from cxr.errors import BundleError
@@ -92,7 +98,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )  # fmt: skip
     parser.add_argument(
         "--strict", action="store_true",
-        help="exit 1 when any image gets a sanity warning (near-constant, odd shape, tiny)",
+        help="exit 1 when any image gets a warning about the image (near-constant, odd shape, "
+        "tiny, no lungs); the age-group caveat on a pneumonia type does not count",
+    )  # fmt: skip
+    parser.add_argument(
+        "--age-group", choices=AGE_GROUPS, default="unknown",
+        help="the patients' age group: a viral/bacterial call for adult or unknown gets a "
+        "warning (the type is validated on children only; default: %(default)s)",
     )  # fmt: skip
     args = parser.parse_args(argv)
     if args.batch_size < 1:
@@ -127,14 +139,14 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
 
 def predict_all(
     inputs: list[Input], models: Models, *, threshold: Threshold, batch_size: int,
-    cam_dir: Path | None, cam_layer: str = "layer3",
+    cam_dir: Path | None, cam_layer: str = "layer3", age_group: str = "unknown",
 ) -> Iterator[list[dict[str, Any]]]:  # fmt: skip
     """Records chunk by chunk of `batch_size` files, so memory stays flat for any number of
     files and an interruption keeps every chunk finished before it."""
     used: set[str] = set()
     for start in range(0, len(inputs), batch_size):
         chunk, images = predict_chunk(
-            inputs[start : start + batch_size], models, threshold, batch_size
+            inputs[start : start + batch_size], models, threshold, batch_size, age_group=age_group
         )
         if cam_dir is not None:
             write_cams(chunk, images, models, cam_dir, batch_size, used, cam_layer)
@@ -187,7 +199,8 @@ def prepare(args: argparse.Namespace) -> tuple[Threshold, Models, Inputs]:
 def exit_code(records: list[dict[str, Any]], strict: bool) -> int:
     if any(r["status"] != "ok" for r in records):
         return EXIT_IMAGE_ERRORS
-    return EXIT_IMAGE_ERRORS if strict and any(r["warning"] for r in records) else EXIT_OK
+    warned = any(image_problems(r["warning"]) for r in records)
+    return EXIT_IMAGE_ERRORS if strict and warned else EXIT_OK
 
 
 def finish(
@@ -231,7 +244,7 @@ def main(argv: list[str] | None = None) -> None:
         fail("interrupted before any image was predicted; nothing written", EXIT_INTERRUPTED)
     chunks = predict_all(
         inputs.items, models, threshold=threshold, batch_size=args.batch_size,
-        cam_dir=args.cam, cam_layer=args.cam_layer,
+        cam_dir=args.cam, cam_layer=args.cam_layer, age_group=args.age_group,
     )  # fmt: skip
     start, records, interrupted = time.perf_counter(), [], False
     try:

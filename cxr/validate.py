@@ -7,7 +7,8 @@ labels.csv has a header with the columns `file` and `label` (any order, more col
 `file` is a film's path, relative ones against the CSV's folder; `label` is one of covid, viral,
 bacterial, normal, pneumonia (viral or bacterial, type unknown) or non_covid (COVID-19 or not,
 nothing more known). Optional columns: `patient` (films of one patient are resampled together
-by the bootstrap) and `age_group` (adult or pediatric: call rates are also given per group).
+by the bootstrap) and `age_group` (adult, pediatric or unknown: call rates are also given per
+group, and predict's caveat on a viral/bacterial call is given as for --age-group).
 
 Every film goes through predict's own path: cxr.predict resolves the models and the threshold
 (bundle, site calibration, --threshold) and predict_chunk reads, checks, crops and scores the
@@ -81,7 +82,9 @@ FORMAT = "cxr-validation/1"
 LABELS = ("covid", "viral", "bacterial", "normal", "pneumonia", "non_covid")
 FOUR_CLASS_ROWS = ("covid", "viral", "bacterial", "normal", "pneumonia")  # labels it can score
 PNEUMONIA_TYPES = ("viral", "bacterial")
-AGE_GROUPS = {"adult": "adult", "pediatric": "pediatric", "paediatric": "pediatric"}
+AGE_GROUPS = {"adult": "adult", "pediatric": "pediatric", "paediatric": "pediatric",
+              "unknown": "unknown"}  # fmt: skip
+REPORTED_AGE_GROUPS = ("adult", "pediatric")
 SOURCES = ("bundle", "site", "argument")  # the order operating points are reported in
 SEED = 0  # bootstrap resamples: the same report for the same films
 LEVEL = 0.95
@@ -224,7 +227,7 @@ def parse_row(record: dict[str, Any], header: dict[str, str], line: int, folder:
     age, note = cell("age_group"), None
     age_group = AGE_GROUPS.get(age.lower()) if age else None
     if age and age_group is None:
-        note = f"age_group {age!r} is not adult or pediatric; the film is scored without it"
+        note = f"age_group {age!r} is not adult, pediatric or unknown; scored as unknown"
     return Row(line, file, path, label if label in LABELS else None, raw_label,
                cell("patient") or f"line {line}", age_group, problem, note)  # fmt: skip
 
@@ -344,7 +347,11 @@ def score(rows: list[Row], setup: Setup, batch_size: int) -> list[dict[str, Any]
         for start in range(0, len(todo), batch_size):
             chunk = todo[start : start + batch_size]
             done, _ = predict_chunk(
-                [Input(rows[i].path) for i in chunk], setup.models, setup.threshold, batch_size
+                [Input(rows[i].path) for i in chunk],
+                setup.models,
+                setup.threshold,
+                batch_size,
+                age_group=[rows[i].age_group or "unknown" for i in chunk],
             )
             records.update(zip(chunk, done, strict=True))
             bar.update(len(chunk))
@@ -354,7 +361,7 @@ def score(rows: list[Row], setup: Setup, batch_size: int) -> list[dict[str, Any]
 def with_label(record: dict[str, Any], row: Row) -> dict[str, Any]:
     label = row.label if row.label is not None else row.written_label
     return {"line": row.line, **record, "label": label, "patient": row.patient,
-            "age_group": row.age_group}  # fmt: skip
+            "age_group": row.age_group or "unknown"}  # fmt: skip
 
 
 def problems(rows: list[Row], records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -530,7 +537,7 @@ def call_rates(s: Scored, names: list[str], points: list[Threshold]) -> dict[str
 def age_group_results(s: Scored, names: list[str], points: list[Threshold]) -> dict[str, Any]:
     """Call rates per age group, and how many films of each were given a pneumonia type."""
     groups = {}
-    for group in dict.fromkeys(AGE_GROUPS.values()):
+    for group in REPORTED_AGE_GROUPS:
         mask = s.age_groups == group
         if mask.any():
             groups[group] = {
@@ -784,7 +791,7 @@ def ctrl_c_held() -> Iterator[list[bool]]:
 
 
 def write_csv(path: Path, records: list[dict[str, Any]], names: list[str], labels: Labels) -> None:
-    extra = ["label"] + ["patient"] * labels.has_patient + ["age_group"] * labels.has_age_group
+    extra = ["label"] + ["patient"] * labels.has_patient  # age_group: one of predict's columns
     fields = ["line", *columns(names), *extra]
     with open(path, "w", encoding="utf-8", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
@@ -843,6 +850,10 @@ def summary(result: dict[str, Any], out: Path) -> str:
             f"specificity {value_text(spec['value'])} "
             f"({spec['called_negative']}/{spec['of_non_covid']})"
         )
+    adult = result.get("call_rates_by_age_group", {}).get("adult")
+    if adult:  # issue 18.5: the type is not validated on adults; say how often it was given
+        parts.append(f"adult films called viral or bacterial: {adult['called_viral_or_bacterial']}"
+                     f" of {adult['n']} (the pneumonia type is validated on children only)")  # fmt: skip
     return "\n".join(parts) + f"\nreport in {out / MD_NAME}"
 
 

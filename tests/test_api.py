@@ -3,6 +3,8 @@ the CLI, every kind of image it takes, clear errors, and Grad-CAM maps that depe
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +18,7 @@ from PIL import Image
 from cxr import Predictor, api
 from cxr.errors import InputError
 from cxr.inputs import UsageError
-from tests.test_predict import FOUR, make_checkpoint, make_models, radiograph, run
+from tests.test_predict import FOUR, PREP, make_checkpoint, make_models, radiograph, run
 
 THREADS = ["--threads", "1"]
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,7 +42,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def films() -> dict[str, np.ndarray]:
     """Arrays of each kind the API takes, each with a PNG that holds the same pixels."""
     grey = radiograph(96, seed=11)
-    wide = radiograph(120, seed=12)[:, :40]  # 3:1, so it also gets a warning
+    wide = radiograph(210, seed=12)[:, :64]  # 3.3:1, so it also gets a warning
     deep = (radiograph(80, seed=13).astype(np.uint16) * 257 + 7).astype(np.uint16)  # 16-bit
     rgb = np.stack([radiograph(72, seed=s) for s in (14, 15, 16)], axis=-1)
     return {"grey": grey, "wide": wide, "deep": deep, "rgb": rgb}
@@ -149,27 +151,34 @@ def test_load_takes_the_threshold_and_checkpoints_as_predict_does(
         Predictor.load(models, threshold=1.5)
 
 
-def test_explain_is_the_covid_class_map_and_depends_on_the_image(models: Path) -> None:
+def test_explain_is_the_covid_class_map_and_depends_on_the_image(tmp_path: Path) -> None:
     """A size x size float32 map in [0, 1]; the map of the COVID-19 class (what compute_cams
     gives for that target on the model input), not of another class; and a different film
-    gives a different map. Watched red with explain targeting the predicted class (the map
-    equalled another class's for a film not called COVID-19) and with it returning the map of
-    a fixed blank input (the two films' maps were equal)."""
+    gives a different map. The COVID-19 output's weights are made positive so that its layer4
+    map is not all zero (a random network's often is, after Grad-CAM's ReLU). Watched red with
+    explain targeting class 1 (the map equalled another class's) and with it mapping a fixed
+    blank input (the two films' maps were equal)."""
     from cxr.cam import compute_cams
 
-    predictor = Predictor.load(models)
-    size = predictor.models.spec.image_size
+    folder = make_models(tmp_path / "models", prep=PREP | {"image_size": 64})["models"]
+    loaded = Predictor.load(folder)
+    four = copy.deepcopy(loaded.models.four_class)
+    covid = FOUR.index("covid")
+    with torch.no_grad():
+        four.backbone.fc.weight[covid] = four.backbone.fc.weight[covid].abs()
+    predictor = Predictor(dataclasses.replace(loaded.models, four_class=four), loaded.threshold)
     a, b = radiograph(96, seed=31), radiograph(96, seed=32)[::-1].copy()
-    heat_a, heat_b = predictor.explain(a), predictor.explain(b)
-    assert heat_a.shape == (size, size) and heat_a.dtype == np.float32
+    heat_a, heat_b = predictor.explain(a, layer="layer4"), predictor.explain(b, layer="layer4")
+    assert heat_a.shape == (64, 64) and heat_a.dtype == np.float32
     assert heat_a.min() >= 0.0 and heat_a.max() <= 1.0 and heat_a.max() > heat_a.min()
     assert not np.allclose(heat_a, heat_b, atol=1e-3)
     x = api.with_lungs(predictor.models, [api.model_pixels(a, [], predictor.models.spec)[0]],
                        [[]]).images  # fmt: skip
-    four = predictor.models.four_class
-    by_class = [compute_cams(four, x, [k], batch_size=1, layer="layer3")[0] for k in range(4)]
-    assert np.array_equal(heat_a, by_class[FOUR.index("covid")])
-    assert any(not np.allclose(heat_a, m, atol=1e-3) for m in by_class[1:])
+    by_class = [compute_cams(four, x, [k], batch_size=1, layer="layer4")[0] for k in range(4)]
+    assert np.array_equal(heat_a, by_class[covid])
+    assert all(not np.allclose(heat_a, m, atol=1e-3) for k, m in enumerate(by_class) if k != covid)
+    default = predictor.explain(a)  # layer3, predict --cam's default
+    assert default.shape == (64, 64) and 0.0 <= default.min() <= default.max() <= 1.0
 
 
 def test_predictor_is_exported_from_the_package_without_importing_torch_eagerly() -> None:
@@ -184,3 +193,106 @@ def test_predictor_is_exported_from_the_package_without_importing_torch_eagerly(
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
                          check=True)  # fmt: skip
     assert out.stdout.strip() == "False"
+
+
+# --- the age group (issue 18, point 5) ----------------------------------------------------------
+
+
+def forced_four_class(model: torch.nn.Module, call: str) -> torch.nn.Module:
+    """A copy of `model` whose four-class call is always `call` (its output bias dominates)."""
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        model.backbone.fc.bias.fill_(-50.0)
+        model.backbone.fc.bias[FOUR.index(call)] = 50.0
+    return model
+
+
+def test_age_group_caveat_follows_the_call_and_the_age_group(models: Path) -> None:
+    """A viral or bacterial call gets the adult caveat for an adult film, the unknown-age one
+    for a film of unknown age, none for a child's; a covid or normal call none at all. The
+    age_group column says which was given; an unknown value is refused. Watched red with
+    age_warning ignoring the call (covid rows got the caveat) and with it ignoring the age
+    group (pediatric rows got it)."""
+    loaded = Predictor.load(models)
+    film, ages = radiograph(80, seed=41), ["adult", "pediatric", "unknown"]
+    for call in FOUR:
+        four = forced_four_class(loaded.models.four_class, call)
+        predictor = Predictor(dataclasses.replace(loaded.models, four_class=four), loaded.threshold)
+        table = predictor.predict([film] * 3, age_group=ages)
+        assert table["predicted"].tolist() == [call] * 3
+        assert table["age_group"].tolist() == ages
+        typed = call in ("viral", "bacterial")
+        want = [api.ADULT_TYPE_WARNING, "", api.UNKNOWN_AGE_TYPE_WARNING] if typed else [""] * 3
+        assert table["warning"].tolist() == want, call
+    assert predictor.predict(film)["age_group"].tolist() == ["unknown"]  # the default
+    with pytest.raises(InputError, match="age_group 'child' is not one of adult, pediatric"):
+        predictor.predict(film, age_group="child")
+    with pytest.raises(InputError, match="2 age groups for 1 images"):
+        predictor.predict([film], age_group=["adult", "adult"])
+
+
+def test_age_group_option_of_predict_and_strict(
+    tmp_path: Path, models: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`predict --age-group` fills the column and the caveat (unknown by default); --strict
+    fails on warnings about the image, not on this caveat. Watched red with exit_code counting
+    every warning (exit 1 for a clean film called viral)."""
+    from cxr.models import load_checkpoint, save_checkpoint
+
+    model, meta = load_checkpoint(models / "four_class.pt", "four_class")
+    viral = tmp_path / "viral.pt"
+    save_checkpoint(viral, forced_four_class(model, "viral"), meta)
+    film = tmp_path / "film.png"
+    Image.fromarray(radiograph(80, seed=42)).save(film)
+    tiny = tmp_path / "tiny.png"
+    Image.fromarray(radiograph(40, seed=43)).save(tiny)
+    base = [str(film), "--models", str(models), "--four-class", str(viral), *THREADS, "--strict"]
+    out = tmp_path / "p.csv"
+    expected = {"adult": api.ADULT_TYPE_WARNING, "pediatric": "",
+                "unknown": api.UNKNOWN_AGE_TYPE_WARNING}  # fmt: skip
+    for age, warning in expected.items():
+        given = [] if age == "unknown" else ["--age-group", age]
+        code, _, err = run(capsys, [*base, *given, "--out", str(out)])
+        row = pd.read_csv(out, keep_default_na=False).iloc[0]
+        assert (code, row["predicted"], row["age_group"], row["warning"]) == (
+            0, "viral", age, warning,
+        ), err  # fmt: skip
+    code, _, err = run(capsys, [str(tiny), *base, "--age-group", "adult"])
+    assert code == 1, err  # a tiny image is still a warning about the image
+    with pytest.raises(SystemExit) as bad:
+        from cxr import predict
+
+        predict.parse_args(["x.png", "--age-group", "child"])
+    assert bad.value.code == 2
+
+
+# --- docs/api.md runs as written ----------------------------------------------------------------
+
+
+def python_blocks(markdown: str) -> list[str]:
+    return re.findall(r"^```python\n(.*?)^```", markdown, flags=re.S | re.M)
+
+
+def test_docs_api_example_runs(
+    tmp_path: Path,
+    models: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Every python block of docs/api.md, run in a folder with a tiny models/ bundle and a
+    chest.png, as a notebook would run it. Watched red with Predictor.explain renamed (the
+    page's call failed) and with the page's load pointed at a folder without a bundle."""
+    import shutil
+
+    blocks = python_blocks((ROOT / "docs" / "api.md").read_text(encoding="utf-8"))
+    assert blocks, "docs/api.md has no python block"
+    shutil.copytree(models, tmp_path / "models")
+    Image.fromarray(radiograph(96, seed=51)).save(tmp_path / "chest.png")
+    monkeypatch.chdir(tmp_path)
+    namespace: dict[str, object] = {}
+    for block in blocks:
+        exec(compile(block, "docs/api.md", "exec"), namespace)  # noqa: S102 (our own page)
+    table = namespace["table"]
+    assert isinstance(table, pd.DataFrame) and len(table) == 3
+    assert table["binary_p_covid"].nunique() == 1  # array, PIL image and path: one film
+    assert "Threshold(value=0.4, source='bundle')" in capsys.readouterr().out

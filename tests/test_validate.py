@@ -225,10 +225,19 @@ def test_report_matches_a_hand_count_from_predictions_csv(
 
     # predict's warnings, by kind, with the CSV lines of the films
     warnings = {w["warning"]: w["lines"] for w in report["warnings"]}
+    typed = {"adult": "pneumonia type validated on children only",
+             "unknown": "age group unknown: pneumonia type validated on children only"}  # fmt: skip
+    for group, kind in typed.items():  # predict's caveat, by each row's age_group (issue 18.5)
+        want = [int(r["line"]) for r in preds
+                if r["age_group"] == group and r["predicted"] in ("viral", "bacterial")]  # fmt: skip
+        assert warnings.pop(kind, []) == want, group
     assert warnings == {
         "tiny image: too little detail": [14, 15],
         "multi-frame file: only the first frame was predicted": [16],
     }
+    assert [r["age_group"] for r in preds][-3:] == ["adult", "unknown", "adult"]
+    called = by_age["adult"]["called_viral_or_bacterial"]
+    assert f"adult films called viral or bacterial: {called} of 10" in stdout
 
     markdown = (out / "validation.md").read_text()
     four_class = markdown.split("## Four-class")[1]
