@@ -47,7 +47,7 @@ def write_task_figures(
     confusion_png(report["confusion"], names, task, out / f"{task}_confusion.png")
     roc_png(y, prob, names, report, task, out / f"{task}_roc.png")
     ece = report["calibration"]["ece"]
-    reliability_png(y, prob, rel, bins, ece, task, out / f"{task}_reliability.png")
+    reliability_png(prob, rel, ece, task, out / f"{task}_reliability.png")
 
 
 def _curve_classes(roc: pd.DataFrame, names: list[str]) -> list[str]:
@@ -85,18 +85,14 @@ def roc_png(
     _save(fig, path)
 
 
-def reliability_png(
-    y: np.ndarray, prob: np.ndarray, rel: pd.DataFrame, bins: int, ece: float, task: str,
-    path: Path,
-) -> None:  # fmt: skip
-    """Top-class reliability with scikit-learn's CalibrationDisplay: "is the top class right"
-    against the top-class probability, in `bins` equal-width bins (counts from our bins)."""
+def reliability_png(prob: np.ndarray, rel: pd.DataFrame, ece: float, task: str, path: Path) -> None:
+    """Top-class reliability drawn by scikit-learn's CalibrationDisplay: "is the top class right"
+    against the top-class probability. It draws `rel`, the bins of the CSV and the JSON's ECE
+    (metrics.reliability_bins), instead of binning again, so the three cannot disagree."""
     fig, ax = plt.subplots(figsize=(5, 4.6))
-    if len(y):
-        correct = prob.argmax(1) == y
-        CalibrationDisplay.from_predictions(
-            correct, prob.max(1), n_bins=bins, strategy="uniform", ax=ax, name="top class"
-        )
+    if len(rel):
+        display = CalibrationDisplay(rel["accuracy"], rel["confidence"], prob.max(1))
+        display.plot(ax=ax, name="top class")
         for _, r in rel.iterrows():
             ax.annotate(str(int(r["count"])), (r["confidence"], r["accuracy"]),
                         textcoords="offset points", xytext=(0, 6), ha="center", fontsize=7)  # fmt: skip
