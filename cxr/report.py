@@ -469,7 +469,7 @@ def write_model_card(
         f"The four-class model calls {pct(results['four_class']['adult_check'].get('normal_call_rate'))} of adult_check normal; a low COVID-19 rate there is not evidence that it recognises a normal adult chest.",
         "- Trained at low resolution from random initialisation with a small network: one seed's run; the CIs do not include run-to-run variation.",
         "- Lateral views, CT slices, photos of films, annotated or cropped images are out of scope; `predict` flags images in which the lung segmenter finds no plausible pair of lungs, nothing finer.",
-        "- The viral vs bacterial split is validated on children only (46 typed adult films in the training data): `predict` warns on a viral or bacterial call unless `--age-group pediatric` (docs/predict.md).",
+        "- The viral vs bacterial split is validated on children only (46 typed adult films in all splits, 27 of them in train: metrics/data.json): `predict` warns on a viral or bacterial call unless `--age-group pediatric` (docs/predict.md).",
         "- Probabilities are not calibrated for clinical prevalence (ECE above).",
         "",
         "## Reproduce",
