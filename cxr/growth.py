@@ -443,6 +443,10 @@ def markdown(report: dict[str, Any]) -> list[str]:
                   f"{s['pairs_found']} / {s['pairs_planted']}"] for s in sizes]  # fmt: skip
     mem_rows = [[f"{s['n']:,}", *(f"{s[k]:.0f}" for k, _ in MEMORY_COLUMNS)] for s in sizes]
     first = sizes[0]
+
+    def per_size(key: str) -> str:
+        return " / ".join(str(s[key]) for s in sizes)
+
     lines = table_lines(["films", *(h for _, h, _ in TIME_COLUMNS), "pairs found / planted"],
                         time_rows)  # fmt: skip
     lines += ["", "Peak resident memory (MB), each step in its own process:", ""]
@@ -454,12 +458,14 @@ def markdown(report: dict[str, Any]) -> list[str]:
         f"{first['train_device']}), load average {report['load_average'][0]:.1f} when it began. "
         f"Films: {report['synthetic']}.",
         f"Train: {first['train_model']} (params.yaml train_binary), one epoch projected from "
-        f"{first['train_timed_batches']} timed batches after {first['train_warmup_batches']} "
-        "warm-up, the whole train array in memory; the validation pass is not included.",
-        f"Predict: `python -m cxr predict` on {first['predict_films']} of the films, random-init "
-        "checkpoints of the default architectures; films/s does not depend on N.",
-        f"A Python with torch and the cxr modules loaded holds {report['baseline_rss_mb']:.0f} MB "
-        "before any step's own data.",
+        f"{per_size('train_timed_batches')} timed batches after "
+        f"{per_size('train_warmup_batches')} warm-up (per size; fewer where the train split "
+        "has fewer batches), the whole train array in memory; the validation pass is not "
+        "included.",
+        f"Predict: `python -m cxr predict` on {per_size('predict_films')} of the films, "
+        "random-init checkpoints of the default architectures; films/s does not depend on N.",
+        "For scale: a Python that only imports torch, pandas and the cxr training, split and "
+        f"duplicate modules peaks at {report['baseline_rss_mb']:.0f} MB.",
     ]
     for key, name in (("near_duplicate_s", "near-duplicate guard"), ("decode_s", "decode")):
         grow = [f"N^{exponent(a['n'], a[key], b['n'], b[key]):.2f} from {a['n']:,} to {b['n']:,}"

@@ -567,6 +567,13 @@ def oos_candidates(f: Files) -> list[str]:
                   "sensitivity at 90% specificity", "rule (AUC +0.01)"], rows)  # fmt: skip
 
 
+def growth(f: Files) -> list[str]:
+    """The growth benchmark's tables, as `python -m cxr growth` wrote them (reports/growth.json)."""
+    from cxr.growth import markdown
+
+    return markdown(f.load("reports/growth.json"))
+
+
 BLOCKS: dict[str, Callable[[Files], list[str]]] = {
     "oos": oos,
     "oos-candidates": oos_candidates,
@@ -582,6 +589,7 @@ BLOCKS: dict[str, Callable[[Files], list[str]]] = {
     "crop": crop,
     "segment": segment,
     "gradcam": gradcam,
+    "growth": growth,
 }
 
 
