@@ -525,3 +525,41 @@ def test_ctrl_c_leaves_the_earlier_report_whole(
     else:
         assert f"interrupted (Ctrl-C); {out} was left as it was" in err
         assert listing(out) == before
+
+
+def test_each_row_gets_predicts_age_group_caveat(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A four-class model that calls every film viral: the adult row gets the adult caveat, the
+    row without an age group the unknown-age one, the child's none; predictions.csv carries
+    each row's age_group, the report counts the caveats by kind and the summary line says how
+    many adult films were called viral or bacterial (issue 18.5). Watched red with validate
+    passing age_group "unknown" for every row (the adult row got the unknown-age caveat)."""
+    from cxr.api import ADULT_TYPE_WARNING, UNKNOWN_AGE_TYPE_WARNING
+
+    folder = make_models(tmp_path / "models")
+    torch.manual_seed(1)
+    model = build_model("resnet18", len(FOUR), zero_init_residual=False)
+    with torch.no_grad():
+        model.backbone.fc.bias.fill_(-50.0)
+        model.backbone.fc.bias[FOUR.index("viral")] = 50.0
+    meta = {"task": "four_class", "arch": "resnet18", "class_names": FOUR,
+            "image_size": PREP["image_size"], "preprocessing": PREP}  # fmt: skip
+    save_checkpoint(folder / "four_class.pt", model, meta)
+    rebundle(folder, 0.5)
+    rows = films(tmp_path, ["viral", "bacterial", "pneumonia"])
+    for row, age in zip(rows, ["adult", "pediatric", ""], strict=True):
+        row["age_group"] = age
+    code, stdout, err = run(capsys, [write_labels(tmp_path, rows), "--models", folder, *FAST])
+    assert code == 0, err
+    preds = read_predictions(tmp_path / "validation" / "predictions.csv")
+    assert [r["predicted"] for r in preds] == ["viral"] * 3
+    assert [r["age_group"] for r in preds] == ["adult", "pediatric", "unknown"]
+    assert [r["warning"] for r in preds] == [ADULT_TYPE_WARNING, "", UNKNOWN_AGE_TYPE_WARNING]
+    report = json.loads((tmp_path / "validation" / "validation.json").read_text())
+    assert {w["warning"]: w["lines"] for w in report["warnings"]} == {
+        "pneumonia type validated on children only": [2],
+        "age group unknown: pneumonia type validated on children only": [4],
+    }
+    assert report["call_rates_by_age_group"]["adult"]["called_viral_or_bacterial"] == 1
+    assert "adult films called viral or bacterial: 1 of 1" in stdout
