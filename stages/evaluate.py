@@ -1,4 +1,8 @@
-"""evaluate stage: both checkpoints on test, adult_check and external; metrics, plots, reports."""
+"""evaluate stage: both checkpoints on val, test, adult_check and external; metrics, plots, bundle.
+
+The Markdown reports are the report stage's (stages/report.py): evaluating a model does not
+depend on other experiments' results.
+"""
 
 from __future__ import annotations
 
@@ -20,7 +24,6 @@ from cxr.evaluate import check_class_order, evaluate_task, known_class, score_sp
 from cxr.infer import configure_cpu
 from cxr.lungs import crop_inputs, load_lung_masks
 from cxr.models import load_checkpoint
-from cxr.report import read_reference_runs, write_model_card, write_summary
 
 log = logging.getLogger("evaluate")
 TASKS = ("binary", "four_class")
@@ -46,19 +49,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help=f"model bundle to write beside the checkpoints (default: {BUNDLE_NAME} beside --binary)",
     )  # fmt: skip
     parser.add_argument("--metrics", type=Path, default=Path("metrics"), help="writes <task>.json")
-    parser.add_argument("--data-counts", type=Path, default=Path("metrics/data.json"))
     parser.add_argument("--plots", type=Path, default=Path("plots/evaluate"))
-    parser.add_argument("--reports", type=Path, default=Path("reports"))
-    parser.add_argument(
-        "--reference", type=Path, default=None,
-        help="folder of reference runs (<run>/binary.json, four_class.json, run.yaml) to compare with",
-    )  # fmt: skip
     return parser.parse_args(argv)
 
 
 def evaluate_checkpoint(
     task: str, path: Path, splits: dict, args, p, seed: int
-) -> tuple[dict, dict]:
+) -> dict:
     """Score every split with one checkpoint; write its metrics JSON and figures."""
     model, meta = load_checkpoint(path, task=task)
     size = next(iter(splits.values()))[0].shape[1]
@@ -84,7 +81,7 @@ def evaluate_checkpoint(
     )
     log.info("%s: test accuracy %.3f, macro-F1 %.3f -> %s", task, result["test"]["accuracy"],
              result["test"]["macro"]["f1"], out)  # fmt: skip
-    return result, meta
+    return result
 
 
 def load_splits(directory: Path) -> dict:
@@ -116,15 +113,11 @@ def main(argv: list[str] | None = None) -> None:
         base, p = load_base(args.params), load_evaluate_params(args.params)
         configure_cpu(0)
         splits = load_splits(args.data)
-        references = read_reference_runs(args.reference) if args.reference else []
         args.metrics.mkdir(parents=True, exist_ok=True)
-        results, metas = {}, {}
+        results = {}
         for task, path in zip(TASKS, (args.binary, args.four_class), strict=True):
-            results[task], metas[task] = evaluate_checkpoint(task, path, splits, args, p, base.seed)
+            results[task] = evaluate_checkpoint(task, path, splits, args, p, base.seed)
         write_model_bundle(args, results["binary"]["threshold"])
-        data_counts = json.loads(args.data_counts.read_text())
-        write_summary(args.reports / "summary.md", results, metas, data_counts, p, references)
-        write_model_card(args.reports / "model_card.md", results, metas, data_counts, p, references)
 
 
 if __name__ == "__main__":

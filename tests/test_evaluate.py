@@ -19,6 +19,7 @@ from cxr.data import labels_for
 from cxr.evaluate import Scored, evaluate_task
 from cxr.models import CheckpointError, build_model, save_checkpoint
 from stages import evaluate as stage
+from stages import report as report_stage
 from tests.conftest import repo_params, write_params
 
 LABELS = ["covid", "viral", "bacterial", "normal"]
@@ -293,12 +294,23 @@ def make_workdir(tmp_path: Path) -> Path:
 def argv(d: Path, binary: str = "binary.pt", four: str = "four_class.pt") -> list[str]:
     return ["--binary", str(d / binary), "--four-class", str(d / four), "--data", str(d / "split"),
             "--params", str(d / "params.yaml"), "--metrics", str(d / "metrics"),
-            "--data-counts", str(d / "data.json"), "--plots", str(d / "plots"), "--reports", str(d / "reports")]  # fmt: skip
+            "--plots", str(d / "plots")]  # fmt: skip
+
+
+def report_argv(d: Path, binary: str = "binary.pt", four: str = "four_class.pt") -> list[str]:
+    return ["--binary", str(d / binary), "--four-class", str(d / four), "--params", str(d / "params.yaml"),
+            "--metrics", str(d / "metrics"), "--data-counts", str(d / "data.json"), "--reports", str(d / "reports")]  # fmt: skip
+
+
+def evaluate_and_report(d: Path, *extra: str) -> None:
+    """The evaluate stage, then the report stage on what it wrote (as dvc.yaml chains them)."""
+    stage.main(argv(d))
+    report_stage.main([*report_argv(d), *extra])
 
 
 def test_stage_writes_metrics_plots_and_reports(workdir):
     torch.set_num_threads(1)
-    stage.main(argv(workdir))
+    evaluate_and_report(workdir)
     four = json.loads((workdir / "metrics" / "four_class.json").read_text())
     assert four["test"]["n"] == 9 and four["test"]["n_unknown"] == 1  # the pneumonia row
     assert set(four["test"]["per_class"]) == set(FOUR_CLASSES)
@@ -332,7 +344,7 @@ def test_stage_without_external_rows(tmp_path, external):
     tiny_split(tmp_path / "split", external=external)
     workdir = make_workdir(tmp_path)
     torch.set_num_threads(1)
-    stage.main(argv(workdir))
+    evaluate_and_report(workdir)
     assert "external" not in json.loads((workdir / "metrics" / "four_class.json").read_text())
     assert "External cohort" not in (workdir / "reports" / "summary.md").read_text()
 
@@ -346,7 +358,7 @@ def test_stage_compares_with_reference_runs(workdir):
     (run / "run.yaml").write_text(yaml.safe_dump({"name": "pediatric controls only",
         "description": "before adult controls", "command": "dvc exp run -S split.adult_controls=false"}))  # fmt: skip
     torch.set_num_threads(1)
-    stage.main([*argv(workdir), "--reference", str(workdir / "reference")])
+    evaluate_and_report(workdir, "--reference", str(workdir / "reference"))
     for doc in ("summary.md", "model_card.md"):
         text = (workdir / "reports" / doc).read_text()
         assert "| metric | model | this run | pediatric controls only |" in text
@@ -363,7 +375,7 @@ def test_reference_folder_missing_a_file_fails_clearly(workdir, capsys):
     run.mkdir(parents=True)
     (run / "binary.json").write_text("{}")
     with pytest.raises(SystemExit):
-        stage.main([*argv(workdir), "--reference", str(workdir / "reference")])
+        evaluate_and_report(workdir, "--reference", str(workdir / "reference"))
     assert "missing four_class.json, run.yaml" in capsys.readouterr().err
 
 
@@ -483,3 +495,21 @@ def test_validation_summary_by_hand_adult_auc_ignores_children():
     assert summary["adult_roc_auc"] == pytest.approx(0.5)
     assert summary["macro_f1"] == pytest.approx(7 / 12)
     assert summary["accuracy"] == pytest.approx(3 / 5)
+
+
+def test_evaluate_alone_writes_no_reports(workdir):
+    """Scoring a model does not depend on the reports or on reference runs (issue 20): the
+    reports are the report stage's. Watched red with evaluate creating a reports/ folder again."""
+    torch.set_num_threads(1)
+    stage.main(argv(workdir))
+    assert (workdir / "metrics" / "binary.json").exists()
+    assert not (workdir / "reports").exists()
+
+
+def test_report_stage_before_evaluate_fails_clearly(workdir, capsys):
+    """Watched red with the metrics read without the existence check (a traceback)."""
+    with pytest.raises(SystemExit):
+        report_stage.main(report_argv(workdir))
+    err = capsys.readouterr().err
+    assert "binary.json not found: run the evaluate stage first" in err
+    assert "Traceback" not in err
