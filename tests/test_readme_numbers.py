@@ -48,6 +48,7 @@ def copy_committed_files(tmp_path: Path) -> Path:
         shutil.copytree(ROOT / folder, tmp_path / folder)
     (tmp_path / "reports/oos").mkdir(parents=True)
     shutil.copy(ROOT / "reports/oos/results.json", tmp_path / "reports/oos/results.json")
+    shutil.copy(ROOT / "reports/growth.json", tmp_path / "reports/growth.json")
     shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
     return tmp_path
 
@@ -63,6 +64,21 @@ def test_a_changed_metric_leaves_the_documents_stale(tmp_path):
     stale = rn.stale(ROOT, rn.Files(files_root))
     assert "README.md" in stale
     assert "binary 0.123," in stale["README.md"] and "50.0% [96.4, 98.2]" in stale["README.md"]
+
+
+def test_a_new_growth_run_leaves_scaling_out_stale(tmp_path):
+    """The growth table in docs/scaling-out.md is python -m cxr growth's reports/growth.json.
+    (Watched red with the growth block reading the repository's reports/growth.json instead of
+    the Files root's: nothing went stale.)"""
+    path = copy_committed_files(tmp_path) / "reports" / "growth.json"
+    before = rn.stale(ROOT, rn.Files(tmp_path))
+    report = json.loads(path.read_text())
+    report["sizes"][0]["near_duplicate_s"] = 123.456
+    path.write_text(json.dumps(report))
+    stale = rn.stale(ROOT, rn.Files(tmp_path))
+    assert "docs/scaling-out.md" not in before
+    assert set(stale) - set(before) == {"docs/scaling-out.md"}
+    assert "| 123.46 |" in stale["docs/scaling-out.md"]
 
 
 def test_a_hand_edit_inside_a_block_is_caught_and_rewritten(tmp_path):
