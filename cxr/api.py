@@ -56,9 +56,9 @@ MAX_ASPECT_RATIO = 3.0
 # detail the model reads (icons, thumbnails); the smallest mirror image is 156 px.
 MIN_SIDE = 64
 
-# The four-class model's viral vs bacterial split is validated on children only: the training
-# data holds 46 typed adult films (issue 18, point 5). A type called for an adult film, or a
-# film of unknown age, is said to be unvalidated in its row's warning.
+# The four-class model's viral vs bacterial split is validated on children only: the data hold
+# 46 typed adult films in all splits, 27 in train (metrics/data.json; issue 18, point 5). A type
+# called for an adult film, or a film of unknown age, is said to be unvalidated in its warning.
 AGE_GROUPS = ("adult", "pediatric", "unknown")
 PNEUMONIA_TYPES = ("viral", "bacterial")
 ADULT_TYPE_WARNING = "pneumonia type (viral/bacterial) validated on children only"
@@ -210,6 +210,7 @@ class Batch:
     where: list[int]  # the position in the chunk of each image
     found: dict[int, list[str]]  # by position, for the images: their warnings so far
     errors: dict[int, str]  # by position, for the files that could not be read
+    masks: np.ndarray | None = None  # the predicted lungs of the images, when segmented
 
     @property
     def warnings(self) -> dict[int, str]:
@@ -242,7 +243,8 @@ def model_inputs(items: list[Input], models: Models) -> Batch:
     lung check and crop by the segmenter)."""
     pixels, where, found, errors = read_inputs(items, models.spec)
     prepared = with_lungs(models, pixels, [found[i] for i in where])
-    return Batch(prepared.images, where, dict(zip(where, prepared.warnings, strict=True)), errors)
+    found_by_position = dict(zip(where, prepared.warnings, strict=True))
+    return Batch(prepared.images, where, found_by_position, errors, prepared.masks)
 
 
 def predict_chunk(
@@ -254,7 +256,7 @@ def predict_chunk(
     ages = [age_group] * len(items) if isinstance(age_group, str) else list(age_group)
     ages = [check_age_group(a) for a in ages]
     batch = model_inputs(items, models)
-    prepared = Prepared(batch.images, [batch.found[i] for i in batch.where], None)
+    prepared = Prepared(batch.images, [batch.found[i] for i in batch.where], batch.masks)
     done = score(models, threshold, prepared, [items[i].path for i in batch.where], batch_size,
                  [ages[i] for i in batch.where])  # fmt: skip
     records = {

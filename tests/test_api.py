@@ -56,8 +56,8 @@ def test_api_on_arrays_gives_the_cli_csv_numbers(
 ) -> None:
     """The same pixels as arrays through Predictor.predict and as PNG files through
     `python -m cxr predict`: the same columns, probabilities, calls, threshold and warnings.
-    Watched red with the API skipping the harmonising step (preprocess_gray with
-    already_harmonised=True): every probability differed."""
+    Watched red with array_gray keeping the high byte of a 16-bit array instead of stretching
+    it as a 16-bit PNG is read (the 16-bit film's probabilities differed)."""
     arrays = films()
     paths = []
     for name, array in arrays.items():
@@ -83,8 +83,8 @@ def test_api_on_arrays_gives_the_cli_csv_numbers(
 def test_pil_images_arrays_and_paths_agree(tmp_path: Path, models: Path) -> None:
     """One film as a uint8 array, a PIL image, a float array of the same grey levels (stretched
     from its own min..max, like a float TIFF), an RGB image of equal channels and a file path: one set of probabilities.
-    Watched red with as_gray converting PIL images without to_grayscale (an RGB image kept its
-    colour and crashed the preprocessing)."""
+    Watched red with as_gray passing a PIL image's pixels on without to_grayscale (the RGB
+    image failed in the preprocessing: "Invalid mode for data type")."""
     grey = radiograph(90, seed=21)
     stretched = np.round((grey - grey.min()) / (grey.max() - grey.min()) * 255).astype(np.uint8)
     path = tmp_path / "film.png"
@@ -104,9 +104,9 @@ def test_pil_images_arrays_and_paths_agree(tmp_path: Path, models: Path) -> None
 
 def test_wrong_inputs_raise_a_clear_error(models: Path) -> None:
     """The caller's mistakes are InputError naming the image and what was expected; an
-    unreadable file is an error row, as in predict's CSV. Watched red with array_gray
-    accepting any shape (a 4 x 64 x 64 stack reached PIL and failed with 'Cannot handle this
-    data type')."""
+    unreadable file is an error row, as in predict's CSV. Watched red with array_gray's shape
+    check removed (the 4 x 64 x 64 stack reached PIL: TypeError "Cannot handle this data
+    type")."""
     predictor = Predictor.load(models)
     good = radiograph(64)
     cases = {
@@ -156,8 +156,7 @@ def test_explain_is_the_covid_class_map_and_depends_on_the_image(tmp_path: Path)
     gives for that target on the model input), not of another class; and a different film
     gives a different map. The COVID-19 output's weights are made positive so that its layer4
     map is not all zero (a random network's often is, after Grad-CAM's ReLU). Watched red with
-    explain targeting class 1 (the map equalled another class's) and with it mapping a fixed
-    blank input (the two films' maps were equal)."""
+    explain targeting class 1 instead of covid (not the COVID-19 map)."""
     from cxr.cam import compute_cams
 
     folder = make_models(tmp_path / "models", prep=PREP | {"image_size": 64})["models"]
@@ -211,8 +210,7 @@ def test_age_group_caveat_follows_the_call_and_the_age_group(models: Path) -> No
     """A viral or bacterial call gets the adult caveat for an adult film, the unknown-age one
     for a film of unknown age, none for a child's; a covid or normal call none at all. The
     age_group column says which was given; an unknown value is refused. Watched red with
-    age_warning ignoring the call (covid rows got the caveat) and with it ignoring the age
-    group (pediatric rows got it)."""
+    age_warning ignoring the call (covid rows got the caveat)."""
     loaded = Predictor.load(models)
     film, ages = radiograph(80, seed=41), ["adult", "pediatric", "unknown"]
     for call in FOUR:
@@ -280,8 +278,8 @@ def test_docs_api_example_runs(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     """Every python block of docs/api.md, run in a folder with a tiny models/ bundle and a
-    chest.png, as a notebook would run it. Watched red with Predictor.explain renamed (the
-    page's call failed) and with the page's load pointed at a folder without a bundle."""
+    chest.png, as a notebook would run it. Watched red with the page's explain call given
+    layer="layer5" (the page raised ValueError)."""
     import shutil
 
     blocks = python_blocks((ROOT / "docs" / "api.md").read_text(encoding="utf-8"))
