@@ -75,12 +75,13 @@ def test_one_blob_one_side_and_rotations_are_flagged() -> None:
 
 
 def test_each_lung_rule_names_its_numbers() -> None:
-    """Watched red with max_tilt compared to the row offset alone (not over the distance)."""
+    """Watched red with the tilt taken as the row offset alone (not over the column distance)."""
     size = 64
     small = teardrop(size, 0.3, 0.45, 0.6) | teardrop(size, 0.7, 0.45, 0.6)
     (reason,) = [r for r in ood.lung_reasons(small, P) if "size" in r]
     assert reason.startswith("lungs of implausible size (") and "% and " in reason
-    tilted = teardrop(size, 0.3, 0.02, 0.45) | teardrop(size, 0.7, 0.5, 0.95)
+    # rows 0.25 apart over columns 0.4 apart: tilt 0.6 (the row offset alone, 0.25, would pass)
+    tilted = teardrop(size, 0.3, 0.1, 0.55) | teardrop(size, 0.7, 0.35, 0.8)
     assert any(r.startswith("lungs not at one level (tilt ") for r in ood.lung_reasons(tilted, P))
     shifted = teardrop(size, 0.45) | teardrop(size, 0.85)  # midpoint 0.15 off the centre
     strict = dataclasses.replace(P, max_offset=0.1)
@@ -116,7 +117,7 @@ def test_mahalanobis_known_answer() -> None:
 def test_fit_uses_shrinkage_where_the_sample_covariance_is_singular() -> None:
     """10 points in 50 dimensions: a plain inverse does not exist; Ledoit-Wolf gives finite
     distances that still rank a far point above the training points. Watched red with
-    np.linalg.inv(np.cov(...)) (LinAlgError / inf)."""
+    np.linalg.inv(np.cov(...)) in place of Ledoit-Wolf (the far point scored 0)."""
     rng = np.random.default_rng(1)
     train = rng.normal(0, 1, (10, 50))
     mean, precision = ood.fit_gaussian(train)
@@ -137,7 +138,7 @@ def test_threshold_is_the_val_percentile_and_flags_that_share() -> None:
 
 
 def test_gate_reason_and_none_inputs() -> None:
-    """Watched red with `score < threshold` in place of `score <= threshold` (nan passed)."""
+    """Watched red with `score > threshold` in place of `not score <= threshold` (nan passed)."""
     state = ood.OodState(np.zeros(2), np.eye(2), 23.0, P, "0" * 64, {})
     (reason,) = ood.gate(state, np.array([41.2, 0.0]), None)
     assert reason == (
@@ -215,7 +216,8 @@ def test_state_round_trip_and_other_checkpoint_refused(tmp_path: Path) -> None:
 
 
 def test_missing_unknown_and_bad_ood_keys_are_named(tmp_path: Path) -> None:
-    """Watched red with a default value on OodParams.min_taper (the missing key went unnoticed)."""
+    """Watched red with a loader that builds OodParams(**section) itself (a TypeError naming
+    no key, and no range check)."""
     params = yaml.safe_load(PARAMS.read_text())
     del params["ood"]["min_taper"]
     path = tmp_path / "params.yaml"
@@ -294,7 +296,7 @@ def tiny_split(folder: Path, size: int = 32) -> None:
 def test_stage_fits_for_the_checkpoint_and_writes_metrics(tmp_path: Path) -> None:
     """stages/ood.py on tiny random models: the gate loads for that checkpoint only, its
     threshold flags at most 1 of the 12 val films by features, and the metrics count by dataset.
-    Watched red with the threshold set on the train films' distances (val flagged 4 of 12)."""
+    Watched red with the threshold set on the train films' distances (val flagged 12 of 12)."""
     import stages.ood as stage
 
     binary, seg = tiny_binary(tmp_path / "binary.pt"), tiny_segmenter(tmp_path / "segmenter.pt")
