@@ -65,6 +65,10 @@ ADULT_TYPE_WARNING = "pneumonia type (viral/bacterial) validated on children onl
 UNKNOWN_AGE_TYPE_WARNING = (
     "age group unknown: pneumonia type (viral/bacterial) validated on children only"
 )
+# The out-of-distribution gate's warnings start with this (cxr.ood.NOT_FRONTAL, kept in step
+# by a test): validate counts the films it flagged by it.
+NOT_FRONTAL = "not a frontal chest radiograph"
+
 # The class explain() maps: COVID-19, as the gradcam stage's case maps do.
 EXPLAINED = "covid"
 # Caveats on reading a call, not findings about the image: --strict does not fail on them.
@@ -154,6 +158,30 @@ def covid_probability(models: Models, images: np.ndarray, batch_size: int) -> np
     return predict_proba(models.binary, images, batch_size=batch_size)[:, models.covid_index]
 
 
+def covid_and_gate(
+    models: Models, prepared: Prepared, batch_size: int
+) -> tuple[np.ndarray, list[list[str]]]:
+    """p(covid) and, per image, the out-of-distribution gate's reasons (cxr.ood): the features
+    come from the same forward pass as the probabilities (a hook), the lung shape from the
+    masks the lung check made. No gate: no reasons."""
+    n = len(prepared.images)
+    if models.ood is None:
+        return covid_probability(models, prepared.images, batch_size), [[] for _ in range(n)]
+    from cxr.ood import captured_features, gate_batch
+
+    with captured_features(models.binary) as found:
+        covid = covid_probability(models, prepared.images, batch_size)
+    features = np.concatenate([f.numpy() for f in found]).astype(np.float64) if n else None
+    reasons = gate_batch(models.ood, features, prepared.masks)
+    return covid, [[as_not_frontal(r) for r in rows] for rows in reasons]
+
+
+def as_not_frontal(reason: str) -> str:
+    """Every gate reason says what it means for the film (the lung rules say only what they
+    measured), so a reader, --strict and validate's count all see one kind of warning."""
+    return reason if reason.startswith(NOT_FRONTAL) else f"{NOT_FRONTAL}: {reason}"
+
+
 def check_age_group(age_group: str) -> str:
     if age_group not in AGE_GROUPS:
         raise InputError(f"age_group {age_group!r} is not one of {', '.join(AGE_GROUPS)}")
@@ -188,11 +216,11 @@ def score(
     """One ok record per prepared image: both classifiers, the threshold, the warnings."""
     names = models.class_names
     four = predict_proba(models.four_class, prepared.images, batch_size=batch_size)
-    covid = covid_probability(models, prepared.images, batch_size)
+    covid, gate = covid_and_gate(models, prepared, batch_size)
     records = []
     for row, (file, age) in enumerate(zip(files, age_groups, strict=True)):
         call = names[int(np.argmax(four[row]))]
-        warning = image_warnings(prepared.warnings[row], call, age)
+        warning = image_warnings(prepared.warnings[row] + gate[row], call, age)
         records.append(
             ok_record(file, four[row], float(covid[row]), threshold, names, warning, age)
         )

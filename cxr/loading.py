@@ -21,6 +21,7 @@ from cxr.inputs import UsageError
 from cxr.models import CheckpointError, CXRNet, load_checkpoint
 
 log = logging.getLogger(__name__)
+OOD_NAME = "ood.pt"  # the ood stage's gate, beside the binary checkpoint it was fitted for
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,9 @@ class Models:
     # The lung segmenter (model, metadata), when there is one: it checks for a plausible pair of
     # lungs and, for models trained with `crop: lungs`, gives the crop.
     segmenter: tuple[Any, dict[str, Any]] | None = None
+    # The out-of-distribution gate (cxr.ood, the ood stage's models/ood.pt beside the binary
+    # checkpoint and fitted for it), when there is one: "is this a frontal chest radiograph?"
+    ood: Any = None
 
 
 @dataclass(frozen=True)
@@ -168,6 +172,22 @@ def load_segmenter_for(spec: Preprocessing, path: Path | None) -> tuple[Any, dic
         raise UsageError(str(exc)) from exc
 
 
+def load_gate(binary_path: Path) -> Any:
+    """The ood stage's gate beside the binary checkpoint (ood.pt), refused if it was fitted for
+    another checkpoint; None, with a note, where there is none (predict still runs)."""
+    path = Path(binary_path).parent / OOD_NAME
+    if not path.exists():
+        log.info("no out-of-distribution gate (%s does not exist: run the ood stage): films are "
+                 "not checked for being frontal chest radiographs", path)  # fmt: skip
+        return None
+    from cxr.ood import load_state  # sklearn & co.: only where a gate exists
+
+    try:
+        return load_state(path, binary=binary_path)
+    except CheckpointError as exc:
+        raise UsageError(str(exc)) from exc
+
+
 def load_models(
     four_class_path: Path, binary_path: Path, segmenter_path: Path | None = None
 ) -> Models:
@@ -195,4 +215,5 @@ def load_models(
         covid_index=binary_meta["class_names"].index("covid"),
         spec=spec,
         segmenter=load_segmenter_for(spec, segmenter_path),
+        ood=load_gate(binary_path),
     )

@@ -61,7 +61,7 @@ import numpy as np
 from sklearn.metrics import brier_score_loss, roc_auc_score
 
 from cxr import metrics
-from cxr.api import predict_chunk
+from cxr.api import NOT_FRONTAL, predict_chunk
 from cxr.atomic import temporary_name
 from cxr.bundle import BUNDLE_NAME, SITE_NAME, Bundle, sha256_of, site_threshold
 from cxr.cli import setup_logging
@@ -557,6 +557,13 @@ def warning_kind(text: str) -> str:
     return re.sub(r"\s*\([^)]*\)", "", text).strip()
 
 
+def not_frontal_count(records: list[dict[str, Any]]) -> dict[str, int]:
+    """Films the out-of-distribution gate flagged (not a frontal chest radiograph), of those
+    predicted."""
+    ok = [r for r in records if r["status"] == "ok"]
+    return {"flagged": sum(NOT_FRONTAL in (r["warning"] or "") for r in ok), "of": len(ok)}
+
+
 def warning_counts(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Films with each of predict's warnings, most frequent first, with their CSV lines."""
     lines: dict[str, list[int]] = {}
@@ -590,6 +597,7 @@ def results(
         "four_class": four_class_results(s, names),
         "call_rates": call_rates(s, names, setup.points),
         "warnings": warning_counts(records),
+        "not_frontal": not_frontal_count(records),
         "problems": found,
     }  # fmt: skip
     if labels.has_age_group:
@@ -726,7 +734,10 @@ def markdown(result: dict[str, Any]) -> list[str]:
         if group == "adult":
             lines += [f"{rates['called_viral_or_bacterial']} of {rates['n']} adult films were "
                       f"called viral or bacterial. {CHILDREN_ONLY}", ""]  # fmt: skip
-    lines += ["## Warnings predict gave", ""]
+    gate = result["not_frontal"]
+    lines += ["## Warnings predict gave", "",
+              f"The out-of-distribution gate flagged {gate['flagged']} of {gate['of']} films as "
+              "not a frontal chest radiograph (docs/ood.md).", ""]  # fmt: skip
     lines += [f"- {w['films']} films: {w['warning']} (lines {', '.join(map(str, w['lines']))})"
               for w in result["warnings"]] or ["None."]  # fmt: skip
     lines += ["", "## Problems", ""]

@@ -294,3 +294,52 @@ def test_docs_api_example_runs(
     assert isinstance(table, pd.DataFrame) and len(table) == 3
     assert table["binary_p_covid"].nunique() == 1  # array, PIL image and path: one film
     assert "Threshold(value=0.4, source='bundle')" in capsys.readouterr().out
+
+
+# --- the out-of-distribution gate in the model path (issue 22) ---------------------------------
+
+
+def gated_models(folder: Path, *, flag_all: bool, fitted_for: str = "binary.pt") -> Path:
+    """Tiny models with an ood.pt beside them: its Gaussian fitted on features of a few
+    radiograph-like films, its threshold below (flag_all) or far above every film's distance."""
+    from cxr import ood
+    from tests.conftest import PARAMS
+
+    make_models(folder)
+    p = ood.load_ood_params(PARAMS)
+    model = api.load_models(folder / "four_class.pt", folder / "binary.pt").binary
+    x = np.stack([radiograph(32, seed=s) for s in range(40)])
+    feats = ood.penultimate_features(model, x)
+    state = ood.fit_state(feats[:30], feats[30:], p, ood.sha256_of(folder / fitted_for))
+    threshold = -1.0 if flag_all else 1e12
+    ood.save_state(folder / "ood.pt", dataclasses.replace(state, threshold=threshold))
+    return folder
+
+
+def test_gate_beside_the_models_warns_on_every_row_it_flags(tmp_path: Path) -> None:
+    """A gate whose threshold every film exceeds: each row's warning says 'not a frontal chest
+    radiograph'; a gate that flags nothing adds no warning. Watched red with score() not
+    calling the gate (no warning) and with the gate's reasons dropped from image_warnings."""
+    film = radiograph(96, seed=3)
+    flagged = Predictor.load(gated_models(tmp_path / "a", flag_all=True)).predict([film, film])
+    assert all(api.NOT_FRONTAL in w for w in flagged["warning"])
+    assert all("features unlike the training films" in w for w in flagged["warning"])
+    passed = Predictor.load(gated_models(tmp_path / "b", flag_all=False)).predict([film])
+    assert api.NOT_FRONTAL not in (passed["warning"][0] or "")
+    # the probabilities do not depend on the gate: the same forward pass gives both
+    assert np.allclose(flagged["binary_p_covid"][0], passed["binary_p_covid"][0])
+
+
+def test_gate_fitted_for_another_checkpoint_is_refused(tmp_path: Path) -> None:
+    """ood.pt records the sha256 of the binary checkpoint it was fitted for: beside another
+    one it is a usage error naming both. Watched red with load_gate passing binary=None."""
+    folder = gated_models(tmp_path / "m", flag_all=True, fitted_for="four_class.pt")
+    with pytest.raises(UsageError, match="was fitted for a binary checkpoint"):
+        Predictor.load(folder)
+
+
+def test_api_prefix_matches_the_gate_module() -> None:
+    """validate counts the gate's films by this prefix: it must be the gate's own."""
+    from cxr import ood
+
+    assert api.NOT_FRONTAL == ood.NOT_FRONTAL

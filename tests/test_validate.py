@@ -563,3 +563,18 @@ def test_each_row_gets_predicts_age_group_caveat(
     }
     assert report["call_rates_by_age_group"]["adult"]["called_viral_or_bacterial"] == 1
     assert "adult films called viral or bacterial: 1 of 1" in stdout
+
+
+def test_not_frontal_count_counts_the_gate_flagged_predicted_films() -> None:
+    """validate's count of films the out-of-distribution gate flagged: ok rows whose warning
+    carries the gate's prefix, of the ok rows. Watched red with every warned row counted."""
+    from cxr.api import NOT_FRONTAL
+    from cxr.validate import not_frontal_count
+
+    records = [
+        {"status": "ok", "warning": f"{NOT_FRONTAL}: lungs not upright (rotated?)"},
+        {"status": "ok", "warning": "age group unknown: pneumonia type validated on children only"},
+        {"status": "ok", "warning": ""},
+        {"status": "error", "warning": f"{NOT_FRONTAL}: x"},
+    ]
+    assert not_frontal_count(records) == {"flagged": 1, "of": 3}
