@@ -29,7 +29,7 @@ from cxr.splits import (
     resolve_duplicates,
     split_table,
 )
-from cxr.summary import split_counts
+from cxr.split_counts import split_counts
 
 log = logging.getLogger("split")
 OUTPUT_SPLITS = ("train", "val", "test", "adult_check", "cases", "external")
