@@ -574,6 +574,28 @@ def growth(f: Files) -> list[str]:
     return markdown(f.load("reports/growth.json"))
 
 
+def ood_gate(f: Files) -> list[str]:
+    """The out-of-distribution gate with the committed models: false flags on the real test
+    films by source (metrics/ood.json) and detection per probe kind (reports/ood.json)."""
+    real, rep = f.load("metrics/ood.json")["test"], f.load("reports/ood.json")
+    sources = [k for k, v in real.items() if k != "all" and "flagged_rate" in v]
+    flags = ", ".join(f"{k} {pct(real[k]['flagged_rate'])}" for k in sources)
+    probes = {k: v for k, v in rep["probes"].items() if k != "identity"}
+    control = rep["probes"].get("identity")
+    lines = [
+        f"Out-of-distribution gate ([docs/ood.md](docs/ood.md)), committed models: "
+        f"{pct(real['all']['flagged_rate'])} of the {count(real['all']['n'])} real test films "
+        f"flagged ({flags}). Probes built from {count(rep['probed_films'])} test films:",
+        "",
+    ]
+    lines += table(["probe", *(k.replace("_", " ") for k in probes)],
+                   [["flagged", *(pct(v["flagged_rate"]) for v in probes.values())]])  # fmt: skip
+    if control:
+        lines += ["", f"The same films preprocessed a second time (control): "
+                      f"{pct(control['flagged_rate'])} flagged."]  # fmt: skip
+    return lines
+
+
 BLOCKS: dict[str, Callable[[Files], list[str]]] = {
     "oos": oos,
     "oos-candidates": oos_candidates,
@@ -590,6 +612,7 @@ BLOCKS: dict[str, Callable[[Files], list[str]]] = {
     "segment": segment,
     "gradcam": gradcam,
     "growth": growth,
+    "ood-gate": ood_gate,
 }
 
 

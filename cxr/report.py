@@ -468,7 +468,8 @@ def write_model_card(
         '- Adult normals unlike the training ones: the adult_check NIH films are brighter and lower in contrast than the `rsna` normals the models learned "normal adult" from (same hospital pool, same file history; tone equalisation narrows but does not close the gap). '
         f"The four-class model calls {pct(results['four_class']['adult_check'].get('normal_call_rate'))} of adult_check normal; a low COVID-19 rate there is not evidence that it recognises a normal adult chest.",
         "- Trained at low resolution from random initialisation with a small network: one seed's run; the CIs do not include run-to-run variation.",
-        "- Lateral views, CT slices, photos of films, annotated or cropped images are out of scope; `predict` flags images in which the lung segmenter finds no plausible pair of lungs, nothing finer.",
+        "- **Must not be given**: lateral views, CT slices, photographs of films or screens, films rotated, flipped or with inverted grey levels, crops of one lung, several films in one image, children's films for the COVID-19 call, or any image as the sole basis of a decision. "
+        "The out-of-distribution gate (docs/ood.md: features unlike the training films, implausible lung shape) warns on many such inputs but not all (films turned by 180 degrees and CT-like slices mostly pass), and it also flags some real films of sources unlike the training ones (reports/ood.json, metrics/ood.json).",
         "- The viral vs bacterial split is validated on children only (46 typed adult films in all splits, 27 of them in train: metrics/data.json): `predict` warns on a viral or bacterial call unless `--age-group pediatric` (docs/predict.md).",
         "- Probabilities are not calibrated for clinical prevalence (ECE above).",
         "",

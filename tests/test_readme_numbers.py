@@ -49,6 +49,7 @@ def copy_committed_files(tmp_path: Path) -> Path:
     (tmp_path / "reports/oos").mkdir(parents=True)
     shutil.copy(ROOT / "reports/oos/results.json", tmp_path / "reports/oos/results.json")
     shutil.copy(ROOT / "reports/growth.json", tmp_path / "reports/growth.json")
+    shutil.copy(ROOT / "reports/ood.json", tmp_path / "reports/ood.json")
     shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
     return tmp_path
 
@@ -58,12 +59,14 @@ def test_a_changed_metric_leaves_the_documents_stale(tmp_path):
     path = files_root / "metrics" / "binary.json"
     metrics = json.loads(path.read_text())
     metrics["threshold"]["value"] = 0.1234
-    metrics["test"]["ci"]["accuracy"]["point"] = 0.5
+    accuracy = metrics["test"]["ci"]["accuracy"]
+    accuracy["point"] = 0.5
     path.write_text(json.dumps(metrics))
 
     stale = rn.stale(ROOT, rn.Files(files_root))
     assert "README.md" in stale
-    assert "binary 0.123," in stale["README.md"] and "50.0% [96.4, 98.2]" in stale["README.md"]
+    interval = f"[{100 * accuracy['low']:.1f}, {100 * accuracy['high']:.1f}]"  # the CI unchanged
+    assert "binary 0.123," in stale["README.md"] and f"50.0% {interval}" in stale["README.md"]
 
 
 def test_a_new_growth_run_leaves_scaling_out_stale(tmp_path):
@@ -157,3 +160,15 @@ def test_the_readme_image_count_is_the_source_lists():
     readme = (ROOT / "README.md").read_text()
     quoted = re.search(r"default data \(([\d,]+) images", readme)
     assert quoted is not None and int(quoted[1].replace(",", "")) == rows
+
+
+def test_a_new_gate_report_leaves_the_readme_stale(tmp_path):
+    """The gate's detection rates in the README are reports/ood.json's (issue 22). Watched red
+    with the block reading the repository's reports/ood.json instead of the Files root's."""
+    path = copy_committed_files(tmp_path) / "reports" / "ood.json"
+    report = json.loads(path.read_text())
+    first = next(k for k in report["probes"] if k != "identity")
+    report["probes"][first]["flagged_rate"] = 0.123
+    path.write_text(json.dumps(report))
+    stale = rn.stale(ROOT, rn.Files(tmp_path))
+    assert "README.md" in stale and "| 12.3% |" in stale["README.md"]
