@@ -1164,9 +1164,13 @@ def test_ctrl_c_in_the_first_second_of_a_real_run(
     out, started = tmp_path / "p.csv", tmp_path.parent / f"{tmp_path.name}.started"
     env = os.environ | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     argv = ["predict", *args(ckpt, image, "--out", out)]
+    # A user's Ctrl-C reaches a program whose SIGINT is at its default. A test runner started in
+    # the background of a script (`pytest &`) ignores SIGINT and its children inherit that, so
+    # the child gets the default back, as a terminal would give it.
     proc = subprocess.Popen(
         [sys.executable, "-c", RUN_AFTER_STARTUP, str(started), *argv],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )  # fmt: skip
     deadline = time.monotonic() + 120
     while not started.exists() and time.monotonic() < deadline and proc.poll() is None:
