@@ -274,6 +274,10 @@ class EvaluateParams:
     threshold_on: Literal["all", "adult"]  # which validation images choose it
     target_sensitivity: float
     calibration_bins: int
+    # The binary model's COVID-19 threshold (the one predict uses): "val" chooses it like the
+    # four-class model's (threshold, threshold_on); "oos" takes the out-of-source operating
+    # point of reports/oos/operating_point.json, measured on held-out hospitals with this recipe.
+    operating_point: Literal["val", "oos"]
 
     def validate(self) -> None:
         # 0 resamples is allowed: point estimates only, every CI null (`n/a` in the report).

@@ -15,6 +15,7 @@ import logging
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -23,7 +24,7 @@ from cxr.arrays import load_split
 from cxr.config import BaseParams, TrainParams
 from cxr.data import allowed_classes, labels_for, seed_everything, strata_for
 from cxr.infer import predict_proba
-from cxr.lungs import crop_inputs, load_lung_masks
+from cxr.lungs import load_lung_masks
 from cxr.metrics import _group_members
 from cxr.models import CXRNet, build_model
 from cxr.params import ParamsError
@@ -93,6 +94,17 @@ def load_oos_params(path: str | Path) -> OosParams:
                                or epochs < 1):  # fmt: skip
         raise ParamsError(f"oos.epochs must be a positive integer or null, got {epochs!r}")
     return OosParams(float(spec), boot, list(tasks), epochs, folds_from_params(raw["folds"]))
+
+
+def recipe(params: dict[str, Any], epochs: int | None) -> dict[str, Any]:
+    """The training recipe the binary fold models had: params.yaml's `base` and `train_binary`,
+    with `oos.epochs` in place of the section's own when set. It goes beside the operating point
+    so that evaluate can refuse to give it to a model trained otherwise: a threshold is a point
+    on one recipe's score scale (a 2-epoch model's 0.73 is not an 8-epoch model's)."""
+    train = dict(params["train_binary"])
+    if epochs is not None:
+        train["epochs"] = epochs
+    return {"base": dict(params["base"]), "train_binary": train}
 
 
 def pool_table(data: Path) -> tuple[np.ndarray, pd.DataFrame]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from pathlib import Path
 from typing import Any
 
@@ -205,7 +204,9 @@ def train_segmenter(
 
     Val Dice here is on raw thresholded masks at the array size (post-processing changes
     little and costs time every epoch). Returns the best model and a summary with the
-    per-epoch history.
+    per-epoch history: no timings, since the summary goes into the checkpoint, whose bytes must
+    depend on the data, params and seed alone (a re-run that learns the same weights must not
+    re-run evaluate and ood).
     """
     (x_img, x_mask), (v_img, v_mask) = train, val
     if len(x_img) == 0 or len(v_img) == 0:
@@ -226,7 +227,6 @@ def train_segmenter(
         optimizer, max_lr=p.lr, epochs=p.epochs, steps_per_epoch=steps
     )
     best, best_state, history = -1.0, None, []
-    start = time.monotonic()
     for epoch in tqdm(range(1, p.epochs + 1), desc="segmenter", unit="epoch"):
         model.train()
         order = torch.randperm(len(x), generator=generator)
@@ -256,7 +256,6 @@ def train_segmenter(
         "val_dice_raw": best,
         "n_train": len(x_img),
         "n_val": len(v_img),
-        "train_seconds": round(time.monotonic() - start, 1),
         "history": history,
     }
     return model, summary

@@ -16,9 +16,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 import pandas as pd
+
 from cxr.cli import setup_logging, user_errors
 from cxr.config import load_base
-from cxr.oos import load_oos_params, markdown, report
+from cxr.oos import load_oos_params, markdown, recipe, report
+from cxr.params import load_params
 
 log = logging.getLogger("oos_report")
 
@@ -48,9 +50,8 @@ def main(argv: list[str] | None = None) -> None:
         (args.out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
         (args.out / "results.md").write_text(markdown(result, {"tasks": oos.tasks,
                                                                "epochs": oos.epochs}))
-        (args.out / "operating_point.json").write_text(
-            json.dumps(result["operating_point"], indent=2) + "\n"
-        )
+        point = result["operating_point"] | {"recipe": recipe(load_params(args.params), oos.epochs)}
+        (args.out / "operating_point.json").write_text(json.dumps(point, indent=2) + "\n")
         pooled = result["pooled"]["binary"]
         log.info("pooled adult AUC %s, threshold %.4f", pooled.get("roc_auc"),
                  result["operating_point"]["threshold"])  # fmt: skip

@@ -19,6 +19,7 @@ from cxr.config import SplitParams, load_base, load_split_params, preprocessing
 from cxr.duplicates import near_duplicate_pairs
 from cxr.images import Preprocessing
 from cxr.params import ParamsError
+from cxr.split_counts import split_counts
 from cxr.splits import (
     check_near_duplicates,
     check_no_leakage,
@@ -29,7 +30,6 @@ from cxr.splits import (
     resolve_duplicates,
     split_table,
 )
-from cxr.split_counts import split_counts
 
 log = logging.getLogger("split")
 OUTPUT_SPLITS = ("train", "val", "test", "adult_check", "cases", "external")
