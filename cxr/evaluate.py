@@ -8,8 +8,11 @@ The validation split chooses the COVID-19 threshold (for both tasks) and is summ
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -19,6 +22,7 @@ from cxr.config import BINARY_CLASSES, FOUR_CLASSES, EvaluateParams
 from cxr.data import allowed_classes, labels_for
 from cxr.infer import predict_proba
 from cxr.models import CheckpointError
+from cxr.params import ParamsError
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +101,47 @@ def operating_point(val: Scored, p: EvaluateParams, positive: int) -> dict:
         "method": p.threshold,
         "chosen_on": "val" if p.threshold_on == "all" else "val (adult images)",
         "n": int(rows.sum()),
+        "val": metrics.binary_at_threshold(truth, score, value),
+    }
+
+
+def load_oos_point(path: Path, params: dict[str, Any]) -> dict[str, Any]:
+    """reports/oos/operating_point.json, refused unless its folds were trained with the recipe
+    in `params` (base, split, train_binary): its threshold is a point on that recipe's score scale."""
+    if not path.exists():
+        raise ParamsError(
+            f"evaluate.operating_point is oos but {path} does not exist: run "
+            "`dvc repro oos/dvc.yaml`, or set evaluate.operating_point: val"
+        )
+    point = json.loads(path.read_text())
+    # The recipe as cxr.oos.recipe recorded it: params sections, with oos.epochs applied.
+    measured = point.get("recipe") or {}
+    differs = [f"{s}.{k}: {measured[s].get(k)!r} there, {params.get(s, {}).get(k)!r} here"
+               for s in measured for k in sorted({*measured[s], *params.get(s, {})})
+               if measured[s].get(k) != params.get(s, {}).get(k)]  # fmt: skip
+    if not measured or differs:
+        differs = differs or ["no recipe recorded"]
+        raise ParamsError(
+            f"evaluate.operating_point is oos but {path} was measured with another recipe "
+            f"({'; '.join(differs[:3])}): re-run `dvc repro oos/dvc.yaml` with this "
+            "params.yaml, or set evaluate.operating_point: val"
+        )
+    return point
+
+
+def oos_threshold(point: dict[str, Any], val: Scored, p: EvaluateParams, positive: int) -> dict:
+    """The out-of-source operating point as this task's threshold, with where it lands on the
+    validation images that would otherwise have chosen it (reported, not used)."""
+    rows = np.ones(len(val.y), dtype=bool)
+    if p.threshold_on == "adult":
+        rows = val.table["age_group"].to_numpy() == "adult"
+    value = float(point["threshold"])
+    score, truth = val.prob[rows, positive], covid_truth(val, positive)[rows]
+    return {
+        "value": value,
+        "method": "oos",
+        "chosen_on": f"out-of-source folds ({point['rule']}; n={point['n_negatives']})",
+        "n": int(point["n_negatives"]),
         "val": metrics.binary_at_threshold(truth, score, value),
     }
 
@@ -318,10 +363,16 @@ def evaluate_task(
     scored: dict[str, Scored],
     p: EvaluateParams,
     seed: int,
+    oos_point: dict[str, Any] | None = None,
 ) -> dict:
-    """The metrics file for one task (metrics/<task>.json)."""
+    """The metrics file for one task (metrics/<task>.json); `oos_point` (load_oos_point) sets
+    the threshold instead of validation."""
     check_class_order(task, class_names)
-    threshold = operating_point(scored["val"], p, covid_index(class_names))
+    positive = covid_index(class_names)
+    if oos_point is None:
+        threshold = operating_point(scored["val"], p, positive)
+    else:
+        threshold = oos_threshold(oos_point, scored["val"], p, positive)
     value = threshold["value"]
     result: dict = {
         "task": task,

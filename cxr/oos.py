@@ -97,14 +97,14 @@ def load_oos_params(path: str | Path) -> OosParams:
 
 
 def recipe(params: dict[str, Any], epochs: int | None) -> dict[str, Any]:
-    """The training recipe the binary fold models had: params.yaml's `base` and `train_binary`,
-    with `oos.epochs` in place of the section's own when set. It goes beside the operating point
+    """The training recipe the binary fold models had: params.yaml's `base`, `split` and
+    `train_binary`, with `oos.epochs` in place of the section's own when set. It goes beside the operating point
     so that evaluate can refuse to give it to a model trained otherwise: a threshold is a point
     on one recipe's score scale (a 2-epoch model's 0.73 is not an 8-epoch model's)."""
     train = dict(params["train_binary"])
     if epochs is not None:
         train["epochs"] = epochs
-    return {"base": dict(params["base"]), "train_binary": train}
+    return {"base": dict(params["base"]), "split": dict(params["split"]), "train_binary": train}
 
 
 def pool_table(data: Path) -> tuple[np.ndarray, pd.DataFrame]:

@@ -20,10 +20,17 @@ from cxr.bundle import BUNDLE_NAME, write_bundle
 from cxr.cli import setup_logging, user_errors
 from cxr.config import load_base, load_evaluate_params
 from cxr.errors import BundleError, InputError
-from cxr.evaluate import check_class_order, evaluate_task, known_class, score_split
+from cxr.evaluate import (
+    check_class_order,
+    evaluate_task,
+    known_class,
+    load_oos_point,
+    score_split,
+)
 from cxr.infer import configure_cpu
 from cxr.lungs import crop_inputs, load_lung_masks
 from cxr.models import load_checkpoint
+from cxr.params import load_params
 
 log = logging.getLogger("evaluate")
 TASKS = ("binary", "four_class")
@@ -48,13 +55,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--bundle", type=Path, default=None,
         help=f"model bundle to write beside the checkpoints (default: {BUNDLE_NAME} beside --binary)",
     )  # fmt: skip
+    parser.add_argument(
+        "--operating-point", type=Path, default=Path("reports/oos/operating_point.json"),
+        help="the out-of-source threshold, used when evaluate.operating_point is oos",
+    )  # fmt: skip
     parser.add_argument("--metrics", type=Path, default=Path("metrics"), help="writes <task>.json")
     parser.add_argument("--plots", type=Path, default=Path("plots/evaluate"))
     return parser.parse_args(argv)
 
 
 def evaluate_checkpoint(
-    task: str, path: Path, splits: dict, args, p, seed: int
+    task: str, path: Path, splits: dict, args, p, seed: int, oos_point: dict | None = None
 ) -> dict:
     """Score every split with one checkpoint; write its metrics JSON and figures."""
     model, meta = load_checkpoint(path, task=task)
@@ -72,7 +83,7 @@ def evaluate_checkpoint(
             for name, (x, table) in splits.items()
         }
     scored = {name: score_split(model, name, x, table, task) for name, (x, table) in splits.items()}
-    result = evaluate_task(task, names, scored, p, seed)
+    result = evaluate_task(task, names, scored, p, seed, oos_point)
     out = args.metrics / f"{task}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     test = known_class(scored["test"])  # the K-class figures need one class per row
@@ -111,12 +122,18 @@ def main(argv: list[str] | None = None) -> None:
     setup_logging()
     with user_errors():
         base, p = load_base(args.params), load_evaluate_params(args.params)
+        # Checked before minutes of scoring. Only the binary model's threshold can come from the
+        # out-of-source folds: the four-class folds are not run by default (oos.tasks).
+        oos_point = None
+        if p.operating_point == "oos":
+            oos_point = load_oos_point(args.operating_point, load_params(args.params))
         configure_cpu(0)
         splits = load_splits(args.data)
         args.metrics.mkdir(parents=True, exist_ok=True)
         results = {}
         for task, path in zip(TASKS, (args.binary, args.four_class), strict=True):
-            results[task] = evaluate_checkpoint(task, path, splits, args, p, base.seed)
+            point = oos_point if task == "binary" else None
+            results[task] = evaluate_checkpoint(task, path, splits, args, p, base.seed, point)
         write_model_bundle(args, results["binary"]["threshold"])
 
 

@@ -282,7 +282,7 @@ def workdir(tmp_path) -> Path:
 
 def make_workdir(tmp_path: Path) -> Path:
     write_params(tmp_path / "params.yaml", base={"seed": 1, "image_size": 32},
-                 evaluate={"bootstrap": 20})  # fmt: skip
+                 evaluate={"bootstrap": 20, "operating_point": "val"})  # fmt: skip
     (tmp_path / "data.json").write_text(
         json.dumps({s: {"total": 8} for s in ("train", "val", "test")} | {"groups": {"test": 8}})
     )
@@ -513,3 +513,58 @@ def test_report_stage_before_evaluate_fails_clearly(workdir, capsys):
     err = capsys.readouterr().err
     assert "binary.json not found: run the evaluate stage first" in err
     assert "Traceback" not in err
+
+
+def oos_point_for(params: Path, threshold: float, **recipe_changes) -> dict:
+    """An operating_point.json as stages/oos_report.py writes it, for the recipe in `params`
+    (with `recipe_changes`, e.g. train_binary={"epochs": 2}, as a run with oos.epochs 2)."""
+    from cxr.oos import recipe
+
+    raw = yaml.safe_load(params.read_text())
+    point = {"threshold": threshold, "rule": "smallest p(COVID-19) ...", "n_negatives": 40,
+             "recipe": recipe(raw, None)}  # fmt: skip
+    for section, changes in recipe_changes.items():
+        point["recipe"][section] |= changes
+    return point
+
+
+def test_the_oos_operating_point_sets_the_binary_threshold_only(workdir):
+    """evaluate.operating_point: oos gives the binary model (and so predict's bundle) the
+    out-of-source threshold; the four-class model keeps its validation one. Watched red with
+    the point ignored (the binary threshold stayed Youden's)."""
+    torch.set_num_threads(1)
+    params = workdir / "params.yaml"
+    write_params(params, base={"seed": 1, "image_size": 32},
+                 evaluate={"bootstrap": 20, "operating_point": "oos"})  # fmt: skip
+    point = workdir / "operating_point.json"
+    point.write_text(json.dumps(oos_point_for(params, 0.4242)))
+    stage.main([*argv(workdir), "--operating-point", str(point)])
+    binary = json.loads((workdir / "metrics" / "binary.json").read_text())
+    four = json.loads((workdir / "metrics" / "four_class.json").read_text())
+    assert binary["threshold"]["value"] == pytest.approx(0.4242)
+    assert binary["threshold"]["method"] == "oos" and binary["threshold"]["n"] == 40
+    assert binary["threshold"]["val"]["threshold"] == pytest.approx(0.4242)  # where it lands
+    assert four["threshold"]["method"] == "youden"
+    bundle = json.loads((workdir / "bundle.json").read_text())
+    assert bundle["threshold"] == pytest.approx(0.4242)
+    assert "out-of-source" in bundle["threshold_source"]
+
+
+def test_an_oos_operating_point_of_another_recipe_is_refused(workdir, capsys):
+    """A threshold measured on 2-epoch fold models is not given to an 8-epoch model, and a
+    missing file says how to make it. Watched red with the recipe check removed."""
+    params = workdir / "params.yaml"
+    write_params(params, base={"seed": 1, "image_size": 32},
+                 evaluate={"bootstrap": 20, "operating_point": "oos"})  # fmt: skip
+    point = workdir / "operating_point.json"
+    epochs = yaml.safe_load(params.read_text())["train_binary"]["epochs"]
+    point.write_text(json.dumps(oos_point_for(params, 0.4, train_binary={"epochs": epochs + 1})))
+    with pytest.raises(SystemExit):
+        stage.main([*argv(workdir), "--operating-point", str(point)])
+    err = capsys.readouterr().err
+    assert f"train_binary.epochs: {epochs + 1} there, {epochs} here" in err
+    assert "dvc repro oos/dvc.yaml" in err
+    assert not (workdir / "metrics" / "binary.json").exists()
+    with pytest.raises(SystemExit):
+        stage.main([*argv(workdir), "--operating-point", str(workdir / "none.json")])
+    assert "does not exist" in capsys.readouterr().err

@@ -20,7 +20,7 @@ from tests.conftest import REPO
 pytestmark = pytest.mark.e2e
 COPIED = [
     "dvc.yaml", "params.yaml", "pyproject.toml", ".dvcignore", ".gitignore", "cxr", "stages",
-    "reports/reference",
+    "reports/reference", "reports/oos/operating_point.json",
 ]  # fmt: skip
 
 
@@ -60,6 +60,7 @@ def tiny_params(path: Path) -> None:
     for name in ("train_binary", "train_four_class"):
         params[name].update(arch="resnet18", epochs=1, batch_size=8, threads=1)
     params["evaluate"]["bootstrap"] = 20
+    params["evaluate"]["operating_point"] = "val"  # the OOS point is for the default recipe only
     params["gradcam"]["gallery_per_group"] = 1
     params["segment"]["epochs"] = 2
     path.write_text(yaml.safe_dump(params, sort_keys=False))
@@ -75,6 +76,7 @@ def project(tmp_path_factory, request) -> tuple[Path, dict]:
         if src.is_dir():
             shutil.copytree(src, root / name, ignore=shutil.ignore_patterns("__pycache__"))
         else:
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, root / name)
     (root / ".dvc").mkdir()
     shutil.copy2(REPO / ".dvc" / "config", root / ".dvc" / "config")
