@@ -204,11 +204,18 @@ def threshold_text(b: dict, q: dict) -> str:
             f"{f3(q['threshold']['value'])}), the operating point `predict` uses")  # fmt: skip
 
 
+def oos_is_committed_recipe(f: Files) -> bool:
+    """Whether the committed OOS folds were trained with params.yaml's recipe: the one
+    recorded beside their operating point (cxr/oos.py recipe), as evaluate checks it."""
+    recipe, params = f.load("reports/oos/operating_point.json").get("recipe"), f.load("params.yaml")
+    return bool(recipe) and all(recipe[name] == params.get(name) for name in recipe)
+
+
 def oos_row(f: Files, link: str) -> list[str]:
     """The headline's out-of-source row: pooled held-out adult AUC and sensitivity at 90%
     specificity, when the committed OOS run used the default recipe (else a link only)."""
     label = "**out-of-source** (whole hospitals and countries held out)"
-    if f.load("params.yaml")["oos"]["epochs"] is not None:
+    if not oos_is_committed_recipe(f):
         return [label, link, link]
     pooled = f.load("reports/oos/results.json")["pooled"]["binary"]
     label = (f"**out-of-source** adult ROC AUC / sensitivity at 90% specificity ({pooled['n_covid']} "
@@ -546,8 +553,8 @@ def gradcam(f: Files) -> list[str]:
 def oos(f: Files) -> list[str]:
     """Out-of-source validation (reports/oos/results.json) beside the same models' own val."""
     r, cfg = f.load("reports/oos/results.json"), f.load("params.yaml")["oos"]
-    recipe = ("the committed models' recipe" if cfg["epochs"] is None
-              else f"a recipe with {cfg['epochs']} epochs")  # fmt: skip
+    recipe = ("the committed models' recipe" if oos_is_committed_recipe(f)
+              else "another recipe than the committed models' (reports/oos/results.md)")  # fmt: skip
 
     def auc(c: dict) -> str:
         return f"{c['point']:.3f} [{c['low']:.3f}, {c['high']:.3f}]"
@@ -624,6 +631,58 @@ def ood_gate(f: Files) -> list[str]:
     return lines
 
 
+def _reasons(by_reason: dict[str, int]) -> str:
+    return ", ".join(f"{n} {reason.removeprefix('not a frontal chest radiograph: ')}"
+                     for reason, n in by_reason.items())  # fmt: skip
+
+
+def _probe_rates(probes: dict[str, dict], order: bool = False) -> str:
+    items = [(k, v) for k, v in probes.items() if k != "identity"]
+    if order:  # highest first, as prose reads
+        items.sort(key=lambda kv: -kv[1]["flagged_rate"])
+    return ", ".join(f"{k.replace('_', ' ')} {pct(v['flagged_rate'])}" for k, v in items)
+
+
+def ood_lung_limits(f: Files) -> list[str]:
+    """docs/ood.md: what the lung-shape rules alone flag on val films and probes
+    (reports/ood_lung_shape_val.json, `ood-report --lungs-only`)."""
+    r = f.load("reports/ood_lung_shape_val.json")
+    real, control = r["real_films"]["all"], r["probes"]["identity"]
+    return [
+        f"Together the rules flag {real['flagged']} of the {count(real['n'])} validation films "
+        f"({pct(real['flagged_rate'])}; `real_films` in that file: {_reasons(real['by_reason'])}), "
+        "under the 1% asked for. With the lung rules alone, on the first "
+        f"{r['probed_films']} validation films, the probes are flagged at these rates "
+        f"(`probes`): {_probe_rates(r['probes'], order=True)}; the control "
+        f"{pct(control['flagged_rate'])} ({control['flagged']} of {control['n']}: a second "
+        "preprocessing round trip moves a few films over a limit)."
+    ]
+
+
+def ood_committed(f: Files) -> list[str]:
+    """docs/ood.md: both checks with the committed models (metrics/ood.json, reports/ood.json)."""
+    m, r = f.load("metrics/ood.json"), f.load("reports/ood.json")
+    val, test = m["val"], m["test"]
+    probes = r["probes"]
+
+    def k_of_n(part: dict, name: str) -> str:
+        flagged = round(part[name]["flagged_rate"] * part[name]["n"])
+        return f"{flagged} of {part[name]['n']}"
+
+    others = [k for k in test if k not in ("all", "hannover") and "flagged_rate" in test[k]]
+    return [
+        f"With the committed binary model the feature threshold is {m['threshold']:.2f} "
+        f"({m['threshold_from']}); together the checks flag {pct(val['all']['flagged_rate'])} of "
+        f"the validation and {pct(test['all']['flagged_rate'])} of the test films "
+        f"(`metrics/ood.json`), and unevenly: {k_of_n(test, 'hannover')} of the Hannover "
+        f"hospital's test films ({k_of_n(val, 'hannover')} in validation) against "
+        + ", ".join(f"{pct(test[k]['flagged_rate'])} of {k}'s" for k in others)
+        + f". On {r['probed_films']} test films' probes (`python -m cxr ood-report`, "
+        f"`reports/ood.json`): {_probe_rates(probes)}; the control "
+        f"{pct(probes['identity']['flagged_rate'])}."
+    ]
+
+
 BLOCKS: dict[str, Callable[[Files], list[str]]] = {
     "oos": oos,
     "oos-candidates": oos_candidates,
@@ -641,6 +700,8 @@ BLOCKS: dict[str, Callable[[Files], list[str]]] = {
     "gradcam": gradcam,
     "growth": growth,
     "ood-gate": ood_gate,
+    "ood-lung-limits": ood_lung_limits,
+    "ood-committed": ood_committed,
 }
 
 

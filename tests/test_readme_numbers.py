@@ -44,12 +44,8 @@ def test_every_block_is_used_and_the_headline_is_in_the_readme():
 
 def copy_committed_files(tmp_path: Path) -> Path:
     """What the blocks read, in a folder of its own, to change without touching the repo."""
-    for folder in ("metrics", "reports/reference"):
+    for folder in ("metrics", "reports"):
         shutil.copytree(ROOT / folder, tmp_path / folder)
-    (tmp_path / "reports/oos").mkdir(parents=True)
-    shutil.copy(ROOT / "reports/oos/results.json", tmp_path / "reports/oos/results.json")
-    shutil.copy(ROOT / "reports/growth.json", tmp_path / "reports/growth.json")
-    shutil.copy(ROOT / "reports/ood.json", tmp_path / "reports/ood.json")
     shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
     return tmp_path
 
@@ -172,3 +168,20 @@ def test_a_new_gate_report_leaves_the_readme_stale(tmp_path):
     path.write_text(json.dumps(report))
     stale = rn.stale(ROOT, rn.Files(tmp_path))
     assert "README.md" in stale and "| 12.3% |" in stale["README.md"]
+
+
+@pytest.mark.parametrize("name", ["metrics/ood.json", "reports/ood_lung_shape_val.json"])
+def test_new_gate_numbers_leave_docs_ood_stale(tmp_path, name):
+    """docs/ood.md's numbers are blocks rendered from the gate's files, not prose (issue 19).
+    Watched red with ood_committed reading a hard-coded threshold."""
+    path = copy_committed_files(tmp_path) / name
+    data = json.loads(path.read_text())
+    if name.startswith("metrics"):
+        data["threshold"] = 12.345
+        expected = "12.35"
+    else:
+        data["real_films"]["all"]["flagged"] = 77
+        expected = "flag 77 of"
+    path.write_text(json.dumps(data))
+    stale = rn.stale(ROOT, rn.Files(tmp_path))
+    assert expected in stale.get("docs/ood.md", ""), stale.keys()
