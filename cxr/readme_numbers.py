@@ -253,6 +253,40 @@ def targets(f: Files) -> list[str]:
     return table(["target of the adult-controls work", "binary", "four-class"], rows)
 
 
+def new_hospital_targets(f: Files) -> list[str]:
+    """Issue 18's targets, each as measured: out-of-source (reports/oos/results.json) and the
+    four-class calls on adult_check (metrics/four_class.json)."""
+    q = f.tasks()[1]
+    pooled = f.load("reports/oos/results.json")["pooled"]
+    binary = pooled["binary"]
+    recipe = "" if oos_is_committed_recipe(f) else " (another recipe than the committed one)"
+
+    def verdict(value: float | None, met: bool, fmt: Callable[[Any], str] = f3) -> str:
+        if value is None:
+            return "not measured"
+        return f"{fmt(value)}: met" if met else f"{fmt(value)}: **missed**"
+
+    auc, sens = num(binary["roc_auc"]), num(binary["sensitivity_at_90_specificity"])
+    four = pooled.get("four_class") or {}
+    normal = (four.get("adult_normal") or {}).get("normal")
+    check_normal, check_covid = num(get(q, NORMAL)), num(get(q, CHECK_ARGMAX))
+    rows = [
+        [f"out-of-source, pooled: adult ROC AUC >= 0.93{recipe}", verdict(auc, auc >= 0.93)],
+        [f"out-of-source, pooled: sensitivity at 90% specificity >= 0.85{recipe}",
+         verdict(sens, sens >= 0.85)],
+        ["four-class: held-out adult normals called normal >= 70%",
+         verdict(normal, normal is not None and normal >= 0.70, pct)
+         + ("" if normal is not None else " (no four-class folds: `oos.tasks`)")],
+        ["four-class: adult_check called normal >= 70% (argmax)",
+         verdict(check_normal, check_normal >= 0.70, pct)],
+        ["four-class: adult_check called COVID-19 <= 5% (argmax)",
+         verdict(check_covid, check_covid <= 0.05, pct)],
+        ["films from sources this project never sees: AUC >= 0.90, sensitivity >= 0.80 at "
+         "specificity >= 0.85", "measured outside the project (issue 18)"],
+    ]  # fmt: skip
+    return table(["target of the new-hospitals work (issue 18)", "as measured"], rows)
+
+
 def adult_check_calls(f: Files) -> list[str]:
     q = f.tasks()[1]
     normal, covid = get(q, NORMAL), num(get(q, CHECK_ARGMAX))
@@ -688,6 +722,7 @@ BLOCKS: dict[str, Callable[[Files], list[str]]] = {
     "oos-candidates": oos_candidates,
     "headline": headline,
     "targets": targets,
+    "new-hospital-targets": new_hospital_targets,
     "adult-check-calls": adult_check_calls,
     "per-class-f1": per_class_f1,
     "seed-spread": seed_spread,
