@@ -27,10 +27,9 @@ import argparse
 import json
 import logging
 import math
-import sys
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import numpy as np
 from scipy.stats import binomtest
@@ -44,14 +43,14 @@ from cxr.infer import configure_cpu
 from cxr.inputs import Input, UsageError, collect_inputs, printable
 from cxr.loading import Models, load_models, model_files
 from cxr.models import CheckpointError
-from cxr.predict import add_model_options
+from cxr.outputs import check_out_file, fail
+from cxr.predict import add_model_options, check_model_options
 
 log = logging.getLogger(__name__)
 
 # Below this many films a 90% quantile is set by the top one or two scores, and the 95% CI of
 # the specificity measured on them spans more than 0.3 (9 of 10: 0.55-1.00).
 MIN_FILMS = 20
-EXIT_USAGE = 2
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -78,8 +77,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if not 0.0 < args.specificity <= 1.0:
         parser.error(f"--specificity must be in (0, 1], got {args.specificity}")
-    if args.batch_size < 1:
-        parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
+    check_model_options(parser, args)
     args.out = args.out or args.models / SITE_NAME
     return args
 
@@ -100,15 +98,7 @@ def specificity_ci(negative: int, n: int, level: float = 0.95) -> tuple[float, f
 
 def check_out(path: Path, force: bool) -> None:
     """Refuse an --out that is not JSON or holds something other than a site calibration."""
-    if path.suffix.lower() != ".json":
-        raise UsageError(f"--out must end in .json, got {path}")
-    if path.exists() and not path.is_file():
-        raise UsageError(f"--out {path} exists and is not a regular file; choose another name")
-    if path.is_file() and not force and not is_site_file(path):
-        raise UsageError(
-            f"--out {path} exists and is not a site calibration; refusing to replace it: "
-            "choose another name, or pass --force"
-        )
+    check_out_file(path, (".json",), force, is_site_file, "a site calibration")
 
 
 def is_site_file(path: Path) -> bool:
@@ -213,11 +203,6 @@ def report(record: dict[str, Any], out: Path) -> str:
     lines.append(f"written to {out}; predict uses it for {record['binary']['file']} (sha256 "
                  f"{record['binary']['sha256'][:12]}...)")  # fmt: skip
     return "\n".join(lines)
-
-
-def fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(code)
 
 
 def main(argv: list[str] | None = None) -> None:

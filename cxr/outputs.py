@@ -1,6 +1,7 @@
 """predict's outputs: the record (one row per file, the same columns for JSON, CSV and the
 API's DataFrame), the checks on --out and --cam before any work, writing them, the table
-printed, and the Grad-CAM overlays.
+printed, and the Grad-CAM overlays. The --out file check (check_out_file) and `fail` (an error
+on stderr and the exit status) serve calibrate and validate too.
 
 --out replaces only an earlier output of predict (recognised by OWN_COLUMNS), anything else
 only with --force; files are written atomically, so an interruption never leaves half a file.
@@ -12,8 +13,10 @@ import csv
 import json
 import os
 import secrets
+import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 
@@ -27,6 +30,7 @@ OUT_FORMATS = (".json", ".csv")
 # earlier output (which --out may replace without --force) is recognised.
 OWN_COLUMNS = ("file", "status", "predicted", "binary_p_covid", "covid_positive", "warning",
                "message")  # fmt: skip
+EXIT_USAGE = 2  # bad usage: every command's exit status for it
 
 
 # --- records ------------------------------------------------------------------------------------
@@ -78,18 +82,29 @@ def columns(names: list[str]) -> list[str]:
 def check_out(path: Path, force: bool = False) -> None:
     """Refuse an --out that cannot be written, or that holds what predict did not write, before
     any image is read, so no work is lost and no one else's file is replaced."""
-    if path.suffix.lower() not in OUT_FORMATS:
-        raise UsageError(f"--out must end in {' or '.join(OUT_FORMATS)}, got {path}")
-    if path.is_dir():
-        raise UsageError(f"--out {path} is a folder; give a file, e.g. {path / 'predictions.csv'}")
+    owner = "an earlier output of predict (not its columns)"
+    check_out_file(path, OUT_FORMATS, force, written_by_predict, owner, example="predictions.csv")
+    check_writable_folder(path.parent, f"--out {path}")
+
+
+def check_out_file(
+    path: Path, suffixes: tuple[str, ...], force: bool, owned: Callable[[Path], bool], what: str,
+    example: str | None = None,
+) -> None:  # fmt: skip
+    """Refuse an --out file without one of `suffixes`, one that exists and is not a regular file,
+    or one that `owned` does not recognise as `what` the command writes, unless `force`. With
+    `example`, a folder is refused with a file name to give in it."""
+    if path.suffix.lower() not in suffixes:
+        raise UsageError(f"--out must end in {' or '.join(suffixes)}, got {path}")
+    if example is not None and path.is_dir():
+        raise UsageError(f"--out {path} is a folder; give a file, e.g. {path / example}")
     if path.exists() and not path.is_file():
         raise UsageError(f"--out {path} exists and is not a regular file; choose another name")
-    if path.is_file() and not force and not written_by_predict(path):
+    if path.is_file() and not force and not owned(path):
         raise UsageError(
-            f"--out {path} exists and is not an earlier output of predict (not its columns); "
-            "refusing to replace it: choose another name, or pass --force"
+            f"--out {path} exists and is not {what}; refusing to replace it: choose another "
+            "name, or pass --force"
         )
-    check_writable_folder(path.parent, f"--out {path}")
 
 
 def written_by_predict(path: Path) -> bool:
@@ -138,6 +153,12 @@ def check_writable_folder(folder: Path, what: str) -> None:
         raise UsageError(
             f"{what}: cannot write in {existing} ({exc.strerror or exc}); choose a writable folder"
         ) from exc
+
+
+def fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
+    """`error: message` on stderr, and exit with `code` (predict's, calibrate's and validate's)."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(code)
 
 
 # --- writing ------------------------------------------------------------------------------------

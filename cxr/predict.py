@@ -61,7 +61,7 @@ from cxr.infer import configure_cpu
 from cxr.inputs import Input, Inputs, Own, UsageError, collect_inputs
 from cxr.loading import Models, Threshold, load_models, resolve
 from cxr.models import CheckpointError
-from cxr.outputs import check_cam, check_out, format_table, save, write_cams
+from cxr.outputs import check_cam, check_out, fail, format_table, save, write_cams
 from cxr.params import non_negative_int
 
 log = logging.getLogger(__name__)
@@ -78,14 +78,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("paths", nargs="+", type=Path, help="image/DICOM files or folders")
     add_model_options(parser)
-    parser.add_argument(
-        "--site", type=Path, default=None,
-        help=f"site calibration (default: {SITE_NAME} in --models, when present)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--threshold", type=float, default=None,
-        help="COVID-19 decision threshold instead of the site's or the bundle's (e.g. 0.5)",
-    )  # fmt: skip
+    add_threshold_options(
+        parser,
+        threshold_help="COVID-19 decision threshold instead of the site's or the bundle's "
+        "(e.g. 0.5)",
+    )
     parser.add_argument("--out", type=Path, default=None, help="predictions .json or .csv")
     parser.add_argument(
         "--force", action="store_true",
@@ -107,10 +104,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "warning (the type is validated on children only; default: %(default)s)",
     )  # fmt: skip
     args = parser.parse_args(argv)
-    if args.batch_size < 1:
-        parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:
-        parser.error(f"--threshold must be in [0, 1], got {args.threshold}")
+    check_model_options(parser, args)
     return args
 
 
@@ -135,6 +129,25 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--threads", type=non_negative_int, default=0, help="torch CPU threads (0 = one per core)"
     )
+
+
+def add_threshold_options(parser: argparse.ArgumentParser, threshold_help: str) -> None:
+    """--site and --threshold, shared with validate; `threshold_help` says what the command does
+    with --threshold."""
+    parser.add_argument(
+        "--site", type=Path, default=None,
+        help=f"site calibration (default: {SITE_NAME} in --models, when present)",
+    )  # fmt: skip
+    parser.add_argument("--threshold", type=float, default=None, help=threshold_help)
+
+
+def check_model_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """What argparse does not check of add_model_options' and add_threshold_options' values."""
+    if args.batch_size < 1:
+        parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
+    threshold = getattr(args, "threshold", None)  # calibrate has no --threshold
+    if threshold is not None and not 0.0 <= threshold <= 1.0:
+        parser.error(f"--threshold must be in [0, 1], got {threshold}")
 
 
 def predict_all(
@@ -177,11 +190,6 @@ def interrupted_outcome(done: int, saved: Path | None, problem: str | None) -> s
     if saved is not None:
         return f"the {done} rows done are saved in {saved} (re-run for the rest)"
     return f"the {done} rows done are only in the table above ({problem or 'no --out given'})"
-
-
-def fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(code)
 
 
 def prepare(args: argparse.Namespace) -> tuple[Threshold, Models, Inputs]:

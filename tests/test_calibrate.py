@@ -204,6 +204,24 @@ def test_out_that_is_not_a_site_calibration_is_kept_unless_forced(
     assert calibrate_run(capsys, argv[:-1])[0] == 0  # its own file: replaced without --force
 
 
+def test_out_file_checks_shared_with_predict(tmp_path: Path) -> None:
+    """calibrate's and predict's --out go through one check (cxr.outputs.check_out_file): a
+    folder gets predict's hint of a file name to give and calibrate's "not a regular file".
+
+    Watched red with check_out_file giving the file-name hint to every folder."""
+    from cxr.inputs import UsageError
+    from cxr.outputs import check_out
+
+    (tmp_path / "d.csv").mkdir()
+    with pytest.raises(UsageError, match=r"is a folder; give a file, e\.g\. .*predictions\.csv$"):
+        check_out(tmp_path / "d.csv")
+    (tmp_path / "d.json").mkdir()
+    with pytest.raises(UsageError, match="exists and is not a regular file; choose another name"):
+        calibrate.check_out(tmp_path / "d.json", force=True)
+    with pytest.raises(UsageError, match=r"^--out must end in \.json, got "):
+        calibrate.check_out(tmp_path / "site.txt", force=False)
+
+
 def test_ctrl_c_while_scoring_writes_nothing(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -17,9 +17,10 @@ import pytest
 import torch
 from PIL import Image
 
-from cxr import validate
+from cxr import validate, validate_report, validate_results
 from cxr.__main__ import main as cxr_main
 from cxr.bundle import SITE_FORMAT, sha256_of, write_bundle
+from cxr.loading import Threshold
 from cxr.models import build_model, save_checkpoint
 
 FOUR = ["covid", "viral", "bacterial", "normal"]
@@ -241,7 +242,7 @@ def test_report_matches_a_hand_count_from_predictions_csv(
 
     markdown = (out / "validation.md").read_text()
     four_class = markdown.split("## Four-class")[1]
-    assert four_class.lstrip().startswith(f"**{validate.CHILDREN_ONLY}**")
+    assert four_class.lstrip().startswith(f"**{validate_results.CHILDREN_ONLY}**")
     assert (
         "### adult films" in markdown and "adult films were called viral or bacterial" in markdown
     )
@@ -263,7 +264,7 @@ def test_four_class_accuracy_and_call_rates_by_hand() -> None:
     """
     labels = ["covid", "pneumonia", "pneumonia", "viral", "normal", "non_covid"]
     called = ["covid", "bacterial", "normal", "viral", "viral", "normal"]
-    s = validate.Scored(
+    s = validate_results.Scored(
         labels=np.array(labels, dtype=object),
         p_covid=np.array([0.9, 0.2, 0.15, 0.1, 0.4, 0.7]),
         predicted=np.array(called, dtype=object),
@@ -272,16 +273,16 @@ def test_four_class_accuracy_and_call_rates_by_hand() -> None:
         age_groups=np.array([""] * 6, dtype=object),
         lines=np.arange(2, 8),
     )
-    four = validate.four_class_results(s, FOUR)
+    four = validate_results.four_class_results(s, FOUR)
     assert (four["n"], four["correct"]) == (5, 3) and four["accuracy"] == pytest.approx(0.6)
     assert four["confusion"] == {
         "rows": ["covid", "viral", "normal", "pneumonia"],
         "columns": FOUR,
         "counts": [[1, 0, 0, 0], [0, 1, 0, 0], [0, 1, 0, 0], [0, 0, 1, 1]],
     }
-    assert four["note"] == validate.CHILDREN_ONLY
-    points = [validate.Threshold(0.5, "bundle"), validate.Threshold(0.15, "site")]
-    rates = validate.call_rates(s, FOUR, points)
+    assert four["note"] == validate_results.CHILDREN_ONLY
+    points = [Threshold(0.5, "bundle"), Threshold(0.15, "site")]
+    rates = validate_results.call_rates(s, FOUR, points)
     assert list(rates) == ["covid", "viral", "normal", "pneumonia", "non_covid"]
     assert rates["pneumonia"] == {
         "n": 2,
@@ -494,7 +495,7 @@ def test_ctrl_c_leaves_the_earlier_report_whole(
     csv_path = write_labels(tmp_path, films(tmp_path, ["covid", "normal"]))
     out = tmp_path / "validation"
     out.mkdir()
-    earlier = {"format": validate.FORMAT, "files": ["validation.json", "validation.md"]}
+    earlier = {"format": validate_results.FORMAT, "files": ["validation.json", "validation.md"]}
     (out / "validation.json").write_text(json.dumps(earlier))
     (out / "validation.md").write_text("yesterday's report\n")
     before = listing(out)
@@ -505,7 +506,7 @@ def test_ctrl_c_leaves_the_earlier_report_whole(
     if when == "scoring":
         monkeypatch.setattr(validate, "predict_chunk", interrupt)
     elif when == "drawing":  # the last figure: roc, calibration and confusion PNGs are drawn
-        monkeypatch.setattr(validate, "four_class_figure", interrupt)
+        monkeypatch.setattr(validate_report, "four_class_figure", interrupt)
     else:
         real_replace, moved = os.replace, []
 
@@ -515,7 +516,7 @@ def test_ctrl_c_leaves_the_earlier_report_whole(
             moved.append(dst)
             real_replace(src, dst)
 
-        monkeypatch.setattr(validate.os, "replace", replace_with_ctrl_c)
+        monkeypatch.setattr(validate_report.os, "replace", replace_with_ctrl_c)
     code, stdout, err = run(capsys, [csv_path, "--models", models, *FAST])
     assert code == 130 and "Traceback" not in err and stdout == ""
     if when == "moving":
@@ -569,7 +570,7 @@ def test_not_frontal_count_counts_the_gate_flagged_predicted_films() -> None:
     """validate's count of films the out-of-distribution gate flagged: ok rows whose warning
     carries the gate's prefix, of the ok rows. Watched red with every warned row counted."""
     from cxr.api import NOT_FRONTAL
-    from cxr.validate import not_frontal_count
+    from cxr.validate_results import not_frontal_count
 
     records = [
         {"status": "ok", "warning": f"{NOT_FRONTAL}: lungs not upright (rotated?)"},
