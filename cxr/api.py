@@ -1,5 +1,8 @@
 """The Python API, and the one model path that predict, validate and calibrate take too.
 
+(Just over 400 lines: the model path is one piece, so that predict, validate, calibrate and a
+notebook cannot drift apart; file walking and output writing live in inputs.py and outputs.py.)
+
     from cxr import Predictor
 
     predictor = Predictor.load("models/")           # bundle: checkpoints, segmenter, threshold

@@ -1,5 +1,8 @@
 """Growth: time and peak memory of split, one training epoch and predict at N synthetic films.
 
+(Over 400 lines: the synthetic-film generator, the per-step child-process runner and the
+report tables belong to one benchmark and change together; none is used elsewhere.)
+
     python -m cxr growth --sizes 1000,10000,100000 --out reports/growth.json
 
 No real data is needed: N radiograph-like grey images (a body ellipse, two darker lung fields
