@@ -366,7 +366,12 @@ def adult_controls(f: Files) -> list[str]:
         ]
 
     labels = [
-        "COVID-19 threshold chosen on adult validation images, binary / four-class",
+        (
+            "COVID-19 threshold, binary / four-class (chosen on adult validation images; the "
+            "default binary one: the out-of-source operating point)"
+            if f.tasks()[0]["threshold"]["method"] == "oos"
+            else "COVID-19 threshold chosen on adult validation images, binary / four-class"
+        ),
         "adult_check called COVID-19, binary, at threshold / argmax",
         "adult_check called COVID-19, four-class, at threshold / argmax",
         "adult-only ROC AUC, binary / four-class",
