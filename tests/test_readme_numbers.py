@@ -62,7 +62,8 @@ def test_a_changed_metric_leaves_the_documents_stale(tmp_path):
     stale = rn.stale(ROOT, rn.Files(files_root))
     assert "README.md" in stale
     interval = f"[{100 * accuracy['low']:.1f}, {100 * accuracy['high']:.1f}]"  # the CI unchanged
-    assert "binary 0.123," in stale["README.md"] and f"50.0% {interval}" in stale["README.md"]
+    # the threshold sentence quotes it whichever way it was chosen (validation or out-of-source)
+    assert "0.123" in stale["README.md"] and f"50.0% {interval}" in stale["README.md"]
 
 
 def test_a_new_growth_run_leaves_scaling_out_stale(tmp_path):
