@@ -645,6 +645,18 @@ def oos_candidates(f: Files) -> list[str]:
                   "sensitivity at 90% specificity", "rule (AUC +0.01)"], rows)  # fmt: skip
 
 
+def oos_findings(f: Files) -> list[str]:
+    """docs/validation.md: what each fold's held-out adult non-COVID films are, and how the
+    fold's model scores them (reports/oos/results.json `non_covid_by_finding`)."""
+    rows = f.load("reports/oos/results.json").get("non_covid_by_finding", [])
+    order = {fold: i for i, fold in enumerate(dict.fromkeys(r["fold"] for r in rows))}
+    rows = sorted(rows, key=lambda r: (order[r["fold"]], -r["n"]))
+    return table(["fold", "held-out adult non-COVID finding", "films", "called COVID-19",
+                  "AUC vs the fold's COVID-19 films"],
+                 [[r["fold"], r["finding"], str(r["n"]), pct(r["called_covid"]),
+                   f3(r["roc_auc_vs_fold_covid"])] for r in rows])  # fmt: skip
+
+
 def growth(f: Files) -> list[str]:
     """The growth benchmark's tables, as `python -m cxr growth` wrote them (reports/growth.json)."""
     from cxr.growth import markdown
@@ -729,6 +741,7 @@ def ood_committed(f: Files) -> list[str]:
 BLOCKS: dict[str, Callable[[Files], list[str]]] = {
     "oos": oos,
     "oos-candidates": oos_candidates,
+    "oos-findings": oos_findings,
     "headline": headline,
     "targets": targets,
     "new-hospital-targets": new_hospital_targets,

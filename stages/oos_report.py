@@ -19,7 +19,9 @@ import pandas as pd
 
 from cxr.cli import setup_logging, user_errors
 from cxr.config import load_base
-from cxr.oos import load_oos_params, markdown, recipe, report
+from cxr.errors import InputError
+from cxr.oos import load_oos_params, recipe
+from cxr.oos_report import markdown, report
 from cxr.params import load_params
 
 log = logging.getLogger("oos_report")
@@ -30,7 +32,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--folds", type=Path, default=Path("reports/oos/folds"))
     parser.add_argument("--out", type=Path, default=Path("reports/oos"))
+    parser.add_argument("--sources", type=Path, default=Path("data/sources/sources.csv"),
+                        help="for each held-out film's finding (the by-finding table)")
     return parser.parse_args(argv)
+
+
+def with_findings(frame: pd.DataFrame, sources: Path) -> pd.DataFrame:
+    """The folds' predictions with each film's sources.csv `finding` (by path)."""
+    findings = pd.read_csv(sources, usecols=["path", "finding"], keep_default_na=False)
+    frame = frame.merge(findings.drop_duplicates("path"), on="path", how="left", validate="m:1")
+    unknown = frame["finding"].isna()
+    if unknown.any():
+        raise InputError(f"{sources}: {unknown.sum()} predicted film(s) are not in it, e.g. "
+                         f"{frame.loc[unknown, 'path'].iloc[0]}")  # fmt: skip
+    return frame
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -45,6 +60,7 @@ def main(argv: list[str] | None = None) -> None:
                                     "run `dvc repro oos/dvc.yaml`")  # fmt: skip
         frame = pd.concat([pd.read_csv(args.folds / f"{f.name}.csv", keep_default_na=False)
                            for f in folds], ignore_index=True)  # fmt: skip
+        frame = with_findings(frame, args.sources)
         result = report(frame, oos.specificity, oos.bootstrap, load_base(args.params).seed)
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "results.json").write_text(json.dumps(result, indent=2) + "\n")

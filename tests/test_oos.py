@@ -1,4 +1,4 @@
-"""Out-of-source validation: fold membership, operating points and pooled metrics (cxr/oos.py)."""
+"""Out-of-source validation: fold membership, operating points and pooled metrics (cxr/oos.py, cxr/oos_report.py)."""
 
 from __future__ import annotations
 
@@ -6,10 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cxr.oos import (
-    Fold,
-    folds_from_params,
-    held_out,
+from cxr.oos import Fold, folds_from_params, held_out
+from cxr.oos_report import (
     markdown,
     report,
     sens_at_spec,
@@ -99,6 +97,31 @@ def test_report_pools_folds_and_keeps_children_out_of_the_binary_numbers():
         line for line in page.splitlines() if line.startswith("| **pooled")
     )
     assert "fold f1 (internal val)" in page
+
+
+def test_non_covid_films_are_broken_down_by_finding_within_each_fold():
+    """A fold's AUC mixes its negatives; the by-finding rows say which ones look like COVID-19.
+    Watched red with `by_finding` comparing against every fold's COVID-19 films."""
+    frame = pd.DataFrame({
+        "fold": ["w"] * 6 + ["e"] * 4,
+        "group_id": [f"g{i}" for i in range(10)],
+        "age_group": ["adult"] * 9 + ["pediatric"],
+        "label": ["covid", "covid", "viral", "viral", "normal", "normal",
+                  "covid", "normal", "normal", "normal"],
+        "finding": ["COVID-19", "COVID-19", "SARS", "SARS", "No Finding", "No Finding",
+                    "COVID-19", "No Finding", "No Finding", "No Finding"],
+        # SARS outscores the fold's COVID-19 films; "No Finding" does not
+        "p_covid": [0.6, 0.7, 0.9, 0.8, 0.1, 0.2, 0.3, 0.1, 0.65, 0.99],
+        "scored_as": "held_out",
+    })  # fmt: skip
+    rows = {(r["fold"], r["finding"]): r for r in
+            report(frame, specificity=0.5, n_boot=10, seed=0)["non_covid_by_finding"]}  # fmt: skip
+    assert set(rows) == {("w", "SARS"), ("w", "No Finding"), ("e", "No Finding")}  # adults only
+    assert rows[("w", "SARS")]["roc_auc_vs_fold_covid"] == 0.0
+    assert rows[("w", "No Finding")]["roc_auc_vs_fold_covid"] == 1.0
+    assert rows[("e", "No Finding")]["n"] == 2
+    assert rows[("e", "No Finding")]["roc_auc_vs_fold_covid"] == 0.5  # vs e's 0.3 only
+    assert rows[("w", "SARS")]["called_covid"] == 1.0
 
 
 def test_oos_params_are_checked(tmp_path):
