@@ -1,5 +1,9 @@
 """The schema of params.yaml: one dataclass per section, checked when a stage starts.
 
+(Over 400 lines: it mirrors params.yaml, one dataclass per section with its checks beside its
+fields, about 40 lines a section; split by section, a rule shared by two sections would have two
+homes.)
+
 The dataclasses hold no default values: params.yaml is the one place a value is set, and a key
 missing from it is an error (cxr.params.from_section), never a silent second default in code."""
 

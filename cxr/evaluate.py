@@ -114,7 +114,7 @@ def load_oos_point(path: Path, params: dict[str, Any]) -> dict[str, Any]:
             "`dvc repro oos/dvc.yaml`, or set evaluate.operating_point: val"
         )
     point = json.loads(path.read_text())
-    # The recipe as cxr.oos.recipe recorded it: params sections, with oos.epochs applied.
+    # The recipe as cxr.oos_params.recipe recorded it: params sections, with oos.epochs applied.
     measured = point.get("recipe") or {}
     differs = [f"{s}.{k}: {measured[s].get(k)!r} there, {params.get(s, {}).get(k)!r} here"
                for s in measured for k in sorted({*measured[s], *params.get(s, {})})

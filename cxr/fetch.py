@@ -1,5 +1,9 @@
 """Fetch the chest X-ray images named in sources.csv / cases.csv, verified by sha256.
 
+(Over 400 lines: finding the mirror, downloading with retries and writing verified files
+atomically are one guarantee, "a file in place has the expected bytes"; the helpers are private
+and each short.)
+
 Each file is taken from a local mirror (a folder laid out like raw.githubusercontent.com) when it
 is there, and downloaded otherwise. Either way the bytes are hashed while they are written to a temp
 file beside the destination, and only a file with the expected digest is moved into place, so an

@@ -9,16 +9,16 @@ patient's right lung is on the image's LEFT; zone names use the patient's side.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from scipy import ndimage
+from scipy import ndimage, stats
 
 from cxr.arrays import load_split
 from cxr.errors import InputError
 from cxr.images import resize
-from cxr.metrics import bootstrap_ci
 
 LUNG, IGNORE = 255, 127  # values in a stored mask; everything else is background
 # Label i + 1 of a zone map is ZONES[i]; 0 is outside the lungs.
@@ -142,12 +142,20 @@ def load_lung_masks(directory: Path, name: str, table: pd.DataFrame) -> np.ndarr
     return masks > 0
 
 
-def crop_inputs(images: np.ndarray, masks: np.ndarray | None, preprocessing: dict) -> np.ndarray:
+def crop_inputs(
+    images: np.ndarray,
+    masks: np.ndarray | Callable[[], np.ndarray] | None,
+    preprocessing: dict,
+) -> np.ndarray:
     """A checkpoint's model input from preprocessed images: unchanged, or (`crop: lungs`)
-    cropped to each image's lungs. Training, evaluate, gradcam and predict all call this, so
-    the crop is the same everywhere."""
+    cropped to each image's lungs. Training, evaluate, gradcam, the out-of-source folds and
+    predict all call this, so "crop when asked" is decided in one place. `masks` may be a
+    function that reads them: it is called only when the model crops, so a model without the
+    crop needs no segment stage output."""
     if preprocessing.get("crop", "none") == "none" or len(images) == 0:
         return images
+    if callable(masks):
+        masks = masks()
     if masks is None:
         raise InputError("this model crops to the lungs (crop: lungs) but no lung masks were given")
     margin = float(preprocessing["crop_margin"])  # written with crop in every checkpoint
@@ -305,19 +313,19 @@ def mean_ci(
 ) -> dict[str, float | int | None]:
     """Mean of the finite values with a percentile bootstrap CI: {mean, low, high, n}.
 
-    Each value is its own group (one per case); cxr.metrics.bootstrap_ci does the resampling.
+    Each value is its own group (one per case), so scipy.stats.bootstrap's plain resampling is
+    the patient bootstrap here. Percentile intervals, as cxr.metrics.bootstrap_ci gives
+    elsewhere; all values equal gives the degenerate interval [mean, mean].
     """
     values = np.asarray(values, dtype=np.float64)
     values = values[np.isfinite(values)]
     if len(values) == 0:
         return {"mean": None, "low": None, "high": None, "n": 0}
-    ci = bootstrap_ci(
-        np.zeros(len(values), dtype=int),
-        values[:, None],
-        np.arange(len(values)),
-        {"mean": lambda _y, p: float(p[:, 0].mean())},
-        n_resamples=n_resamples,
-        seed=seed,
-        level=level,
-    )["mean"]
-    return {"mean": ci["point"], "low": ci["low"], "high": ci["high"], "n": int(len(values))}
+    mean = float(values.mean())
+    if np.all(values == values[0]):  # scipy warns and gives NaN bounds for a degenerate sample
+        return {"mean": mean, "low": mean, "high": mean, "n": int(len(values))}
+    ci = stats.bootstrap(
+        (values,), np.mean, n_resamples=n_resamples, confidence_level=level,
+        method="percentile", rng=np.random.default_rng(seed),
+    ).confidence_interval  # fmt: skip
+    return {"mean": mean, "low": float(ci.low), "high": float(ci.high), "n": int(len(values))}

@@ -98,7 +98,8 @@ def four_class_rates(frame: pd.DataFrame) -> dict:
         if len(rows):
             rates = rows["call4"].value_counts(normalize=True)
             out[f"adult_{label}"] = {"n": len(rows)} | {
-                k: round(float(rates.get(k, 0.0)), 4) for k in ("covid", "viral", "bacterial", "normal")
+                k: round(float(rates.get(k, 0.0)), 4)
+                for k in ("covid", "viral", "bacterial", "normal")
             }
     return out
 
@@ -164,7 +165,9 @@ def report(frame: pd.DataFrame, specificity: float, n_boot: int, seed: int) -> d
         own = internal[internal["fold"] == name]
         if len(own):
             result["folds"][name]["internal_val"] = {
-                "binary": binary_report(own, threshold, n_boot, seed), "n": len(own)}
+                "binary": binary_report(own, threshold, n_boot, seed),
+                "n": len(own),
+            }
     return result
 
 
@@ -243,9 +246,17 @@ def markdown(result: dict, config: dict) -> str:
     lines += _finding_lines(result.get("non_covid_by_finding", []))
     four = result["pooled"]["four_class"]
     if four:
-        lines += ["", "Four-class calls on held-out adult films (share of each row):", "",
-                  "| films | n | covid | viral | bacterial | normal |", "|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "Four-class calls on held-out adult films (share of each row):",
+            "",
+            "| films | n | covid | viral | bacterial | normal |",
+            "|---|---|---|---|---|---|",
+        ]
         for key, r in four.items():
-            lines.append(f"| {key.replace('_', ' ')} | {r['n']} | " + " | ".join(
-                _pct(r[k]) for k in ("covid", "viral", "bacterial", "normal")) + " |")
+            lines.append(
+                f"| {key.replace('_', ' ')} | {r['n']} | "
+                + " | ".join(_pct(r[k]) for k in ("covid", "viral", "bacterial", "normal"))
+                + " |"
+            )
     return "\n".join(lines) + "\n"

@@ -210,7 +210,7 @@ def threshold_text(b: dict, q: dict) -> str:
 
 def oos_is_committed_recipe(f: Files) -> bool:
     """Whether the committed OOS folds were trained with params.yaml's recipe: the one
-    recorded beside their operating point (cxr/oos.py recipe), as evaluate checks it."""
+    recorded beside their operating point (cxr/oos_params.py recipe), as evaluate checks it."""
     recipe, params = f.load("reports/oos/operating_point.json").get("recipe"), f.load("params.yaml")
     return bool(recipe) and all(recipe[name] == params.get(name) for name in recipe)
 

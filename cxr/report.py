@@ -1,4 +1,7 @@
-"""Markdown reports generated from metrics and params: the results summary and the model card."""
+"""Markdown reports generated from metrics and params: the results summary and the model card.
+
+(Over 400 lines: both documents are built from the same results and share their section
+writers; each section is a short function that reads metrics and returns lines.)"""
 
 from __future__ import annotations
 

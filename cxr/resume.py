@@ -22,6 +22,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from cxr import distributed
+from cxr.distributed import World
+
 log = logging.getLogger(__name__)
 
 RESUME_FORMAT = "cxr-resume/1"
@@ -107,3 +110,46 @@ def remove(path: Path) -> None:
     """A finished run leaves no resume file behind."""
     Path(path).unlink(missing_ok=True)
     Path(path).with_name(Path(path).name + ".tmp").unlink(missing_ok=True)
+
+
+@dataclass(frozen=True)
+class TrainingState:
+    """The live objects a training run's resume file saves and restores (the loop's own
+    bookkeeping, cxr.train.LoopState, travels beside them as a plain dict)."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    generator: torch.Generator
+
+
+def save_training(resume: ResumeFile, loop: dict[str, Any], state: TrainingState) -> None:
+    """After an epoch: the loop's bookkeeping, the model, optimizer, scheduler, the epoch-order
+    generator and every global generator, atomically (`save`)."""
+    save(
+        resume,
+        {
+            "loop": loop,
+            "model": state.model.state_dict(),
+            "optimizer": state.optimizer.state_dict(),
+            "scheduler": state.scheduler.state_dict(),
+            "generator": state.generator.get_state(),
+            "rng": capture_rng(),
+        },
+    )
+
+
+def restore_training(resume: ResumeFile, world: World, state: TrainingState) -> dict | None:
+    """Load a resume file's state into `state` and return the loop's bookkeeping; None (state
+    untouched) when there is no usable file. Rank 0 reads the file and sends it to the others,
+    so only rank 0 needs the disk."""
+    saved = load(resume) if world.is_main else None
+    saved = distributed.object_from_main(saved, world)
+    if saved is None:
+        return None
+    state.model.load_state_dict(saved["model"])
+    state.optimizer.load_state_dict(saved["optimizer"])
+    state.scheduler.load_state_dict(saved["scheduler"])
+    state.generator.set_state(saved["generator"])
+    restore_rng(saved["rng"])
+    return saved["loop"]

@@ -262,54 +262,6 @@ def _is_better(result: EpochResult, best: EpochResult | None, metric: str) -> bo
     return result.val_macro_f1 > best.val_macro_f1
 
 
-def _save_resume(
-    resume: ResumeFile,
-    loop: LoopState,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    generator: torch.Generator,
-) -> None:
-    resume_state.save(
-        resume,
-        {
-            "loop": loop.to_dict(),
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "generator": generator.get_state(),
-            "rng": resume_state.capture_rng(),
-        },
-    )
-
-
-def _restore(
-    resume: ResumeFile,
-    world: World,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    generator: torch.Generator,
-) -> LoopState:
-    """The loop state a resume file holds (loaded into model, optimizer, ...), else a fresh one.
-
-    Rank 0 reads the file and sends it to the others, so only rank 0 needs the disk.
-    """
-    saved = resume_state.load(resume) if world.is_main else None
-    saved = distributed.object_from_main(saved, world)
-    if saved is None:
-        return LoopState()
-    model.load_state_dict(saved["model"])
-    optimizer.load_state_dict(saved["optimizer"])
-    scheduler.load_state_dict(saved["scheduler"])
-    generator.set_state(saved["generator"])
-    resume_state.restore_rng(saved["rng"])
-    loop = LoopState.from_dict(saved["loop"])
-    log.info("%s: resuming after epoch %d (best so far: epoch %s)", resume.path, loop.epoch,
-             loop.best.epoch if loop.best else "none")  # fmt: skip
-    return loop
-
-
 def train_model(
     model: CXRNet,
     p: TrainParams,
@@ -356,8 +308,11 @@ def train_model(
 
     start = time.perf_counter()
     loop = LoopState()
-    if resume is not None:
-        loop = _restore(resume, world, model, optimizer, scheduler, generator)
+    state = resume_state.TrainingState(model, optimizer, scheduler, generator)
+    if resume is not None and (saved := resume_state.restore_training(resume, world, state)):
+        loop = LoopState.from_dict(saved)
+        log.info("%s: resuming after epoch %d (best so far: epoch %s)", resume.path, loop.epoch,
+                 loop.best.epoch if loop.best else "none")  # fmt: skip
     resumed_from, wall_before = loop.epoch, loop.wall_seconds
     if on_epoch:
         for res in loop.history:
@@ -415,7 +370,7 @@ def train_model(
         loop.wall_seconds = wall_before + time.perf_counter() - start
         # Saved before on_epoch: a crash while logging this epoch does not lose it.
         if resume is not None and world.is_main:
-            _save_resume(resume, loop, model, optimizer, scheduler, generator)
+            resume_state.save_training(resume, loop.to_dict(), state)
         if on_epoch:
             on_epoch(res)
         if loop.stopped_early:

@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import sys
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
@@ -77,11 +78,10 @@ def evaluate_checkpoint(
     names = meta["class_names"]
     check_class_order(task, names, str(path))  # before minutes of scoring, naming the file
     prep = meta.get("preprocessing", {})
-    if prep.get("crop", "none") != "none":  # the model was trained on lung crops: crop alike
-        splits = {
-            name: (crop_inputs(x, load_lung_masks(args.lungs, name, table), prep), table)
-            for name, (x, table) in splits.items()
-        }
+    splits = {  # cropped to the lungs when the model was trained on lung crops
+        name: (crop_inputs(x, partial(load_lung_masks, args.lungs, name, table), prep), table)
+        for name, (x, table) in splits.items()
+    }
     scored = {name: score_split(model, name, x, table, task) for name, (x, table) in splits.items()}
     result = evaluate_task(task, names, scored, p, seed, oos_point)
     out = args.metrics / f"{task}.json"

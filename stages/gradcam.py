@@ -50,8 +50,6 @@ def label_indices(table: pd.DataFrame, names: list[str], path: Path) -> np.ndarr
 
 def cropped(images: np.ndarray, masks: np.ndarray, prep: dict) -> tuple[np.ndarray, np.ndarray]:
     """Images as the model saw them (cxr.lungs.crop_inputs) and their masks cropped alike."""
-    if prep.get("crop", "none") == "none":
-        return images, masks
     lung_pixels = masks.astype(np.uint8) * 255
     return crop_inputs(images, masks, prep), crop_inputs(lung_pixels, masks, prep) > 127
 
@@ -75,8 +73,7 @@ def load_inputs(args: argparse.Namespace, meta: dict) -> Inputs:
     prep = meta.get("preprocessing", {})
     test_x, test_lungs = cropped(test_x, load_lung_masks(args.lungs, "test", test_table), prep)
     case_x, case_lungs = cropped(case_x, load_lung_masks(args.lungs, "cases", cases), prep)
-    if prep.get("crop", "none") != "none":
-        val_x = crop_inputs(val_x, load_lung_masks(args.lungs, "val", val_table), prep)
+    val_x = crop_inputs(val_x, lambda: load_lung_masks(args.lungs, "val", val_table), prep)
     known = test_table["label"].isin(names).to_numpy()  # `pneumonia` (type unknown) left out
     test = (test_x[known], test_table[known].reset_index(drop=True), test_lungs[known])
     return Inputs(test, (case_x, cases, case_lungs), val_x)

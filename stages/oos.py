@@ -18,7 +18,8 @@ from cxr.cli import setup_logging, user_errors
 from cxr.config import load_base, load_split_params, load_train_params, preprocessing
 from cxr.infer import configure_cpu
 from cxr.lungs import crop_inputs
-from cxr.oos import load_oos_params, pool_masks, pool_table, run_fold, with_epochs
+from cxr.oos import pool_masks, pool_table, run_fold, with_epochs
+from cxr.oos_params import load_oos_params
 from cxr.params import ParamsError
 
 log = logging.getLogger("oos")
@@ -48,8 +49,7 @@ def main(argv: list[str] | None = None) -> None:
                  for task in oos.tasks}  # fmt: skip
         configure_cpu(tasks["binary"].threads)
         images, table = pool_table(args.data)
-        if spec.crop != "none":  # the same crop the train stage makes
-            images = crop_inputs(images, pool_masks(args.lungs, table), spec.to_dict())
+        images = crop_inputs(images, lambda: pool_masks(args.lungs, table), spec.to_dict())
         frame, summary = run_fold(images, table, folds[args.fold], tasks, base)
         args.out.mkdir(parents=True, exist_ok=True)
         frame.to_csv(args.out / f"{args.fold}.csv", index=False, float_format="%.6f")

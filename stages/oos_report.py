@@ -20,7 +20,7 @@ import pandas as pd
 from cxr.cli import setup_logging, user_errors
 from cxr.config import load_base
 from cxr.errors import InputError
-from cxr.oos import load_oos_params, recipe
+from cxr.oos_params import load_oos_params, recipe
 from cxr.oos_report import markdown, report
 from cxr.params import load_params
 

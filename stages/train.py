@@ -126,12 +126,10 @@ def main(argv: list[str] | None = None) -> None:
                         "without torchrun?)", args.section, p.processes, world.local_size)  # fmt: skip
         train_x, train_table = load_split(args.data, "train")
         val_x, val_table = load_split(args.data, "val")
-        if spec.crop != "none":  # the same crop evaluate, gradcam and predict make
-            train_x = crop_inputs(train_x, load_lung_masks(args.lungs, "train", train_table),
-                                  spec.to_dict())  # fmt: skip
-            val_x = crop_inputs(
-                val_x, load_lung_masks(args.lungs, "val", val_table), spec.to_dict()
-            )
+        train_x = crop_inputs(train_x, lambda: load_lung_masks(args.lungs, "train", train_table),
+                              spec.to_dict())  # fmt: skip
+        val_x = crop_inputs(val_x, lambda: load_lung_masks(args.lungs, "val", val_table),
+                            spec.to_dict())  # fmt: skip
         train_x, train_table = training_rows(train_x, train_table, p)
         if train_x.shape[1] != spec.image_size:
             raise ValueError(

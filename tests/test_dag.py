@@ -1,4 +1,4 @@
-"""dvc.yaml covers the code each stage runs: every `cxr` module a stage script imports,
+"""dvc.yaml and oos/dvc.yaml cover the code each stage runs: every `cxr` module a stage script imports,
 directly or through another cxr module, is in that stage's deps.
 
 Checked by hand: removing `cxr/infer.py` from the evaluate stage's deps turns
@@ -46,14 +46,22 @@ def transitive_imports(script: str) -> set[str]:
     return seen
 
 
+PIPELINES = ("dvc.yaml", "oos/dvc.yaml")  # the default pipeline and out-of-source validation
+
+
 def stage_scripts() -> dict[str, tuple[str, set[str]]]:
-    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     out = {}
-    for name, stage in stages.items():
-        script = next(w for w in stage["cmd"].split() if w.startswith("stages/"))
-        deps = {d if isinstance(d, str) else next(iter(d)) for d in stage["deps"]}
-        out[name] = (script, deps)
+    for pipeline in PIPELINES:
+        for name, stage in yaml.safe_load((ROOT / pipeline).read_text())["stages"].items():
+            out[f"{pipeline}:{name}"] = _script_and_deps(stage.get("do", stage))
     return out
+
+
+def _script_and_deps(stage: dict) -> tuple[str, set[str]]:
+    """A stage's (or a foreach stage's `do`) script and its deps."""
+    script = next(w for w in stage["cmd"].split() if w.startswith("stages/"))
+    deps = {d if isinstance(d, str) else next(iter(d)) for d in stage["deps"]}
+    return script, deps
 
 
 def test_import_graph_finds_transitive_modules():

@@ -518,7 +518,7 @@ def test_report_stage_before_evaluate_fails_clearly(workdir, capsys):
 def oos_point_for(params: Path, threshold: float, **recipe_changes) -> dict:
     """An operating_point.json as stages/oos_report.py writes it, for the recipe in `params`
     (with `recipe_changes`, e.g. train_binary={"epochs": 2}, as a run with oos.epochs 2)."""
-    from cxr.oos import recipe
+    from cxr.oos_params import recipe
 
     raw = yaml.safe_load(params.read_text())
     point = {"threshold": threshold, "rule": "smallest p(COVID-19) ...", "n_negatives": 40,

@@ -16,7 +16,7 @@ import pytest
 import torch
 import yaml
 
-from cxr import ood, ood_probes
+from cxr import lung_shape, ood, ood_probes
 from cxr.arrays import save_split
 from cxr.images import Preprocessing
 from cxr.models import CheckpointError, build_model, save_checkpoint
@@ -47,8 +47,8 @@ def two_lungs(size: int = 64) -> np.ndarray:
 
 def test_two_upright_lungs_pass() -> None:
     """Watched red with the sides test reversed (right lung left of the midline)."""
-    assert ood.lung_reasons(two_lungs(), P) == []
-    assert ood.lung_reasons(two_lungs(112), P) == []
+    assert lung_shape.lung_reasons(two_lungs(), P) == []
+    assert lung_shape.lung_reasons(two_lungs(112), P) == []
 
 
 def test_one_blob_one_side_and_rotations_are_flagged() -> None:
@@ -60,17 +60,17 @@ def test_one_blob_one_side_and_rotations_are_flagged() -> None:
     one_side = teardrop(size, 0.3)
     both_left = teardrop(size, 0.15) | teardrop(size, 0.4)
     for mask in (blob, one_side, both_left, np.zeros((size, size), dtype=bool)):
-        assert ood.lung_reasons(mask, P) == [
+        assert lung_shape.lung_reasons(mask, P) == [
             "lungs not found on both sides of the midline (rotated, lateral or cropped?)"
         ]
-    rotated = ood.lung_reasons(np.rot90(two_lungs(size)), P)
+    rotated = lung_shape.lung_reasons(np.rot90(two_lungs(size)), P)
     assert rotated and rotated[0].startswith("lungs not found on both sides"), rotated
     # Rotated by 90 degrees about a point that keeps one lung on each side: wide, tilted lungs.
     turned = np.rot90(two_lungs(size))
     turned = np.roll(turned, size // 2 - int(np.flatnonzero(turned.any(0)).mean()), axis=1)
-    kinds = {ood.reason_kind(r) for r in ood.lung_reasons(turned, P)}
+    kinds = {ood.reason_kind(r) for r in lung_shape.lung_reasons(turned, P)}
     assert "lungs not upright" in kinds or "lungs not found on both sides of the midline" in kinds
-    upside = ood.lung_reasons(two_lungs(size)[::-1], P)
+    upside = lung_shape.lung_reasons(two_lungs(size)[::-1], P)
     assert [ood.reason_kind(r) for r in upside] == ["lung apices not at the top"], upside
 
 
@@ -78,19 +78,19 @@ def test_each_lung_rule_names_its_numbers() -> None:
     """Watched red with the tilt taken as the row offset alone (not over the column distance)."""
     size = 64
     small = teardrop(size, 0.3, 0.45, 0.6) | teardrop(size, 0.7, 0.45, 0.6)
-    (reason,) = [r for r in ood.lung_reasons(small, P) if "size" in r]
+    (reason,) = [r for r in lung_shape.lung_reasons(small, P) if "size" in r]
     assert reason.startswith("lungs of implausible size (") and "% and " in reason
     # rows 0.25 apart over columns 0.4 apart: tilt 0.6 (the row offset alone, 0.25, would pass)
     tilted = teardrop(size, 0.3, 0.1, 0.55) | teardrop(size, 0.7, 0.35, 0.8)
-    assert any(r.startswith("lungs not at one level (tilt ") for r in ood.lung_reasons(tilted, P))
+    assert any(r.startswith("lungs not at one level (tilt ") for r in lung_shape.lung_reasons(tilted, P))
     shifted = teardrop(size, 0.45) | teardrop(size, 0.85)  # midpoint 0.15 off the centre
     strict = dataclasses.replace(P, max_offset=0.1)
     assert any(r.startswith("lungs off the image's centre (15% of its width > 10%")
-               for r in ood.lung_reasons(shifted, strict))  # fmt: skip
+               for r in lung_shape.lung_reasons(shifted, strict))  # fmt: skip
     thin = teardrop(size, 0.3, 0.0, 1.0) | teardrop(size, 0.7, 0.0, 1.0)
     thin[:, ::2] = False  # squashed: each lung broken into columns, the largest pieces thin
-    reasons = ood.lung_reasons(thin, P)
-    assert reasons and ood.lung_reasons(two_lungs(size), P) == []
+    reasons = lung_shape.lung_reasons(thin, P)
+    assert reasons and lung_shape.lung_reasons(two_lungs(size), P) == []
 
 
 # --- feature space ----------------------------------------------------------------------------

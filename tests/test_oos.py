@@ -6,7 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cxr.oos import Fold, folds_from_params, held_out
+from cxr.oos import held_out
+from cxr.oos_params import Fold, folds_from_params
 from cxr.oos_report import (
     markdown,
     report,
@@ -130,7 +131,7 @@ def test_oos_params_are_checked(tmp_path):
 
     import yaml
 
-    from cxr.oos import load_oos_params
+    from cxr.oos_params import load_oos_params
 
     params = yaml.safe_load(Path("params.yaml").read_text())
     assert load_oos_params("params.yaml").folds

@@ -30,7 +30,7 @@ LOADERS: dict[str, Callable[[Path], object]] = {
     "evaluate": config.load_evaluate_params,
     "gradcam": config.load_gradcam_params,
 }
-LOADERS["oos"] = __import__("cxr.oos", fromlist=["load_oos_params"]).load_oos_params
+LOADERS["oos"] = __import__("cxr.oos_params", fromlist=["load_oos_params"]).load_oos_params
 LOADERS["ood"] = __import__("cxr.ood", fromlist=["load_ood_params"]).load_ood_params
 if hasattr(config, "load_segment_params"):  # the lung segmenter's section, where present
     LOADERS["segment"] = config.load_segment_params
