@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from cxr.metrics import _group_members
+from cxr.metrics import bootstrap_ci
 
 # --- pooled metrics --------------------------------------------------------------------------
 
@@ -64,28 +64,22 @@ STATISTICS = {"roc_auc": roc_auc, "sensitivity_at_90_specificity": sens_at_spec,
               "specificity_at_90_sensitivity": spec_at_sens}  # fmt: skip
 
 
-def group_bootstrap(y: np.ndarray, s: np.ndarray, groups: np.ndarray, n: int, seed: int,
-                    level: float = 0.95) -> dict:  # fmt: skip
-    """Point and percentile CI of each statistic, resampling whole patient groups."""
-    members = _group_members(groups)
-    rng = np.random.default_rng(seed)
-    draws: dict[str, list[float]] = {k: [] for k in STATISTICS}
-    for _ in range(n):
-        idx = np.concatenate([members[g] for g in rng.integers(0, len(members), len(members))])
-        for k, fn in STATISTICS.items():
-            v = fn(y[idx], s[idx])
-            if not np.isnan(v):
-                draws[k].append(v)
-    tail = 100 * (1 - level) / 2
-    out = {}
-    for k, fn in STATISTICS.items():
-        lo, hi = np.percentile(draws[k], [tail, 100 - tail]) if draws[k] else (np.nan, np.nan)
-        out[k] = {"point": _num(fn(y, s)), "low": _num(lo), "high": _num(hi)}
-    return out
+def group_bootstrap(
+    y: np.ndarray, s: np.ndarray, groups: np.ndarray, n: int, seed: int, level: float = 0.95
+) -> dict:
+    """Point and percentile CI of each statistic, resampling whole patient groups
+    (cxr.metrics.bootstrap_ci, the evaluate stage's bootstrap, on scores as two columns)."""
+
+    def on_scores(fn):  # bootstrap_ci passes (labels, N x 2 probabilities)
+        return lambda labels, prob: fn(labels, prob[:, 1])
+
+    ci = bootstrap_ci(y, np.c_[1 - s, s], groups, {k: on_scores(fn) for k, fn in STATISTICS.items()},
+                      n_resamples=n, seed=seed, level=level)  # fmt: skip
+    return {k: {part: _num(v[part]) for part in ("point", "low", "high")} for k, v in ci.items()}
 
 
-def _num(v: float) -> float | None:
-    return None if np.isnan(v) else round(float(v), 4)
+def _num(v: float | None) -> float | None:
+    return None if v is None or np.isnan(v) else round(float(v), 4)
 
 
 def four_class_rates(frame: pd.DataFrame) -> dict:

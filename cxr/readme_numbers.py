@@ -738,6 +738,33 @@ def ood_committed(f: Files) -> list[str]:
     ]
 
 
+OOD_SPLITS = {  # metrics/ood.json keys, in order, with what each split's films are to the gate
+    "train": "train (the Gaussian's own films: in-sample)",
+    "val": "val (the threshold's films)",
+    "test": "test",
+    "adult_check": "adult_check",
+    "cases": "cases",
+    "external": "external",
+}
+
+
+def ood_every_film(f: Files) -> list[str]:
+    """docs/ood.md: the gate's false flags on every real film of the split, by dataset
+    (metrics/ood.json: train, val, test, adult_check, cases, external when not empty)."""
+    m = f.load("metrics/ood.json")
+    splits = [k for k in OOD_SPLITS if k in m]
+    datasets = sorted({d for k in splits for d in m[k] if d != "all" and "flagged_rate" in m[k][d]})
+
+    def cell(part: dict | None) -> str:
+        if not part:
+            return "-"
+        return f"{pct(part['flagged_rate'])} ({part['flagged']}/{part['n']})"
+
+    rows = [[OOD_SPLITS[k], cell(m[k]["all"]), *(cell(m[k].get(d)) for d in datasets)]
+            for k in splits]  # fmt: skip
+    return table(["films", "all", *datasets], rows)
+
+
 BLOCKS: dict[str, Callable[[Files], list[str]]] = {
     "oos": oos,
     "oos-candidates": oos_candidates,
@@ -759,6 +786,7 @@ BLOCKS: dict[str, Callable[[Files], list[str]]] = {
     "ood-gate": ood_gate,
     "ood-lung-limits": ood_lung_limits,
     "ood-committed": ood_committed,
+    "ood-every-film": ood_every_film,
 }
 
 

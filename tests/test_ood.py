@@ -287,7 +287,8 @@ def test_drawn_probes_are_model_inputs_and_unlike_a_film() -> None:
 
 def tiny_split(folder: Path, size: int = 32) -> None:
     rng = np.random.default_rng(6)
-    for name, n in (("train", 24), ("val", 12), ("test", 8)):
+    for name, n in (("train", 24), ("val", 12), ("test", 8), ("adult_check", 4), ("cases", 2),
+                    ("external", 0)):  # fmt: skip
         images = rng.integers(0, 256, (n, size, size), dtype=np.uint8)
         table = pd.DataFrame({"path": [f"{name}{i}.png" for i in range(n)],
                               "dataset": ["kermany", "rsna"] * (n // 2)})  # fmt: skip
@@ -296,8 +297,9 @@ def tiny_split(folder: Path, size: int = 32) -> None:
 
 def test_stage_fits_for_the_checkpoint_and_writes_metrics(tmp_path: Path) -> None:
     """stages/ood.py on tiny random models: the gate loads for that checkpoint only, its
-    threshold flags at most 1 of the 12 val films by features, and the metrics count by dataset.
-    Watched red with the threshold set on the train films' distances (val flagged 12 of 12)."""
+    threshold flags at most 1 of the 12 val films by features, and the metrics count by dataset,
+    on every split of real films. Watched red with the threshold set on the train films'
+    distances (val flagged 12 of 12), and with only val and test counted (KeyError 'train')."""
     import stages.ood as stage
 
     binary, seg = tiny_binary(tmp_path / "binary.pt"), tiny_segmenter(tmp_path / "segmenter.pt")
@@ -314,6 +316,20 @@ def test_stage_fits_for_the_checkpoint_and_writes_metrics(tmp_path: Path) -> Non
     )
     assert features <= 1
     assert m["val"]["kermany"]["n"] == 6 and m["test"]["all"]["n"] == 8
+    # every real film is counted: train (in-sample), adult_check and cases; no empty external
+    assert [m[k]["all"]["n"] for k in ("train", "adult_check", "cases")] == [24, 4, 2]
+    assert "external" not in m
+    # each dataset's median feature distance, as the gate scores the films
+    from cxr.arrays import load_split
+    from cxr.models import load_checkpoint
+    from cxr.segmenter import load_segmenter
+
+    model, meta = load_checkpoint(binary, "binary")
+    images, table = load_split(tmp_path / "split", "test")
+    inputs, _ = ood.model_inputs(images, meta, load_segmenter(seg))
+    scores = state.scores(ood.penultimate_features(model, inputs))
+    rsna = scores[table["dataset"].to_numpy() == "rsna"]
+    assert m["test"]["rsna"]["median_distance"] == pytest.approx(np.median(rsna), abs=0.01)
     other = tiny_binary(tmp_path / "other.pt", crop="lungs")
     with pytest.raises(CheckpointError):
         ood.load_state(out, binary=other)
