@@ -1,4 +1,4 @@
-"""`python -m cxr <command>` (or the `cxr` script): bench | predict | calibrate | validate | growth."""
+"""`python -m cxr <command>` (or the `cxr` script): bench | predict | calibrate | validate | ood-report | growth | predict-speed."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ COMMANDS = {
     "validate": "cxr.validate",
     "ood-report": "cxr.ood_report",
     "growth": "cxr.growth",
+    "predict-speed": "cxr.predict_speed",
 }
 EXIT_INTERRUPTED = 130
 

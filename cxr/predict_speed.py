@@ -1,0 +1,168 @@
+"""predict's speed on real radiographs, by image size, and its start-up time.
+
+    python -m cxr predict-speed --raw data/raw --models models --out reports/predict_speed.json
+
+Builds folders of real films from the fetch stage's images (`data/raw`, so it needs no network
+and no mirror): 224 px JPEGs (Kermany), 1024 px PNGs (NIH), the largest ieee8023 JPEGs (1-2.8k
+px) and 2,500 px PNGs of several MB (ieee8023 films scaled up with Lanczos and saved as 8-bit
+PNG: real content at the size a hospital's export has), and one folder that mixes them all.
+Each folder is predicted by `python -m cxr predict` in a fresh process, as a user runs it; the
+films/s is predict's own count (decode, harmonise, segmenter, both classifiers, the gate), the
+wall time includes starting Python, importing torch and loading the models. Start-up is the
+wall time of a one-film call, the cost that dominates it. Writes JSON and the same path as .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from cxr.growth import RATE, cpu
+
+ROOT = Path(__file__).resolve().parents[1]
+BIG_SIDE = 2500  # px, the long side of the scaled-up PNGs
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m cxr predict-speed", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser.add_argument("--raw", type=Path, default=Path("data/raw"), help="fetch stage output")
+    parser.add_argument("--models", type=Path, default=Path("models"), help="the model bundle")
+    parser.add_argument("--out", type=Path, default=Path("reports/predict_speed.json"))
+    parser.add_argument("--films", type=int, default=40, help="films per size class")
+    parser.add_argument("--repeats", type=int, default=2, help="runs of each folder (best kept)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.films < 1 or args.repeats < 1:
+        parser.error("--films and --repeats must be >= 1")
+    return args
+
+
+def pick(manifest: pd.DataFrame, rng: np.random.Generator, n: int, mask: pd.Series) -> list[str]:
+    """`n` files of the rows under `mask` (all of them when there are fewer)."""
+    files = manifest.loc[mask, "file"].to_numpy(dtype=str)
+    return sorted(rng.choice(files, size=min(n, len(files)), replace=False).tolist())
+
+
+def build_folders(raw: Path, work: Path, n: int, seed: int) -> dict[str, list[Path]]:
+    """Size class -> the films copied (or made) for it under `work/<class>/`."""
+    from PIL import Image
+
+    manifest = pd.read_csv(raw / "manifest.csv", keep_default_na=False)
+    rng = np.random.default_rng(seed)
+    ext = manifest["file"].str.rsplit(".", n=1).str[-1].str.lower()
+    ieee = manifest["dataset"] == "ieee8023"
+    chosen = {
+        "224 px JPEG (kermany)": pick(manifest, rng, n, manifest["dataset"] == "kermany"),
+        "1024 px PNG (nih)": pick(manifest, rng, n, manifest["dataset"] == "nih"),
+        "1-2.8k px JPEG (ieee8023)": pick(
+            manifest, rng, n, ieee & ext.isin(["jpg", "jpeg"]) & (manifest["width"] >= 1000)
+        ),
+    }
+    folders: dict[str, list[Path]] = {}
+    for i, (name, files) in enumerate(chosen.items()):
+        folder = work / f"class{i}"
+        folder.mkdir(parents=True)
+        folders[name] = []
+        for j, rel in enumerate(files):
+            dest = folder / f"{j:03d}{Path(rel).suffix.lower()}"
+            shutil.copyfile(raw / rel, dest)
+            folders[name].append(dest)
+    big = work / "class3"
+    big.mkdir()
+    folders[f"{BIG_SIDE} px PNG (ieee8023, scaled up)"] = []
+    for j, rel in enumerate(pick(manifest, rng, n, ieee & (manifest["width"] >= 600))):
+        with Image.open(raw / rel) as im:
+            grey = im.convert("L")
+            scale = BIG_SIDE / max(grey.size)
+            grey = grey.resize((round(grey.width * scale), round(grey.height * scale)),
+                               Image.Resampling.LANCZOS)  # fmt: skip
+            dest = big / f"{j:03d}.png"
+            grey.save(dest)
+            folders[f"{BIG_SIDE} px PNG (ieee8023, scaled up)"].append(dest)
+    mixed = work / "mixed"
+    mixed.mkdir()
+    folders["mixed (all of the above)"] = []
+    for files in list(folders.values())[:4]:
+        for f in files:
+            dest = mixed / f"{f.parent.name}_{f.name}"
+            shutil.copyfile(f, dest)
+            folders["mixed (all of the above)"].append(dest)
+    return folders
+
+
+def run_predict(files: list[Path], models: Path, out: Path) -> dict[str, float]:
+    """One `python -m cxr predict` over `files`: predict's films/s and the wall time."""
+    cmd = [sys.executable, "-m", "cxr", "predict", *map(str, files), "--models", str(models),
+           "--out", str(out), "--force"]  # fmt: skip
+    start = time.perf_counter()
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if done.returncode != 0:
+        raise RuntimeError(f"predict exited {done.returncode}:\n{done.stderr[-2000:]}")
+    match = RATE.search(done.stderr)
+    if not match:
+        raise RuntimeError(f"no rate in predict's summary:\n{done.stderr[-2000:]}")
+    return {"films": len(files), "predict_s": float(match.group(1)),
+            "films_per_s": float(match.group(2)), "wall_s": round(wall, 2)}  # fmt: skip
+
+
+def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    folders = build_folders(args.raw, work, args.films, args.seed)
+    result: dict[str, Any] = {"cpu": cpu(), "films_per_class": args.films,
+                              "repeats": args.repeats, "classes": {}}  # fmt: skip
+    for name, files in folders.items():
+        runs = [run_predict(files, args.models, work / "out.csv") for _ in range(args.repeats)]
+        best = max(runs, key=lambda r: r["films_per_s"])
+        mb = sum(f.stat().st_size for f in files) / len(files) / 1e6
+        result["classes"][name] = best | {"mean_file_mb": round(mb, 2),
+                                          "all_runs_films_per_s": [r["films_per_s"] for r in runs]}  # fmt: skip
+    one = folders["1024 px PNG (nih)"][:1]
+    starts = [
+        run_predict(one, args.models, work / "one.csv")["wall_s"] for _ in range(args.repeats)
+    ]
+    result["one_film_wall_s"] = min(starts)
+    result["one_film_wall_s_runs"] = starts
+    return result
+
+
+def markdown(r: dict[str, Any], command: str) -> str:
+    c = r["cpu"]
+    lines = ["# predict: films per second by image size, and start-up", "",
+             "| films | mean file (MB) | n | films/s (predict's count) | wall incl. start-up (s) |",
+             "|---|---|---|---|---|"]  # fmt: skip
+    for name, v in r["classes"].items():
+        lines.append(f"| {name} | {v['mean_file_mb']:.2f} | {v['films']} | {v['films_per_s']:.1f} "
+                     f"| {v['wall_s']:.1f} |")  # fmt: skip
+    lines += ["", f"One-film call (start-up: Python, torch, the models, one film): "
+              f"{r['one_film_wall_s']:.1f} s wall.", "",
+              f"Measured on {c.get('model', 'unknown')} ({c.get('cores')} cores), best of "
+              f"{r['repeats']} runs per folder.", f"Regenerate: `{command}`"]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if not (args.raw / "manifest.csv").exists():
+        sys.exit(f"error: {args.raw}/manifest.csv not found: run `dvc repro fetch` first")
+    with tempfile.TemporaryDirectory(prefix="predict-speed-") as tmp:
+        result = measure(args, Path(tmp))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    command = "python -m cxr predict-speed " + " ".join(argv if argv is not None else sys.argv[2:])
+    args.out.with_suffix(".md").write_text(markdown(result, command.strip()))
+    print(markdown(result, command.strip()))
+
+
+if __name__ == "__main__":
+    main()
