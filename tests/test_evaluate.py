@@ -568,3 +568,19 @@ def test_an_oos_operating_point_of_another_recipe_is_refused(workdir, capsys):
     with pytest.raises(SystemExit):
         stage.main([*argv(workdir), "--operating-point", str(workdir / "none.json")])
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_model_card_counts_typed_adult_films_from_the_split_counts() -> None:
+    """The card's "validated on children only" line quotes metrics/data.json, not numbers
+    written into the code. Watched red with the old hard-coded "46 ... 27"."""
+    from cxr.report import typed_adults
+
+    counts = {
+        "train": {
+            "viral": {"ieee8023": {"adult": 3}},
+            "bacterial": {"x": {"adult": 2, "pediatric": 9}},
+        },
+        "val": {"viral": {"ieee8023": {"adult": 1}}},
+        "test": {"normal": {"rsna": {"adult": 50}}},
+    }
+    assert typed_adults(counts) == "6 typed adult films in all splits, 5 of them in train"
