@@ -762,7 +762,15 @@ def ood_every_film(f: Files) -> list[str]:
 
     rows = [[OOD_SPLITS[k], cell(m[k]["all"]), *(cell(m[k].get(d)) for d in datasets)]
             for k in splits]  # fmt: skip
-    return table(["films", "all", *datasets], rows)
+
+    def median(part: dict | None) -> str:
+        return "-" if not part or "median_distance" not in part else f"{part['median_distance']:.1f}"
+
+    distances = [[OOD_SPLITS[k], median(m[k]["all"]), *(median(m[k].get(d)) for d in datasets)]
+                 for k in splits]  # fmt: skip
+    return [*table(["films flagged", "all", *datasets], rows), "",
+            f"Median feature distance (the flag threshold is {m['threshold']:.2f}):", "",
+            *table(["films", "all", *datasets], distances)]  # fmt: skip
 
 
 BLOCKS: dict[str, Callable[[Files], list[str]]] = {

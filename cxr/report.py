@@ -62,7 +62,7 @@ def _training_line(meta: dict) -> str:
         f"{p['arch']}, {meta['image_size']} px, weights={p['weights']}, {t['epochs_run']} epoch(s) "
         f"(best {t['best_epoch']} by val {p['select_metric']}), {p['optimizer']} lr {p['lr']}, "
         f"balance={p['balance']} by {' x '.join(p.get('balance_by', ['class']))}, "
-        f"partial_labels={p.get('partial_labels', 'n/a')}, {t['wall_seconds']:.0f} s"
+        f"partial_labels={p.get('partial_labels', 'n/a')}"
     )
 
 

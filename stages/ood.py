@@ -45,10 +45,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def sources(table: pd.DataFrame) -> np.ndarray:
+    """Each film's dataset; the cases (cases.csv has no dataset column) count as one source."""
+    if "dataset" in table:
+        return table["dataset"].to_numpy(dtype=str)
+    return table["cohort"].to_numpy(dtype=str)
+
+
 def median_distances(summary: dict, scores: np.ndarray, table: pd.DataFrame) -> None:
     """Each dataset's median feature distance beside its flag counts: how far a source sits
     from the training films' Gaussian, flagged or not (a per-source look at the gate)."""
-    datasets = table["dataset"].to_numpy(dtype=str)
+    datasets = sources(table)
     summary["all"]["median_distance"] = round(float(np.median(scores)), 2)
     for name in set(datasets.tolist()):
         summary[name]["median_distance"] = round(float(np.median(scores[datasets == name])), 2)
@@ -79,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
         metrics = {"threshold": state.threshold, **state.meta}
         for name in tables:  # val: 1 - percentile by construction; train: in-sample
             flags = ood.gate_batch(state, features[name], masks[name])
-            metrics[name] = ood.flag_summary(flags, tables[name]["dataset"].to_numpy(dtype=str))
+            metrics[name] = ood.flag_summary(flags, sources(tables[name]))
             if name in ("val", "test"):
                 metrics[name]["lung_shape"] = ood.lung_shape_quantiles(masks[name])
             median_distances(metrics[name], state.scores(features[name]), tables[name])

@@ -40,6 +40,8 @@ from cxr.lungs import crop_inputs, load_lung_masks
 from cxr.models import build_model, save_checkpoint
 from cxr.train import EpochResult, train_model
 
+RUN_ONLY = ("wall_seconds", "train_images_per_second", "resumed_from_epoch")  # metrics, not checkpoint
+
 log = logging.getLogger("train")
 
 
@@ -171,11 +173,14 @@ def main(argv: list[str] | None = None) -> None:
             },
             "params": asdict(p),
             "seed": base.seed,
-            "training": result.summary() | {"threads": threads, "processes": world.size},
         }
+        summary = result.summary() | {"threads": threads, "processes": world.size}
+        # How this run went (its time, a resume) goes to the metrics only: identical training
+        # then writes a byte-identical checkpoint, and nothing downstream re-runs for it.
+        meta["training"] = {k: v for k, v in summary.items() if k not in RUN_ONLY}
         save_checkpoint(args.model, model, meta)
         args.metrics.parent.mkdir(parents=True, exist_ok=True)
-        args.metrics.write_text(json.dumps(meta["training"], indent=2) + "\n")
+        args.metrics.write_text(json.dumps(summary, indent=2) + "\n")
         if args.resume is not None:
             resume.remove(args.resume)  # only now: the checkpoint is safely written
         log.info("best epoch %d: %s -> %s", result.best_epoch, result.summary()["val"], args.model)

@@ -292,6 +292,8 @@ def tiny_split(folder: Path, size: int = 32) -> None:
         images = rng.integers(0, 256, (n, size, size), dtype=np.uint8)
         table = pd.DataFrame({"path": [f"{name}{i}.png" for i in range(n)],
                               "dataset": ["kermany", "rsna"] * (n // 2)})  # fmt: skip
+        if name == "cases":  # as cases.csv: no dataset column, a cohort
+            table = table.drop(columns="dataset").assign(cohort="cases")
         save_split(folder, name, images, table)
 
 
@@ -299,7 +301,8 @@ def test_stage_fits_for_the_checkpoint_and_writes_metrics(tmp_path: Path) -> Non
     """stages/ood.py on tiny random models: the gate loads for that checkpoint only, its
     threshold flags at most 1 of the 12 val films by features, and the metrics count by dataset,
     on every split of real films. Watched red with the threshold set on the train films'
-    distances (val flagged 12 of 12), and with only val and test counted (KeyError 'train')."""
+    distances (val flagged 12 of 12), with only val and test counted (KeyError 'train'), and
+    with the cases read by a `dataset` column they do not have (KeyError, as the real stage hit)."""
     import stages.ood as stage
 
     binary, seg = tiny_binary(tmp_path / "binary.pt"), tiny_segmenter(tmp_path / "segmenter.pt")
@@ -318,7 +321,7 @@ def test_stage_fits_for_the_checkpoint_and_writes_metrics(tmp_path: Path) -> Non
     assert m["val"]["kermany"]["n"] == 6 and m["test"]["all"]["n"] == 8
     # every real film is counted: train (in-sample), adult_check and cases; no empty external
     assert [m[k]["all"]["n"] for k in ("train", "adult_check", "cases")] == [24, 4, 2]
-    assert "external" not in m
+    assert "external" not in m and m["cases"]["cases"]["n"] == 2
     # each dataset's median feature distance, as the gate scores the films
     from cxr.arrays import load_split
     from cxr.models import load_checkpoint

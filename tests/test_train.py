@@ -216,4 +216,12 @@ def test_checkpoint_metadata_is_complete_after_the_training_stage(tmp_path):
     assert meta["training"]["best_epoch"] == 1 and "macro_f1" in meta["training"]["val"]
     summary = json.loads((tmp_path / "m.json").read_text())
     assert summary["wall_seconds"] > 0 and summary["train_images_per_second"] > 0
+    # the same training again writes the same checkpoint bytes: run times are metrics only
+    # (watched red while the checkpoint's metadata carried wall_seconds)
+    stage.main(["--section", "train_binary", "--params", str(tmp_path / "params.yaml"),
+                "--data", str(tmp_path / "split"), "--model", str(tmp_path / "again" / "binary.pt"),
+                "--metrics", str(tmp_path / "m2.json"), "--plots", str(tmp_path / "live2")])  # fmt: skip
+    again = (tmp_path / "again" / "binary.pt").read_bytes()  # same name: torch.save records it
+    assert again == (tmp_path / "binary.pt").read_bytes()
+    assert "wall_seconds" not in meta["training"]
     assert (tmp_path / "live" / "plots" / "metrics" / "val" / "macro_f1.tsv").exists()
