@@ -17,19 +17,16 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from cxr.growth import RATE, cpu
+from cxr.growth import cpu, time_predict
 
-ROOT = Path(__file__).resolve().parents[1]
 BIG_SIDE = 2500  # px, the long side of the scaled-up PNGs
 
 
@@ -101,35 +98,19 @@ def build_folders(raw: Path, work: Path, n: int, seed: int) -> dict[str, list[Pa
     return folders
 
 
-def run_predict(files: list[Path], models: Path, out: Path) -> dict[str, float]:
-    """One `python -m cxr predict` over `files`: predict's films/s and the wall time."""
-    cmd = [sys.executable, "-m", "cxr", "predict", *map(str, files), "--models", str(models),
-           "--out", str(out), "--force"]  # fmt: skip
-    start = time.perf_counter()
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    wall = time.perf_counter() - start
-    if done.returncode != 0:
-        raise RuntimeError(f"predict exited {done.returncode}:\n{done.stderr[-2000:]}")
-    match = RATE.search(done.stderr)
-    if not match:
-        raise RuntimeError(f"no rate in predict's summary:\n{done.stderr[-2000:]}")
-    return {"films": len(files), "predict_s": float(match.group(1)),
-            "films_per_s": float(match.group(2)), "wall_s": round(wall, 2)}  # fmt: skip
-
-
 def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     folders = build_folders(args.raw, work, args.films, args.seed)
     result: dict[str, Any] = {"cpu": cpu(), "films_per_class": args.films,
                               "repeats": args.repeats, "classes": {}}  # fmt: skip
     for name, files in folders.items():
-        runs = [run_predict(files, args.models, work / "out.csv") for _ in range(args.repeats)]
+        runs = [time_predict(files, args.models, work / "out.csv") for _ in range(args.repeats)]
         best = max(runs, key=lambda r: r["films_per_s"])
         mb = sum(f.stat().st_size for f in files) / len(files) / 1e6
         result["classes"][name] = best | {"mean_file_mb": round(mb, 2),
                                           "all_runs_films_per_s": [r["films_per_s"] for r in runs]}  # fmt: skip
     one = folders["1024 px PNG (nih)"][:1]
     starts = [
-        run_predict(one, args.models, work / "one.csv")["wall_s"] for _ in range(args.repeats)
+        time_predict(one, args.models, work / "one.csv")["wall_s"] for _ in range(args.repeats)
     ]
     result["one_film_wall_s"] = min(starts)
     result["one_film_wall_s_runs"] = starts
