@@ -1,4 +1,4 @@
-"""`python -m cxr <command>` (or the `cxr` script): bench | predict | calibrate | validate | ood-report | growth | predict-speed."""
+"""`python -m cxr <command>` (or the `cxr` script): bench | predict | calibrate | validate | ood-report | growth | predict-speed | ensemble."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ COMMANDS = {
     "ood-report": "cxr.ood_report",
     "growth": "cxr.growth",
     "predict-speed": "cxr.predict_speed",
+    "ensemble": "cxr.ensemble",
 }
 EXIT_INTERRUPTED = 130
 

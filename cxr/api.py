@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from cxr.ensemble import Ensemble
 from cxr.errors import InputError
 from cxr.images import ImageError, Preprocessing, preprocess_gray
 from cxr.infer import predict_proba
@@ -170,11 +171,16 @@ def covid_and_gate(
     n = len(prepared.images)
     if models.ood is None:
         return covid_probability(models, prepared.images, batch_size), [[] for _ in range(n)]
-    from cxr.ood import captured_features, gate_batch
+    from cxr.ood import captured_features, gate_batch, penultimate_features
 
-    with captured_features(models.binary) as found:
+    if isinstance(models.binary, Ensemble):  # the gate knows its first member's features only
         covid = covid_probability(models, prepared.images, batch_size)
-    features = np.concatenate([f.numpy() for f in found]).astype(np.float64) if n else None
+        first = models.binary.members[0]
+        features = penultimate_features(first, prepared.images, batch_size) if n else None
+    else:
+        with captured_features(models.binary) as found:
+            covid = covid_probability(models, prepared.images, batch_size)
+        features = np.concatenate([f.numpy() for f in found]).astype(np.float64) if n else None
     reasons = gate_batch(models.ood, features, prepared.masks)
     return covid, [[as_not_frontal(r) for r in rows] for rows in reasons]
 

@@ -30,6 +30,7 @@ from torch import nn
 from tqdm import tqdm
 
 from cxr.data import to_input
+from cxr.ensemble import Ensemble
 from cxr.models import CXRNet, build_model
 
 log = logging.getLogger(__name__)
@@ -82,6 +83,10 @@ def compute_cams(
     """
     if targets is not None and len(targets) != len(images):
         raise ValueError(f"{len(targets)} targets for {len(images)} images")
+    if isinstance(model, Ensemble):  # the mean of the members' maps on the plain film
+        maps = [compute_cams(m, images, targets, method=method, batch_size=batch_size, layer=layer)
+                for m in model.members]  # fmt: skip
+        return np.mean(maps, axis=0)
     layers = [target_layer(model, layer)]
     cam = cam_class(method)(model=model, target_layers=layers)  # also sets eval()
     cam.batch_size = batch_size  # ScoreCAM's masked forward passes per batch

@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from cxr.bundle import SITE_NAME, Bundle, load_bundle, sha256_of, site_threshold
+from cxr.ensemble import Ensemble, load_model, member_paths
 from cxr.images import Preprocessing
 from cxr.inputs import UsageError
-from cxr.models import CheckpointError, CXRNet, load_checkpoint
+from cxr.models import CheckpointError, CXRNet
 
 log = logging.getLogger(__name__)
 OOD_NAME = "ood.pt"  # the ood stage's gate, beside the binary checkpoint it was fitted for
@@ -28,8 +29,8 @@ OOD_NAME = "ood.pt"  # the ood stage's gate, beside the binary checkpoint it was
 class Models:
     """Both networks and what is needed to feed them and read their outputs."""
 
-    four_class: CXRNet
-    binary: CXRNet
+    four_class: CXRNet | Ensemble  # an ensemble manifest loads as one model (cxr.ensemble)
+    binary: CXRNet | Ensemble
     class_names: list[str]  # the four-class model's, in output order
     covid_index: int  # the binary model's COVID-19 output
     spec: Preprocessing
@@ -196,7 +197,7 @@ def load_models(
     loaded = {}
     for task, path in (("four_class", four_class_path), ("binary", binary_path)):
         try:
-            model, meta = load_checkpoint(path, task)
+            model, meta = load_model(path, task)  # a checkpoint or an ensemble manifest
         except KeyError as exc:
             raise UsageError(f"{path}: checkpoint metadata lacks {exc}") from exc
         loaded[task] = (model, meta, checkpoint_spec(meta, path))
@@ -215,5 +216,5 @@ def load_models(
         covid_index=binary_meta["class_names"].index("covid"),
         spec=spec,
         segmenter=load_segmenter_for(spec, segmenter_path),
-        ood=load_gate(binary_path),
+        ood=load_gate(member_paths(binary_path)[0]),  # an ensemble: its first member's gate
     )

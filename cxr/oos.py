@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -124,8 +125,10 @@ def run_fold(
     fold: Fold,
     tasks: dict[str, TrainParams],
     base: BaseParams,
+    on_model: Callable[[str, CXRNet, dict], None] | None = None,
 ) -> tuple[pd.DataFrame, dict]:
-    """Train both tasks without the fold's films; their predictions on those films + a summary."""
+    """Train both tasks without the fold's films; their predictions on those films + a summary.
+    `on_model(task, model, summary)` receives each trained model (to keep it: stages/oos.py --models)."""
     out = held_out(table, fold)
     train = (~out) & (table["origin"] == "train").to_numpy()
     val = (~out) & (table["origin"] == "val").to_numpy()
@@ -141,6 +144,8 @@ def run_fold(
     scored = out | val
     for task, p in tasks.items():
         model, summary[task] = fit(images, table, train, val, p, base)
+        if on_model is not None:
+            on_model(task, model, summary[task])
         probs[task] = predict_proba(model, images[scored], batch_size=64)
     frame = predictions(table[scored], probs.get("binary"), probs.get("four_class"),
                         tasks["four_class"].class_names if "four_class" in tasks else [])  # fmt: skip

@@ -20,6 +20,7 @@ from cxr.arrays import load_split
 from cxr.bundle import BUNDLE_NAME, write_bundle
 from cxr.cli import setup_logging, user_errors
 from cxr.config import load_base, load_evaluate_params
+from cxr.ensemble import load_model
 from cxr.errors import BundleError, InputError
 from cxr.evaluate import (
     check_class_order,
@@ -30,7 +31,6 @@ from cxr.evaluate import (
 )
 from cxr.infer import configure_cpu
 from cxr.lungs import crop_inputs, load_lung_masks
-from cxr.models import load_checkpoint
 from cxr.params import load_params
 
 log = logging.getLogger("evaluate")
@@ -69,7 +69,7 @@ def evaluate_checkpoint(
     task: str, path: Path, splits: dict, args, p, seed: int, oos_point: dict | None = None
 ) -> dict:
     """Score every split with one checkpoint; write its metrics JSON and figures."""
-    model, meta = load_checkpoint(path, task=task)
+    model, meta = load_model(path, task=task)  # a checkpoint or an ensemble manifest
     size = next(iter(splits.values()))[0].shape[1]
     if meta["image_size"] != size:
         raise InputError(

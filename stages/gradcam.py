@@ -21,10 +21,10 @@ from cxr.arrays import load_split
 from cxr.cli import setup_logging, user_errors
 from cxr.config import load_base, load_gradcam_params
 from cxr.data import seed_everything
+from cxr.ensemble import load_model
 from cxr.errors import InputError
 from cxr.infer import configure_cpu, predict_proba
 from cxr.lungs import crop_inputs, load_lung_masks
-from cxr.models import load_checkpoint
 
 log = logging.getLogger("gradcam")
 METRIC_IMAGES = 64  # test images for the map checks: enough for a mean, cheap on 2 cores
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
         base, p = load_base(args.params), load_gradcam_params(args.params)
         seed_everything(base.seed)
         configure_cpu(0)
-        model, meta = load_checkpoint(args.model, task="four_class")
+        model, meta = load_model(args.model, task="four_class")  # checkpoint or ensemble
         names = list(meta["class_names"])
         inputs = load_inputs(args, meta)
         (test_x, test_table, test_lungs), (case_x, cases, case_lungs) = inputs.test, inputs.cases

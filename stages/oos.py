@@ -10,14 +10,17 @@ import argparse
 import json
 import logging
 import sys
+from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from cxr.cli import setup_logging, user_errors
-from cxr.config import load_base, load_split_params, load_train_params, preprocessing
+from cxr.config import TrainParams, load_base, load_split_params, load_train_params, preprocessing
 from cxr.infer import configure_cpu
 from cxr.lungs import crop_inputs
+from cxr.models import CXRNet, save_checkpoint
 from cxr.oos import pool_masks, pool_table, run_fold, with_epochs
 from cxr.oos_params import load_oos_params
 from cxr.params import ParamsError
@@ -32,7 +35,33 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--data", type=Path, default=Path("data/split"))
     parser.add_argument("--lungs", type=Path, default=Path("data/lungs"))
     parser.add_argument("--out", type=Path, default=Path("reports/oos/folds"))
+    parser.add_argument("--models", type=Path, default=None,
+                        help="also keep the fold's checkpoints here (<fold>_<task>.pt), e.g. to "
+                        "score test-time augmentation on its held-out films later")  # fmt: skip
     return parser.parse_args(argv)
+
+
+def keep_model(
+    folder: Path,
+    fold: str,
+    preprocessing: dict,
+    tasks: dict[str, TrainParams],
+    seed: int,
+    task: str,
+    model: CXRNet,
+    summary: dict,
+) -> None:
+    """Save one fold model as a classifier checkpoint (loadable by predict, evaluate, ...)."""
+    p = tasks[task]
+    meta = {"task": task, "arch": p.arch, "class_names": p.class_names,
+            "image_size": preprocessing["image_size"], "preprocessing": preprocessing,
+            "normalisation": {"mean": float(model.mean), "std": float(model.std),
+                              "input": "uint8/255, 1 channel"},
+            "params": asdict(p), "seed": seed,
+            "training": {k: v for k, v in summary.items() if k != "wall_seconds"},
+            "oos_fold": fold}  # fmt: skip
+    save_checkpoint(folder / f"{fold}_{task}.pt", model, meta)
+    log.info("fold %s: %s model -> %s", fold, task, folder / f"{fold}_{task}.pt")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -47,10 +76,15 @@ def main(argv: list[str] | None = None) -> None:
         spec = preprocessing(base, load_split_params(args.params))
         tasks = {task: with_epochs(load_train_params(args.params, f"train_{task}"), oos.epochs)
                  for task in oos.tasks}  # fmt: skip
-        configure_cpu(tasks["binary"].threads)
+        configure_cpu(next(iter(tasks.values())).threads)  # oos.tasks may omit binary
         images, table = pool_table(args.data)
         images = crop_inputs(images, lambda: pool_masks(args.lungs, table), spec.to_dict())
-        frame, summary = run_fold(images, table, folds[args.fold], tasks, base)
+        keep = (
+            None
+            if args.models is None
+            else partial(keep_model, args.models, args.fold, spec.to_dict(), tasks, base.seed)
+        )
+        frame, summary = run_fold(images, table, folds[args.fold], tasks, base, on_model=keep)
         args.out.mkdir(parents=True, exist_ok=True)
         frame.to_csv(args.out / f"{args.fold}.csv", index=False, float_format="%.6f")
         (args.out / f"{args.fold}.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -66,6 +66,9 @@ def main(argv: list[str] | None = None) -> None:
         (args.out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
         (args.out / "results.md").write_text(markdown(result, {"tasks": oos.tasks,
                                                                "epochs": oos.epochs}))
+        if result["operating_point"] is None:  # four-class folds only: no COVID-19 threshold
+            log.info("four-class calls on held-out adult films: %s", result["pooled"]["four_class"])
+            return
         point = result["operating_point"] | {"recipe": recipe(load_params(args.params), oos.epochs)}
         (args.out / "operating_point.json").write_text(json.dumps(point, indent=2) + "\n")
         pooled = result["pooled"]["binary"]

@@ -125,6 +125,28 @@ def test_non_covid_films_are_broken_down_by_finding_within_each_fold():
     assert rows[("w", "SARS")]["called_covid"] == 1.0
 
 
+def test_four_class_folds_alone_report_call_rates_and_no_operating_point():
+    """oos.tasks: [four_class] (no p_covid column): the adult call rates, pooled and per fold;
+    no COVID-19 threshold is made up. Watched red with the binary path taken regardless."""
+    frame = pd.DataFrame({
+        "fold": ["e"] * 5 + ["w"] * 3,
+        "group_id": [f"g{i}" for i in range(8)],
+        "age_group": ["adult"] * 7 + ["pediatric"],
+        "label": ["normal"] * 4 + ["covid", "normal", "normal", "normal"],
+        "call4": ["normal", "viral", "viral", "normal", "covid", "bacterial", "normal", "viral"],
+        "scored_as": ["held_out"] * 7 + ["held_out"],
+    })  # fmt: skip
+    result = report(frame, specificity=0.9, n_boot=10, seed=0)
+    assert result["operating_point"] is None and "binary" not in result["pooled"]
+    normal = result["pooled"]["four_class"]["adult_normal"]
+    assert normal["n"] == 6 and normal["normal"] == pytest.approx(3 / 6)  # the child is left out
+    assert normal["viral"] == pytest.approx(2 / 6, abs=1e-4)  # rounded to 4 places
+    assert result["folds"]["w"]["four_class"]["adult_normal"]["bacterial"] == pytest.approx(0.5)
+    page = markdown(result, {"tasks": ["four_class"], "epochs": None})
+    assert "| pooled: adult normal | 6 | 0.0% | 33.3% | 16.7% | 50.0% |" in page
+    assert "| fold e: adult normal | 4 |" in page and "Binary" not in page
+
+
 def test_oos_params_are_checked(tmp_path):
     """Watched red with the epochs check removed: epochs 0 was accepted."""
     from pathlib import Path
