@@ -119,6 +119,28 @@ def predictions(table: pd.DataFrame, binary: np.ndarray | None, four: np.ndarray
     return out
 
 
+def fold_rows(table: pd.DataFrame, fold: Fold) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Boolean rows (train, val, scored held-out) of a fold: the fold's places are held out of
+    training and validation, and scored unless they sit in the default test split."""
+    out = held_out(table, fold)
+    train = (~out) & (table["origin"] == "train").to_numpy()
+    val = (~out) & (table["origin"] == "val").to_numpy()
+    # Held-out films of the default test split are neither trained on nor scored: choices made
+    # here must not see the films the committed models are finally tested on.
+    out &= (table["origin"] != "test").to_numpy()
+    return train, val, out
+
+
+def scored_frame(table: pd.DataFrame, out: np.ndarray, val: np.ndarray, probs: dict,
+                 names: list[str], fold: str) -> pd.DataFrame:  # fmt: skip
+    """The fold's predictions file: held-out and internal-validation rows with the models'
+    probabilities (`probs` by task, rows of `out | val` in table order)."""
+    scored = out | val
+    frame = predictions(table[scored], probs.get("binary"), probs.get("four_class"), names)
+    frame["scored_as"] = np.where(out[scored], "held_out", "internal_val")
+    return frame.assign(fold=fold)
+
+
 def run_fold(
     images: np.ndarray,
     table: pd.DataFrame,
@@ -129,12 +151,7 @@ def run_fold(
 ) -> tuple[pd.DataFrame, dict]:
     """Train both tasks without the fold's films; their predictions on those films + a summary.
     `on_model(task, model, summary)` receives each trained model (to keep it: stages/oos.py --models)."""
-    out = held_out(table, fold)
-    train = (~out) & (table["origin"] == "train").to_numpy()
-    val = (~out) & (table["origin"] == "val").to_numpy()
-    # Held-out films of the default test split are neither trained on nor scored: choices made
-    # here must not see the films the committed models are finally tested on.
-    out &= (table["origin"] != "test").to_numpy()
+    train, val, out = fold_rows(table, fold)
     log.info("fold %s: %d held out, training on %d, epoch chosen on %d", fold.name, out.sum(),
              train.sum(), val.sum())  # fmt: skip
     probs, summary = {}, {"held_out": int(out.sum()), "held_out_by_dataset":
@@ -147,7 +164,5 @@ def run_fold(
         if on_model is not None:
             on_model(task, model, summary[task])
         probs[task] = predict_proba(model, images[scored], batch_size=64)
-    frame = predictions(table[scored], probs.get("binary"), probs.get("four_class"),
-                        tasks["four_class"].class_names if "four_class" in tasks else [])  # fmt: skip
-    frame["scored_as"] = np.where(out[scored], "held_out", "internal_val")
-    return frame.assign(fold=fold.name), summary
+    names = tasks["four_class"].class_names if "four_class" in tasks else []
+    return scored_frame(table, out, val, probs, names, fold.name), summary

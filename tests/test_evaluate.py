@@ -584,3 +584,33 @@ def test_model_card_counts_typed_adult_films_from_the_split_counts() -> None:
         "test": {"normal": {"rsna": {"adult": 50}}},
     }
     assert typed_adults(counts) == "6 typed adult films in all splits, 5 of them in train"
+
+
+def test_stage_takes_an_ensemble_manifest_wherever_a_checkpoint_goes(workdir):
+    """A model that is a list of checkpoints (cxr.ensemble) is scored like one checkpoint: one
+    member without views gives the checkpoint's metrics exactly; two members give the metrics
+    of their mean probability. Watched red with evaluate loading the first member only."""
+    from cxr.ensemble import load_model, write_manifest
+
+    torch.set_num_threads(1)
+    stage.main(argv(workdir))
+    single = (workdir / "metrics" / "binary.json").read_text()
+    write_manifest(workdir / "one.json", [workdir / "binary.pt"], [])
+    stage.main(argv(workdir, binary="one.json"))
+    assert (workdir / "metrics" / "binary.json").read_text() == single
+
+    second = build_model("resnet18", 2)  # another seed's member
+    meta = torch.load(workdir / "binary.pt", weights_only=True)["meta"]
+    save_checkpoint(workdir / "binary_2.pt", second, meta)
+    write_manifest(workdir / "two.json", [workdir / "binary.pt", workdir / "binary_2.pt"], [])
+    stage.main(argv(workdir, binary="two.json"))
+    got = json.loads((workdir / "metrics" / "binary.json").read_text())
+    from cxr.arrays import load_split
+    from cxr.infer import predict_proba
+
+    x, table = load_split(workdir / "split", "test")
+    prob = predict_proba(load_model(workdir / "two.json")[0], np.asarray(x))
+    y = labels_for(table, "binary")
+    accuracy = float(np.mean(prob.argmax(1) == y))
+    assert got["test"]["accuracy"] == pytest.approx(accuracy)
+    assert (workdir / "metrics" / "binary.json").read_text() != single

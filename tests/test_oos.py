@@ -162,3 +162,60 @@ def test_oos_params_are_checked(tmp_path):
         (tmp_path / "params.yaml").write_text(yaml.safe_dump(changed))
         with pytest.raises(ParamsError, match=f"oos.{key}"):
             load_oos_params(tmp_path / "params.yaml")
+
+
+def test_saved_models_are_scored_on_a_folds_films_like_a_trained_fold(tmp_path, capsys):
+    """stages/oos_score.py: a kept fold model (or an ensemble/TTA manifest of it) scored on the
+    fold's held-out and internal-validation films, in the fold stage's CSV format. Watched red
+    with the test-split rows scored too."""
+    import torch
+
+    from cxr.arrays import save_split
+    from cxr.config import load_base, load_split_params, preprocessing
+    from cxr.infer import predict_proba
+    from cxr.models import build_model, save_checkpoint
+    from stages import oos_score
+    from tests.conftest import write_params
+
+    rng = np.random.default_rng(0)
+    data = tmp_path / "split"
+    for k, name in enumerate(("train", "val", "test")):
+        table = pd.DataFrame({
+            "path": [f"{name}{i}.png" for i in range(4)],
+            "dataset": ["rsna", "kermany", "rsna", "ieee8023"],
+            "location": ["NIH", "Guangzhou", "NIH", "Rome, Italy"],
+            "country": ["USA", "China", "USA", "Italy"],
+            "label": ["normal", "viral", "normal", "covid"],
+            "age_group": ["adult", "pediatric", "adult", "adult"],
+            "group_id": [f"g{k}{i}" for i in range(4)],
+        })  # fmt: skip
+        save_split(data, name, rng.integers(0, 256, (4, 32, 32), dtype=np.uint8), table)
+    params = write_params(tmp_path / "params.yaml", base={"image_size": 32, "crop": "none"},
+                          oos={"tasks": ["four_class"], "folds": [{"name": "r", "datasets": ["rsna"]}]})  # fmt: skip
+    spec = preprocessing(load_base(params), load_split_params(params)).to_dict()
+    names = ["covid", "viral", "bacterial", "normal"]
+    torch.manual_seed(0)
+    model = build_model("resnet18", 4, zero_init_residual=False)
+    ckpt = tmp_path / "r_four_class.pt"
+    save_checkpoint(ckpt, model, {"task": "four_class", "arch": "resnet18", "class_names": names,
+                                  "image_size": 32, "preprocessing": spec})  # fmt: skip
+    argv = ["--fold", "r", "--params", str(params), "--data", str(data), "--lungs", str(tmp_path),
+            "--four-class", str(ckpt), "--out", str(tmp_path / "out")]  # fmt: skip
+    oos_score.main(argv)
+    frame = pd.read_csv(tmp_path / "out" / "r.csv")
+    # rsna rows of train and val are held out and scored; val's others are internal; test never
+    assert frame["path"].tolist() == ["train0.png", "train2.png", "val0.png", "val1.png",
+                                      "val2.png", "val3.png"]  # fmt: skip
+    assert frame["scored_as"].tolist() == ["held_out"] * 2 + ["held_out", "internal_val"] * 2
+    from cxr.arrays import load_split
+
+    x = np.concatenate([load_split(data, "train")[0][[0, 2]], load_split(data, "val")[0]])
+    want = predict_proba(model.eval(), x)
+    np.testing.assert_allclose(frame[[f"p4_{c}" for c in names]].to_numpy(), want, atol=1e-5)
+    assert frame["call4"].tolist() == [names[k] for k in want.argmax(1)]
+
+    other = write_params(tmp_path / "p2.yaml", base={"image_size": 32, "crop": "none"},
+                         split={"jpeg_quality": 90}, oos={"folds": [{"name": "r", "datasets": ["rsna"]}]})  # fmt: skip
+    with pytest.raises(SystemExit):
+        oos_score.main([*argv[:2], "--params", str(other), *argv[4:]])
+    assert "trained with preprocessing" in capsys.readouterr().err
