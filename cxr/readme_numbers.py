@@ -215,6 +215,32 @@ def oos_is_committed_recipe(f: Files) -> bool:
     return bool(recipe) and all(recipe[name] == params.get(name) for name in recipe)
 
 
+OOS_FOUR_CLASS = "reports/oos/four_class"  # the four-class folds (oos.tasks [four_class])
+
+
+def oos_four_class(f: Files) -> dict | None:
+    """Held-out adult normals' four-class calls (pooled `adult_normal` of the four-class folds'
+    results.json) with the folds' names, when those folds were run with params.yaml's recipe
+    (base, split, train_four_class as committed); None otherwise."""
+    if not (f.root / OOS_FOUR_CLASS / "results.json").exists():
+        return None
+    run, params = f.load(f"{OOS_FOUR_CLASS}/params.yaml"), f.load("params.yaml")
+    if any(run.get(k) != params.get(k) for k in ("base", "split", "train_four_class")):
+        return None
+    result = f.load(f"{OOS_FOUR_CLASS}/results.json")
+    normal = result["pooled"]["four_class"].get("adult_normal")
+    return None if normal is None else normal | {"folds": list(result["folds"])}
+
+
+def four_class_oos_text(f: Files) -> str | None:
+    """'X% of N held-out adult normals called normal (fold F)', or None when not measured."""
+    four = oos_four_class(f)
+    if four is None:
+        return None
+    return (f"{pct(four['normal'])} of {four['n']} held-out adult normals called normal "
+            f"(fold {', '.join(four['folds'])}; {pct(four['viral'])} viral)")  # fmt: skip
+
+
 def oos_row(f: Files, link: str) -> list[str]:
     """The headline's out-of-source row: pooled held-out adult AUC and sensitivity at 90%
     specificity, when the committed OOS run used the default recipe (else a link only)."""
@@ -226,7 +252,7 @@ def oos_row(f: Files, link: str) -> list[str]:
              f"COVID-19 vs {pooled['n_non_covid']} adult non-COVID of held-out places, same recipe: "
              f"{link})")  # fmt: skip
     value = f"{ci(pooled['roc_auc'])} / {ci(pooled['sensitivity_at_90_specificity'])}"
-    return [label, value, "not run (`oos.tasks`)"]
+    return [label, value, four_class_oos_text(f) or "not run (`oos.tasks`)"]
 
 
 def targets(f: Files) -> list[str]:
@@ -271,8 +297,9 @@ def new_hospital_targets(f: Files) -> list[str]:
         return f"{fmt(value)}: met" if met else f"{fmt(value)}: **missed**"
 
     auc, sens = num(binary["roc_auc"]), num(binary["sensitivity_at_90_specificity"])
-    four = pooled.get("four_class") or {}
-    normal = (four.get("adult_normal") or {}).get("normal")
+    four = pooled.get("four_class", {}).get("adult_normal") or oos_four_class(f) or {}
+    normal = four.get("normal")
+    where = f" (fold {', '.join(four['folds'])}: {OOS_FOUR_CLASS})" if "folds" in four else ""
     check_normal, check_covid = num(get(q, NORMAL)), num(get(q, CHECK_ARGMAX))
     rows = [
         [f"out-of-source, pooled: adult ROC AUC >= 0.93{recipe}", verdict(auc, auc >= 0.93)],
@@ -280,7 +307,7 @@ def new_hospital_targets(f: Files) -> list[str]:
          verdict(sens, sens >= 0.85)],
         ["four-class: held-out adult normals called normal >= 70%",
          verdict(normal, normal is not None and normal >= 0.70, pct)
-         + ("" if normal is not None else " (no four-class folds: `oos.tasks`)")],
+         + (where if normal is not None else " (no four-class folds: `oos.tasks`)")],
         ["four-class: adult_check called normal >= 70% (argmax)",
          verdict(check_normal, check_normal >= 0.70, pct)],
         ["four-class: adult_check called COVID-19 <= 5% (argmax)",

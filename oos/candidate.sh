@@ -2,12 +2,13 @@
 # Run one candidate configuration through the out-of-source folds, outside DVC's lock:
 #   oos/candidate.sh reports/oos/candidates/NAME     (the folder holds the candidate's params.yaml)
 # Writes NAME/folds/*.csv|json and NAME/results.{json,md}, like `dvc repro oos/dvc.yaml` does for
-# params.yaml. Folds and the budget (oos.*) come from the candidate's params.yaml.
+# params.yaml, and keeps the fold models in NAME/models/ (not in git) for oos/tta.sh.
+# Folds and the budget (oos.*) come from the candidate's params.yaml.
 set -euo pipefail
 dir=${1:?usage: oos/candidate.sh reports/oos/candidates/NAME}
 cd "$(dirname "$0")/.."
 folds=$(python -c "import sys,yaml; print(' '.join(f['name'] for f in yaml.safe_load(open(sys.argv[1]))['oos']['folds']))" "$dir/params.yaml")
 for fold in $folds; do
-  python stages/oos.py --fold "$fold" --params "$dir/params.yaml" --out "$dir/folds"
+  python stages/oos.py --fold "$fold" --params "$dir/params.yaml" --out "$dir/folds" --models "$dir/models"
 done
 python stages/oos_report.py --params "$dir/params.yaml" --folds "$dir/folds" --out "$dir"

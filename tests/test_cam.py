@@ -434,3 +434,28 @@ def test_stage_refuses_lungs_of_other_rows(tmp_path: Path, stage, model: nn.Modu
     with pytest.raises(SystemExit):
         stage.main(argv(tmp_path, tmp_path / "four.pt"))
     assert "test.csv rows are not those of the split" in capsys.readouterr().err
+
+
+def test_stage_takes_an_ensemble_manifest(
+    tmp_path: Path, stage, model: nn.Module, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """gradcam --model accepts a model that is a list of checkpoints (cxr.ensemble): its maps are
+    the mean of the members' maps. Watched red with the stage loading checkpoints only."""
+    from cxr.ensemble import Ensemble, write_manifest
+
+    write_split(tmp_path / "split")
+    write_checkpoint(tmp_path / "a.pt", model, "four_class")
+    write_checkpoint(tmp_path / "b.pt", viral_model(model), "four_class")
+    write_manifest(tmp_path / "ens.json", [tmp_path / "a.pt", tmp_path / "b.pt"], ["gamma_0.8"])
+    seen, real = [], cam.compute_cams
+
+    def recording(model, images, targets=None, **kw):
+        seen.append(type(model))
+        return real(model, images, targets, **kw)
+
+    monkeypatch.setattr(cam, "compute_cams", recording)
+    stage.main(argv(tmp_path, tmp_path / "ens.json"))
+    assert seen[0] is Ensemble  # the stage's own calls get the ensemble (members follow inside)
+    metrics = json.loads((tmp_path / "metrics" / "gradcam.json").read_text())
+    assert metrics["n_test_images"] == 8
+    assert (tmp_path / "plots" / "cases" / "case00.png").exists()
