@@ -684,6 +684,24 @@ def oos_findings(f: Files) -> list[str]:
                    f3(r["roc_auc_vs_fold_covid"])] for r in rows])  # fmt: skip
 
 
+OOS_TTA = ("gamma", "zoom")  # reports/oos/four_class/tta/<name>/ (oos/tta.sh), in RULE.md order
+
+
+def oos_four_class_calls(f: Files) -> list[str]:
+    """docs/validation.md: the four-class folds' calls on held-out adult films, the fold models
+    alone and with each set of test-time views (reports/oos/four_class/[tta/<name>/]results.json)."""
+    runs = [("plain film", f"{OOS_FOUR_CLASS}/results.json")]
+    runs += [(f"+ TTA `{name}`", f"{OOS_FOUR_CLASS}/tta/{name}/results.json") for name in OOS_TTA
+             if (f.root / OOS_FOUR_CLASS / "tta" / name / "results.json").exists()]  # fmt: skip
+    rows = []
+    for label, path in runs:
+        for key, r in f.load(path)["pooled"]["four_class"].items():
+            rows.append([label, f"{key.replace('_', ' ')} ({r['n']})",
+                         *(pct(r[k]) for k in ("normal", "viral", "bacterial", "covid"))])  # fmt: skip
+    return table(["model", "held-out films", "called normal", "viral", "bacterial", "COVID-19"],
+                 rows)  # fmt: skip
+
+
 def growth(f: Files) -> list[str]:
     """The growth benchmark's tables, as `python -m cxr growth` wrote them (reports/growth.json)."""
     from cxr.growth import markdown
@@ -804,6 +822,7 @@ BLOCKS: dict[str, Callable[[Files], list[str]]] = {
     "oos": oos,
     "oos-candidates": oos_candidates,
     "oos-findings": oos_findings,
+    "oos-four-class": oos_four_class_calls,
     "headline": headline,
     "targets": targets,
     "new-hospital-targets": new_hospital_targets,

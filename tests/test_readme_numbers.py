@@ -186,3 +186,22 @@ def test_new_gate_numbers_leave_docs_ood_stale(tmp_path, name):
     path.write_text(json.dumps(data))
     stale = rn.stale(ROOT, rn.Files(tmp_path))
     assert expected in stale.get("docs/ood.md", ""), stale.keys()
+
+
+def test_four_class_folds_are_quoted_only_for_the_committed_recipe(tmp_path):
+    """The headline's four-class out-of-source cell and issue 18's target row read
+    reports/oos/four_class/ only when its params.yaml has the committed base/split/
+    train_four_class; another recipe's rate must not stand beside the committed models.
+    (Watched red with the recipe check removed: the changed run was still quoted.)"""
+    import yaml
+
+    root = copy_committed_files(tmp_path)
+    four = rn.oos_four_class(rn.Files(root))
+    assert four is not None and four["folds"] == ["europe"]
+    assert rn.pct(four["normal"]) in rn.four_class_oos_text(rn.Files(root))
+    run = root / "reports" / "oos" / "four_class" / "params.yaml"
+    params = yaml.safe_load(run.read_text())
+    params["train_four_class"]["epochs"] = 2
+    run.write_text(yaml.safe_dump(params))
+    assert rn.oos_four_class(rn.Files(root)) is None
+    assert "not run" in rn.oos_row(rn.Files(root), "link")[2]
