@@ -96,10 +96,12 @@ def test_pil_images_arrays_and_paths_agree(tmp_path: Path, models: Path) -> None
     )
     assert table["status"].tolist() == ["ok"] * 5
     assert table["file"].tolist() == ["image 0", "image 1", "image 2", "image 3", str(path)]
+    # Within 1e-6, not bit for bit: a batch of 1 and of 5 may take other kernels, which sum in
+    # another order (seen under ONEDNN_MAX_CPU_ISA=SSE41: 6e-8); a wrong input differs by far more.
     for column in PROBS:
-        assert table[column].nunique() == 1, table[column].tolist()
+        assert np.ptp(table[column].to_numpy()) < 1e-6, table[column].tolist()
     one = predictor.predict(stretched)  # a single image needs no list
-    assert one["binary_p_covid"].tolist() == [table["binary_p_covid"][0]]
+    assert one["binary_p_covid"][0] == pytest.approx(table["binary_p_covid"][0], abs=1e-6)
 
 
 def test_wrong_inputs_raise_a_clear_error(models: Path) -> None:
