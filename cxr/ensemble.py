@@ -167,9 +167,10 @@ def is_manifest(path: str | Path) -> bool:
 def member_paths(path: str | Path) -> list[Path]:
     """The checkpoint files of a manifest (a checkpoint: itself), each verified by sha256."""
     path = Path(path)
-    if not is_manifest(path):
-        return [path]
-    manifest = read_manifest(path)
+    return _verified_members(path, read_manifest(path)) if is_manifest(path) else [path]
+
+
+def _verified_members(path: Path, manifest: dict[str, Any]) -> list[Path]:
     out = []
     for entry in manifest["members"]:
         member = path.parent / entry["path"]
@@ -189,7 +190,7 @@ def load_model(path: str | Path, task: str | None = None) -> tuple[nn.Module, di
     if not is_manifest(path):
         return load_checkpoint(path, task)
     manifest = read_manifest(path)
-    paths = member_paths(path)
+    paths = _verified_members(path, manifest)  # the manifest read once
     loaded = [load_checkpoint(p, task) for p in paths]
     metas = [meta for _, meta in loaded]
     check_agree(metas, paths)
