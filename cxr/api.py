@@ -25,12 +25,15 @@ cannot be read gets an error row, as in predict's CSV.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from PIL import Image
 
 from cxr.ensemble import Ensemble
 from cxr.errors import InputError
@@ -254,45 +257,99 @@ class Batch:
         return {i: image_warnings(w) for i, w in self.found.items()}
 
 
-def read_inputs(
-    items: list[Input], spec: Preprocessing
-) -> tuple[list[np.ndarray], list[int], dict[int, list[str]], dict[int, str]]:
-    """Each file decoded (cxr.inputs.read_gray) and preprocessed; the positions in `items` they
-    came from, and the warnings and errors by position."""
-    images, where, found, errors = [], [], {}, {}
-    for i, item in enumerate(items):
-        if item.error is not None:
-            errors[i] = f"{item.path}: {item.error}"
-            continue
+@dataclass(frozen=True)
+class Decoded:
+    """A chunk's files read and preprocessed, before the models: what `read_inputs` returns."""
+
+    pixels: list[np.ndarray]  # the model input of each readable file, in order
+    where: list[int]  # the position in the chunk of each of them
+    found: dict[int, list[str]]  # by position, for the readable files: their warnings so far
+    errors: dict[int, str]  # by position, for the files that could not be read
+
+
+def read_one(item: Input, spec: Preprocessing) -> tuple[np.ndarray | None, list[str] | str]:
+    """One file decoded (cxr.inputs.read_gray) and preprocessed: (pixels, warnings), or
+    (None, the error message naming the file)."""
+    if item.error is not None:
+        return None, f"{item.path}: {item.error}"
+    try:
+        original, frames = read_gray(item.path)
+        return model_pixels(original, frame_warnings(frames), spec)
+    except (ImageError, OSError, ValueError) as exc:  # PIL/NumPy on odd modes: still the file
+        message = str(exc)
+        return None, message if message.startswith(str(item.path)) else f"{item.path}: {message}"
+
+
+def collect(done: list[tuple[np.ndarray | None, list[str] | str]]) -> Decoded:
+    """read_one's results for a chunk, in order -> Decoded."""
+    decoded = Decoded([], [], {}, {})
+    for i, (pixels, found) in enumerate(done):
+        if pixels is None:
+            decoded.errors[i] = str(found)
+        else:
+            decoded.pixels.append(pixels)
+            decoded.where.append(i)
+            decoded.found[i] = list(found)
+    return decoded
+
+
+def read_inputs(items: list[Input], spec: Preprocessing) -> Decoded:
+    """Each file of a chunk read (read_one), one after another."""
+    return collect([read_one(item, spec) for item in items])
+
+
+def read_ahead(
+    items: list[Input], spec: Preprocessing, batch_size: int, workers: int
+) -> Iterator[tuple[list[Input], Decoded]]:
+    """`items` chunk by chunk of `batch_size` with their files read, the next chunk's files
+    read by `workers` threads while the caller runs the models on this one (PIL and NumPy
+    release the GIL while decoding and resizing). Decoding a large PNG costs about as much as
+    the models (docs/performance.md), so the overlap is most of predict's speed on big files.
+    At most two chunks are held at a time. workers=0: read in the caller's thread."""
+    chunks = [items[start : start + batch_size] for start in range(0, len(items), batch_size)]
+    if workers < 1:
+        yield from ((chunk, read_inputs(chunk, spec)) for chunk in chunks)
+        return
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cxr-read")
+
+    def submit(chunk: list[Input]) -> list[Future]:
+        return [pool.submit(read_one, item, spec) for item in chunk]
+
+    # cxr.images.decode_frames turns PIL's DecompressionBombWarning into an error inside
+    # warnings.catch_warnings, which swaps the process-wide filter list and is not thread-safe:
+    # two threads interleaving could each restore the other's list and decode a bomb with the
+    # rule missing. With the same rule already first in the list, every save and restore sees
+    # the same filters. The pool is drained before the rule is lifted.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
-            original, frames = read_gray(item.path)
-            pixels, found[i] = model_pixels(original, frame_warnings(frames), spec)
-            images.append(pixels)
-            where.append(i)
-        except (ImageError, OSError, ValueError) as exc:  # PIL/NumPy on odd modes: still the file
-            message = str(exc)
-            errors[i] = message if message.startswith(str(item.path)) else f"{item.path}: {message}"
-    return images, where, found, errors
+            ahead = submit(chunks[0]) if chunks else []
+            for k, chunk in enumerate(chunks):
+                done = [future.result() for future in ahead]
+                ahead = submit(chunks[k + 1]) if k + 1 < len(chunks) else []
+                yield chunk, collect(done)
+        finally:  # Ctrl-C or an error: nothing more is read; files being read finish
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
-def model_inputs(items: list[Input], models: Models) -> Batch:
-    """Files -> the models' input: decoding, then the API's own path (shared preprocessing,
-    lung check and crop by the segmenter)."""
-    pixels, where, found, errors = read_inputs(items, models.spec)
-    prepared = with_lungs(models, pixels, [found[i] for i in where])
-    found_by_position = dict(zip(where, prepared.warnings, strict=True))
-    return Batch(prepared.images, where, found_by_position, errors, prepared.masks)
+def model_inputs(items: list[Input], models: Models, decoded: Decoded | None = None) -> Batch:
+    """Files -> the models' input: decoding (or `decoded`, read ahead by read_ahead), then the
+    API's own path (shared preprocessing, lung check and crop by the segmenter)."""
+    decoded = read_inputs(items, models.spec) if decoded is None else decoded
+    prepared = with_lungs(models, decoded.pixels, [decoded.found[i] for i in decoded.where])
+    found_by_position = dict(zip(decoded.where, prepared.warnings, strict=True))
+    return Batch(prepared.images, decoded.where, found_by_position, decoded.errors, prepared.masks)
 
 
 def predict_chunk(
     items: list[Input], models: Models, threshold: Threshold, batch_size: int,
-    age_group: str | Sequence[str] = "unknown",
+    age_group: str | Sequence[str] = "unknown", decoded: Decoded | None = None,
 ) -> tuple[list[dict[str, Any]], np.ndarray]:  # fmt: skip
     """Records for `items` in order (error rows for unreadable ones) and the images read;
-    `age_group` for all of them, or one per item."""
+    `age_group` for all of them, or one per item; `decoded`: the files already read."""
     ages = [age_group] * len(items) if isinstance(age_group, str) else list(age_group)
     ages = [check_age_group(a) for a in ages]
-    batch = model_inputs(items, models)
+    batch = model_inputs(items, models, decoded)
     prepared = Prepared(batch.images, [batch.found[i] for i in batch.where], batch.masks)
     done = score(models, threshold, prepared, [items[i].path for i in batch.where], batch_size,
                  [ages[i] for i in batch.where])  # fmt: skip

@@ -1,7 +1,8 @@
 """Predict new radiographs with the trained four-class and binary models.
 
     python -m cxr predict scans/ extra.png [--models DIR] [--threshold T] \
-        --out predictions.csv [--force] [--cam plots/predict] [--batch-size 16] [--strict] \
+        --out predictions.csv [--force] [--cam plots/predict] [--batch-size 16] [--read-threads 2] \
+        [--strict] \
         [--age-group adult|pediatric|unknown]
 
 The command-line face of cxr.api (the Python API): files are walked (cxr.inputs), read, and
@@ -53,7 +54,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NoReturn
 
-from cxr.api import AGE_GROUPS, image_problems, predict_chunk
+from cxr.api import AGE_GROUPS, image_problems, predict_chunk, read_ahead
 from cxr.bundle import SITE_NAME, default_models_dir
 from cxr.cli import setup_logging
 from cxr.errors import BundleError
@@ -67,6 +68,7 @@ from cxr.params import non_negative_int
 log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_IMAGE_ERRORS, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+READ_THREADS = 2  # measured on 2 cores: docs/performance.md "predict's speed"
 
 
 # --- arguments, threshold, checkpoints --------------------------------------------------------
@@ -97,6 +99,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--strict", action="store_true",
         help="exit 1 when any image gets a warning about the image (near-constant, odd shape, "
         "tiny, no lungs); the age-group caveat on a pneumonia type does not count",
+    )  # fmt: skip
+    parser.add_argument(
+        "--read-threads", type=non_negative_int, default=READ_THREADS,
+        help="threads reading the next files while the models run (0 = read in turn; "
+        "default: %(default)s)",
     )  # fmt: skip
     parser.add_argument(
         "--age-group", choices=AGE_GROUPS, default="unknown",
@@ -153,13 +160,15 @@ def check_model_options(parser: argparse.ArgumentParser, args: argparse.Namespac
 def predict_all(
     inputs: list[Input], models: Models, *, threshold: Threshold, batch_size: int,
     cam_dir: Path | None, cam_layer: str = "layer3", age_group: str = "unknown",
+    read_threads: int = 0,
 ) -> Iterator[list[dict[str, Any]]]:  # fmt: skip
     """Records chunk by chunk of `batch_size` files, so memory stays flat for any number of
-    files and an interruption keeps every chunk finished before it."""
+    files and an interruption keeps every chunk finished before it; the next chunk's files are
+    read by `read_threads` threads while the models run (0: read in turn)."""
     used: set[str] = set()
-    for start in range(0, len(inputs), batch_size):
+    for items, decoded in read_ahead(inputs, models.spec, batch_size, read_threads):
         chunk, images = predict_chunk(
-            inputs[start : start + batch_size], models, threshold, batch_size, age_group=age_group
+            items, models, threshold, batch_size, age_group=age_group, decoded=decoded
         )
         if cam_dir is not None:
             write_cams(chunk, images, models, cam_dir, batch_size, used, cam_layer)
@@ -253,6 +262,7 @@ def main(argv: list[str] | None = None) -> None:
     chunks = predict_all(
         inputs.items, models, threshold=threshold, batch_size=args.batch_size,
         cam_dir=args.cam, cam_layer=args.cam_layer, age_group=args.age_group,
+        read_threads=args.read_threads,
     )  # fmt: skip
     start, records, interrupted = time.perf_counter(), [], False
     try:
