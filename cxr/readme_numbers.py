@@ -118,6 +118,11 @@ def ci(c: dict, strong: bool = False) -> str:
     return f"{bold(pct(c), strong)} [{100 * c['low']:.1f}, {100 * c['high']:.1f}]"
 
 
+def ci3(c: dict) -> str:
+    """A bootstrap interval of a fraction as "0.918 [0.864, 0.959]" (AUCs, out-of-source tables)."""
+    return f"{c['point']:.3f} [{c['low']:.3f}, {c['high']:.3f}]"
+
+
 def count(n: int) -> str:
     return f"{n:,}"
 
@@ -626,9 +631,7 @@ def oos(f: Files) -> list[str]:
     recipe = ("the committed models' recipe" if oos_is_committed_recipe(f)
               else "another recipe than the committed models' (reports/oos/results.md)")  # fmt: skip
 
-    def auc(c: dict) -> str:
-        return f"{c['point']:.3f} [{c['low']:.3f}, {c['high']:.3f}]"
-
+    auc = ci3
     rows = [["**pooled, held out**", f"{r['pooled']['binary']['n_covid']} / "
              f"{r['pooled']['binary']['n_non_covid']}", auc(r["pooled"]["binary"]["roc_auc"]),
              auc(r["pooled"]["binary"]["sensitivity_at_90_specificity"])]]  # fmt: skip
@@ -665,8 +668,7 @@ def oos_candidates(f: Files) -> list[str]:
         b = f.load(path)["pooled"]["binary"]
         delta = b["roc_auc"]["point"] - base
         verdict = "-" if path == runs[0][1] else ("adopt" if delta >= 0.01 else "keep default")
-        rows.append([name, f"{b['roc_auc']['point']:.3f} [{b['roc_auc']['low']:.3f}, "
-                     f"{b['roc_auc']['high']:.3f}]", f"{delta:+.3f}",
+        rows.append([name, ci3(b["roc_auc"]), f"{delta:+.3f}",
                      f"{b['sensitivity_at_90_specificity']['point']:.3f}", verdict])  # fmt: skip
     return table(["configuration", "pooled adult ROC AUC", "vs default",
                   "sensitivity at 90% specificity", "rule (AUC +0.01)"], rows)  # fmt: skip
@@ -700,6 +702,50 @@ def oos_four_class_calls(f: Files) -> list[str]:
                          *(pct(r[k]) for k in ("normal", "viral", "bacterial", "covid"))])  # fmt: skip
     return table(["model", "held-out films", "called normal", "viral", "bacterial", "COVID-19"],
                  rows)  # fmt: skip
+
+
+OOS_SEEDS = "reports/oos/seeds"  # binary seed ensembles on held-out places (oos/seeds.sh)
+
+
+def seed_runs(f: Files) -> list[tuple[str, str]]:
+    """(label, results.json) of the seeds run: each seed alone (the folders seed<S>, in seed
+    order), the seeds as one ensemble, and the first seed with each set of test-time views."""
+    root = f.root / OOS_SEEDS
+    seeds = sorted((int(d.name[4:]) for d in root.glob("seed*") if d.name[4:].isdigit()
+                    and (d / "results.json").exists()))  # fmt: skip
+    runs = [(f"seed {seed}", f"{OOS_SEEDS}/seed{seed}/results.json") for seed in seeds]
+    if (root / "ensemble" / "results.json").exists():
+        runs.append((f"ensemble of seeds {' + '.join(map(str, seeds))}",
+                     f"{OOS_SEEDS}/ensemble/results.json"))  # fmt: skip
+    for name in OOS_TTA:
+        if seeds and (root / f"seed{seeds[0]}" / "tta" / name / "results.json").exists():
+            runs.append((f"seed {seeds[0]} + TTA `{name}`",
+                         f"{OOS_SEEDS}/seed{seeds[0]}/tta/{name}/results.json"))  # fmt: skip
+    return runs
+
+
+def oos_seeds(f: Files) -> list[str]:
+    """docs/validation.md: binary fold models of several seeds, alone and as one ensemble, on
+    the same held-out films (reports/oos/seeds/), beside the committed run's numbers for the
+    same folds (reports/oos/results.json)."""
+    runs = seed_runs(f)
+    if not runs:
+        return ["Not run yet: `oos/seeds.sh reports/oos/seeds 42 43`."]
+    folds = list(f.load(runs[0][1])["folds"])
+    committed = f.load("reports/oos/results.json")
+    rows = []
+    if sorted(folds) == sorted(committed["folds"]):
+        rows.append(("committed run", committed["pooled"]["binary"]))
+    elif len(folds) == 1:
+        rows.append((f"committed run (fold {folds[0]})", committed["folds"][folds[0]]["binary"]))
+    rows += [(label, f.load(path)["pooled"]["binary"]) for label, path in runs]
+    return table(
+        ["binary model", "held-out COVID-19 / non-COVID", "adult ROC AUC",
+         "sens. at 90% spec.", "spec. at 90% sens."],
+        [[label, f"{b['n_covid']} / {b['n_non_covid']}", ci3(b["roc_auc"]),
+          ci3(b["sensitivity_at_90_specificity"]), ci3(b["specificity_at_90_sensitivity"])]
+         for label, b in rows],
+    )  # fmt: skip
 
 
 def growth(f: Files) -> list[str]:
@@ -823,6 +869,7 @@ BLOCKS: dict[str, Callable[[Files], list[str]]] = {
     "oos-candidates": oos_candidates,
     "oos-findings": oos_findings,
     "oos-four-class": oos_four_class_calls,
+    "oos-seeds": oos_seeds,
     "headline": headline,
     "targets": targets,
     "new-hospital-targets": new_hospital_targets,

@@ -205,3 +205,31 @@ def test_four_class_folds_are_quoted_only_for_the_committed_recipe(tmp_path):
     run.write_text(yaml.safe_dump(params))
     assert rn.oos_four_class(rn.Files(root)) is None
     assert "not run" in rn.oos_row(rn.Files(root), "link")[2]
+
+
+def test_seed_ensemble_table_reads_each_run_and_the_committed_fold(tmp_path):
+    """docs/validation.md's seed table: one row per seed folder, the ensemble, the first seed's
+    test-time views, and the committed run's numbers for the same fold (not its pooled ones).
+    Watched red with the committed row taken from the pooled results."""
+    root = copy_committed_files(tmp_path)
+    committed = json.loads((root / "reports/oos/results.json").read_text())
+    europe = committed["folds"]["europe"]
+    seeds = root / "reports" / "oos" / "seeds"
+    shutil.rmtree(seeds, ignore_errors=True)
+
+    def write(folder: Path, auc: float) -> None:
+        binary = json.loads(json.dumps(europe["binary"])) | {"roc_auc": {
+            "point": auc, "low": auc - 0.05, "high": auc + 0.03}}  # fmt: skip
+        folder.mkdir(parents=True)
+        result = {"pooled": {"binary": binary, "four_class": {}}, "folds": {"europe": europe}}
+        (folder / "results.json").write_text(json.dumps(result))
+
+    for folder, auc in (("seed42", 0.911), ("seed43", 0.922), ("ensemble", 0.933),
+                        ("seed42/tta/gamma", 0.944)):  # fmt: skip
+        write(seeds / folder, auc)
+    lines = rn.oos_seeds(rn.Files(root))
+    labels = [line.split(" | ")[0].lstrip("| ") for line in lines[2:]]
+    assert labels == ["committed run (fold europe)", "seed 42", "seed 43",
+                      "ensemble of seeds 42 + 43", "seed 42 + TTA `gamma`"]  # fmt: skip
+    assert rn.ci3(europe["binary"]["roc_auc"]) in lines[2]
+    assert all(f"{a:.3f} [" in line for a, line in zip((0.911, 0.922, 0.933, 0.944), lines[3:]))
