@@ -298,6 +298,11 @@ def read_inputs(items: list[Input], spec: Preprocessing) -> Decoded:
     return collect([read_one(item, spec) for item in items])
 
 
+# Threads reading the next chunk's files while the models run: predict's --read-threads default,
+# and what calibrate and validate use (measured on 2 cores: docs/performance.md "predict's speed").
+READ_THREADS = 2
+
+
 def read_ahead(
     items: list[Input], spec: Preprocessing, batch_size: int, workers: int
 ) -> Iterator[tuple[list[Input], Decoded]]:

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 from scipy.stats import binomtest
 
-from cxr.api import covid_probability, model_inputs
+from cxr.api import READ_THREADS, covid_probability, model_inputs, read_ahead
 from cxr.atomic import write_json
 from cxr.bundle import SITE_FORMAT, SITE_NAME, Bundle, sha256_of
 from cxr.cli import setup_logging
@@ -115,9 +115,8 @@ def score_films(
     """(file, p(covid), warning) of every readable film, through predict's model path, and
     {file, reason} of every file skipped."""
     scored, skipped = [], []
-    for start in range(0, len(items), batch_size):
-        chunk = items[start : start + batch_size]
-        batch = model_inputs(chunk, models)
+    for chunk, decoded in read_ahead(items, models.spec, batch_size, READ_THREADS):
+        batch = model_inputs(chunk, models, decoded)
         p_covid = covid_probability(models, batch.images, batch_size)
         for row, i in enumerate(batch.where):
             scored.append((printable(str(chunk[i].path)), float(p_covid[row]), batch.warnings[i]))

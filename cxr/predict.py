@@ -54,7 +54,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NoReturn
 
-from cxr.api import AGE_GROUPS, image_problems, predict_chunk, read_ahead
+from cxr.api import AGE_GROUPS, READ_THREADS, image_problems, predict_chunk, read_ahead
 from cxr.bundle import SITE_NAME, default_models_dir
 from cxr.cli import setup_logging
 from cxr.errors import BundleError
@@ -68,7 +68,6 @@ from cxr.params import non_negative_int
 log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_IMAGE_ERRORS, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
-READ_THREADS = 2  # measured on 2 cores: docs/performance.md "predict's speed"
 
 
 # --- arguments, threshold, checkpoints --------------------------------------------------------

@@ -45,7 +45,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from cxr.api import predict_chunk
+from cxr.api import READ_THREADS, predict_chunk, read_ahead
 from cxr.bundle import BUNDLE_NAME, SITE_NAME, Bundle, sha256_of, site_threshold
 from cxr.cli import setup_logging
 from cxr.errors import BundleError
@@ -178,14 +178,17 @@ def score(rows: list[Row], setup: Setup, batch_size: int) -> list[dict[str, Any]
     }  # fmt: skip
     todo = [i for i, row in enumerate(rows) if row.problem is None]
     with tqdm(total=len(todo), desc="validate", unit="film", disable=None, leave=False) as bar:
-        for start in range(0, len(todo), batch_size):
+        films = [Input(rows[i].path) for i in todo]
+        reads = read_ahead(films, setup.models.spec, batch_size, READ_THREADS)
+        for start, (items, decoded) in zip(range(0, len(todo), batch_size), reads, strict=True):
             chunk = todo[start : start + batch_size]
             done, _ = predict_chunk(
-                [Input(rows[i].path) for i in chunk],
+                items,
                 setup.models,
                 setup.threshold,
                 batch_size,
                 age_group=[rows[i].age_group or "unknown" for i in chunk],
+                decoded=decoded,
             )
             records.update(zip(chunk, done, strict=True))
             bar.update(len(chunk))
