@@ -711,8 +711,8 @@ def seed_runs(f: Files) -> list[tuple[str, str]]:
     """(label, results.json) of the seeds run: each seed alone (the folders seed<S>, in seed
     order), the seeds as one ensemble, and the first seed with each set of test-time views."""
     root = f.root / OOS_SEEDS
-    seeds = sorted((int(d.name[4:]) for d in root.glob("seed*") if d.name[4:].isdigit()
-                    and (d / "results.json").exists()))  # fmt: skip
+    seeds = sorted(int(d.name[4:]) for d in root.glob("seed*") if d.name[4:].isdigit()
+                   and (d / "results.json").exists())  # fmt: skip
     runs = [(f"seed {seed}", f"{OOS_SEEDS}/seed{seed}/results.json") for seed in seeds]
     if (root / "ensemble" / "results.json").exists():
         runs.append((f"ensemble of seeds {' + '.join(map(str, seeds))}",
