@@ -232,4 +232,4 @@ def test_seed_ensemble_table_reads_each_run_and_the_committed_fold(tmp_path):
     assert labels == ["committed run (fold europe)", "seed 42", "seed 43",
                       "ensemble of seeds 42 + 43", "seed 42 + TTA `gamma`"]  # fmt: skip
     assert rn.ci3(europe["binary"]["roc_auc"]) in lines[2]
-    assert all(f"{a:.3f} [" in line for a, line in zip((0.911, 0.922, 0.933, 0.944), lines[3:]))
+    assert all(f"{a:.3f} [" in line for a, line in zip((0.911, 0.922, 0.933, 0.944), lines[3:], strict=True))
