@@ -1,4 +1,4 @@
-"""`python -m cxr <command>` (or the `cxr` script): bench | predict | calibrate | validate | ood-report | growth | predict-speed | ensemble."""
+"""`python -m cxr <command>` (or the `cxr` script): bench | predict | serve | calibrate | validate | ood-report | growth | predict-speed | ensemble."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import sys
 # command -> module whose main(argv) runs it; imported only when chosen (torch takes seconds).
 COMMANDS = {
     "bench": "cxr.bench",
-    "predict": "cxr.predict",
+    "predict": "cxr.predict_options",  # torch only without --server (then cxr.predict)
+    "serve": "cxr.serve",
     "calibrate": "cxr.calibrate",
     "validate": "cxr.validate",
     "ood-report": "cxr.ood_report",

@@ -43,6 +43,7 @@ from cxr.inputs import ImageLike, Input, UsageError, as_gray, frame_warnings, re
 from cxr.loading import Given, Models, Threshold, load_models, resolve
 from cxr.lungs import crop_inputs, implausible_lungs
 from cxr.outputs import columns, error_record, ok_record
+from cxr.predict_options import AGE_GROUPS
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -63,10 +64,8 @@ MAX_ASPECT_RATIO = 3.0
 # detail the model reads (icons, thumbnails); the smallest mirror image is 156 px.
 MIN_SIDE = 64
 
-# The four-class model's viral vs bacterial split is validated on children only: the data hold
-# 46 typed adult films in all splits, 27 in train (metrics/data.json; issue 18, point 5). A type
-# called for an adult film, or a film of unknown age, is said to be unvalidated in its warning.
-AGE_GROUPS = ("adult", "pediatric", "unknown")
+# AGE_GROUPS (cxr.predict_options): a viral/bacterial call on an adult or unknown-age film is
+# said to be unvalidated in its warning.
 PNEUMONIA_TYPES = ("viral", "bacterial")
 ADULT_TYPE_WARNING = "pneumonia type (viral/bacterial) validated on children only"
 UNKNOWN_AGE_TYPE_WARNING = (
@@ -296,11 +295,6 @@ def collect(done: list[tuple[np.ndarray | None, list[str] | str]]) -> Decoded:
 def read_inputs(items: list[Input], spec: Preprocessing) -> Decoded:
     """Each file of a chunk read (read_one), one after another."""
     return collect([read_one(item, spec) for item in items])
-
-
-# Threads reading the next chunk's files while the models run: predict's --read-threads default,
-# and what calibrate and validate use (measured on 2 cores: docs/performance.md "predict's speed").
-READ_THREADS = 2
 
 
 def read_ahead(

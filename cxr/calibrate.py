@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 from scipy.stats import binomtest
 
-from cxr.api import READ_THREADS, covid_probability, model_inputs, read_ahead
+from cxr.api import covid_probability, model_inputs, read_ahead
 from cxr.atomic import write_json
 from cxr.bundle import SITE_FORMAT, SITE_NAME, Bundle, sha256_of
 from cxr.cli import setup_logging
@@ -44,7 +44,7 @@ from cxr.inputs import Input, UsageError, collect_inputs, printable
 from cxr.loading import Models, load_models, model_files
 from cxr.models import CheckpointError
 from cxr.outputs import check_out_file, fail
-from cxr.predict import add_model_options, check_model_options
+from cxr.predict_options import READ_THREADS, add_model_options, check_model_options
 
 log = logging.getLogger(__name__)
 

@@ -42,7 +42,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -339,11 +339,14 @@ def step_predict(work: Path, n: int, args: argparse.Namespace) -> dict[str, Any]
             "predict_wall_s": timed["wall_s"]}  # fmt: skip
 
 
-def time_predict(files: list[str], models: Path, out: Path) -> dict[str, float]:
+def time_predict(
+    files: list[str], models: Path, out: Path, extra: Sequence[str] = ()
+) -> dict[str, float]:
     """One `python -m cxr predict` over `files` in a fresh process: predict's own films/s and
-    seconds (without starting Python, torch and the models) and the wall time (with them)."""
+    seconds (without starting Python, torch and the models) and the wall time (with them).
+    `extra`: more options (--server --socket S: the call goes to a resident server)."""
     cmd = [sys.executable, "-m", "cxr", "predict", *map(str, files), "--models", str(models),
-           "--out", str(out), "--force"]  # fmt: skip
+           "--out", str(out), "--force", *extra]  # fmt: skip
     start = time.perf_counter()
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     wall = time.perf_counter() - start

@@ -3,7 +3,7 @@
     python -m cxr predict scans/ extra.png [--models DIR] [--threshold T] \
         --out predictions.csv [--force] [--cam plots/predict] [--batch-size 16] [--read-threads 2] \
         [--strict] \
-        [--age-group adult|pediatric|unknown]
+        [--age-group adult|pediatric|unknown] [--server [--socket PATH]]
 
 The command-line face of cxr.api (the Python API): files are walked (cxr.inputs), read, and
 sent through the API's model path; rows are written by cxr.outputs.
@@ -38,6 +38,11 @@ frame is predicted, with a warning. --out replaces only an earlier output of pre
 columns or records), anything else only with --force; the --out file, its temporary and the
 overlays in --cam are never read as inputs.
 
+With --server the request goes to a resident `python -m cxr serve` (cxr.serve), which keeps
+the models loaded and runs this same code on it, in the caller's working directory: the rows,
+--out, the table and the exit status are the same, without paying for importing torch and
+loading the checkpoints on every call.
+
 Exit status: 0 all images predicted, 1 some failed (or, with --strict, some got a warning
 about the image, or --out could not be written), 2 bad usage, checkpoint, bundle, threshold or --out, 130
 interrupted (Ctrl-C; the rows done so far are written to --out, nothing is left half-written).
@@ -50,12 +55,11 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NoReturn
 
-from cxr.api import AGE_GROUPS, READ_THREADS, image_problems, predict_chunk, read_ahead
-from cxr.bundle import SITE_NAME, default_models_dir
+from cxr.api import image_problems, predict_chunk, read_ahead
 from cxr.cli import setup_logging
 from cxr.errors import BundleError
 from cxr.infer import configure_cpu
@@ -63,97 +67,14 @@ from cxr.inputs import Input, Inputs, Own, UsageError, collect_inputs
 from cxr.loading import Models, Threshold, load_models, resolve
 from cxr.models import CheckpointError
 from cxr.outputs import check_cam, check_out, fail, format_table, save, write_cams
-from cxr.params import non_negative_int
+from cxr.predict_options import parse_args
 
 log = logging.getLogger(__name__)
 
+# load_models' signature: four-class, binary and (optional) segmenter checkpoints -> Models.
+LoadModels = Callable[[Path, Path, "Path | None"], Models]
+
 EXIT_OK, EXIT_IMAGE_ERRORS, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
-
-
-# --- arguments, threshold, checkpoints --------------------------------------------------------
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m cxr predict", description=__doc__.split("\n")[0]
-    )
-    parser.add_argument("paths", nargs="+", type=Path, help="image/DICOM files or folders")
-    add_model_options(parser)
-    add_threshold_options(
-        parser,
-        threshold_help="COVID-19 decision threshold instead of the site's or the bundle's "
-        "(e.g. 0.5)",
-    )
-    parser.add_argument("--out", type=Path, default=None, help="predictions .json or .csv")
-    parser.add_argument(
-        "--force", action="store_true",
-        help="let --out replace an existing file that is not an earlier output of predict",
-    )  # fmt: skip
-    parser.add_argument("--cam", type=Path, default=None, help="folder for Grad-CAM overlays")
-    parser.add_argument(
-        "--cam-layer", choices=["layer3", "layer4"], default="layer3",
-        help="ResNet layer the overlays are computed at (the gradcam stage's default: layer3)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--strict", action="store_true",
-        help="exit 1 when any image gets a warning about the image (near-constant, odd shape, "
-        "tiny, no lungs); the age-group caveat on a pneumonia type does not count",
-    )  # fmt: skip
-    parser.add_argument(
-        "--read-threads", type=non_negative_int, default=READ_THREADS,
-        help="threads reading the next files while the models run (0 = read in turn; "
-        "default: %(default)s)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--age-group", choices=AGE_GROUPS, default="unknown",
-        help="the patients' age group: a viral/bacterial call for adult or unknown gets a "
-        "warning (the type is validated on children only; default: %(default)s)",
-    )  # fmt: skip
-    args = parser.parse_args(argv)
-    check_model_options(parser, args)
-    return args
-
-
-def add_model_options(parser: argparse.ArgumentParser) -> None:
-    """Where the models come from, and how fast to run them: shared with calibrate, so both
-    run the same models the same way."""
-    parser.add_argument(
-        "--models", type=Path, default=default_models_dir(),
-        help="folder with bundle.json and the checkpoints it names (default: %(default)s)",
-    )  # fmt: skip
-    parser.add_argument("--four-class", type=Path, default=None, help="instead of the bundle's")
-    parser.add_argument(
-        "--binary", type=Path, default=None,
-        help="instead of the bundle's (whose threshold then does not apply: predict needs "
-        "--threshold or a site calibration made for this checkpoint)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--segmenter", type=Path, default=None,
-        help="lung segmenter instead of the bundle's: lung check, and the crop for crop: lungs",
-    )  # fmt: skip
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument(
-        "--threads", type=non_negative_int, default=0, help="torch CPU threads (0 = one per core)"
-    )
-
-
-def add_threshold_options(parser: argparse.ArgumentParser, threshold_help: str) -> None:
-    """--site and --threshold, shared with validate; `threshold_help` says what the command does
-    with --threshold."""
-    parser.add_argument(
-        "--site", type=Path, default=None,
-        help=f"site calibration (default: {SITE_NAME} in --models, when present)",
-    )  # fmt: skip
-    parser.add_argument("--threshold", type=float, default=None, help=threshold_help)
-
-
-def check_model_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """What argparse does not check of add_model_options' and add_threshold_options' values."""
-    if args.batch_size < 1:
-        parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
-    threshold = getattr(args, "threshold", None)  # calibrate has no --threshold
-    if threshold is not None and not 0.0 <= threshold <= 1.0:
-        parser.error(f"--threshold must be in [0, 1], got {threshold}")
 
 
 def predict_all(
@@ -200,7 +121,7 @@ def interrupted_outcome(done: int, saved: Path | None, problem: str | None) -> s
     return f"the {done} rows done are only in the table above ({problem or 'no --out given'})"
 
 
-def prepare(args: argparse.Namespace) -> tuple[Threshold, Models, Inputs]:
+def prepare(args: argparse.Namespace, load: LoadModels) -> tuple[Threshold, Models, Inputs]:
     """Everything checked before the first image is read: outputs, bundle, threshold, models,
     inputs."""
     if args.out is not None:
@@ -208,7 +129,7 @@ def prepare(args: argparse.Namespace) -> tuple[Threshold, Models, Inputs]:
     if args.cam is not None:
         check_cam(args.cam)
     resolved = resolve(args)
-    models = load_models(resolved.four_class, resolved.binary, resolved.segmenter)
+    models = load(resolved.four_class, resolved.binary, resolved.segmenter)
     return resolved.threshold, models, collect_inputs(args.paths, Own(args.out, args.cam))
 
 
@@ -248,12 +169,17 @@ def finish(
     sys.exit(exit_code(records, args.strict))
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+def main(argv: list[str] | None = None, load: LoadModels = load_models) -> None:
+    run(parse_args(argv), load)
+
+
+def run(args: argparse.Namespace, load: LoadModels = load_models) -> None:
+    """Predict what `args` (predict_options.parse_args) asks for and exit with predict's status;
+    `load` loads the checkpoints (the server's keeps them loaded between requests)."""
     setup_logging()
     configure_cpu(args.threads)
     try:
-        threshold, models, inputs = prepare(args)
+        threshold, models, inputs = prepare(args, load)
     except (UsageError, CheckpointError, BundleError) as exc:
         fail(str(exc))
     except KeyboardInterrupt:

@@ -45,7 +45,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from cxr.api import READ_THREADS, predict_chunk, read_ahead
+from cxr.api import predict_chunk, read_ahead
 from cxr.bundle import BUNDLE_NAME, SITE_NAME, Bundle, sha256_of, site_threshold
 from cxr.cli import setup_logging
 from cxr.errors import BundleError
@@ -55,7 +55,12 @@ from cxr.loading import Threshold, choose_threshold, load_models, model_files
 from cxr.models import CheckpointError
 from cxr.outputs import check_writable_folder, error_record, fail
 from cxr.params import non_negative_int
-from cxr.predict import add_model_options, add_threshold_options, check_model_options
+from cxr.predict_options import (
+    READ_THREADS,
+    add_model_options,
+    add_threshold_options,
+    check_model_options,
+)
 from cxr.validate_labels import Labels, Row, read_labels
 from cxr.validate_report import (
     JSON_NAME,

@@ -82,7 +82,9 @@ def test_each_lung_rule_names_its_numbers() -> None:
     assert reason.startswith("lungs of implausible size (") and "% and " in reason
     # rows 0.25 apart over columns 0.4 apart: tilt 0.6 (the row offset alone, 0.25, would pass)
     tilted = teardrop(size, 0.3, 0.1, 0.55) | teardrop(size, 0.7, 0.35, 0.8)
-    assert any(r.startswith("lungs not at one level (tilt ") for r in lung_shape.lung_reasons(tilted, P))
+    assert any(
+        r.startswith("lungs not at one level (tilt ") for r in lung_shape.lung_reasons(tilted, P)
+    )
     shifted = teardrop(size, 0.45) | teardrop(size, 0.85)  # midpoint 0.15 off the centre
     strict = dataclasses.replace(P, max_offset=0.1)
     assert any(r.startswith("lungs off the image's centre (15% of its width > 10%")

@@ -30,9 +30,27 @@ def _pool() -> pd.DataFrame:
 
 def test_a_fold_holds_out_its_places_datasets_and_their_whole_patient_groups():
     """Watched red with the group closure removed: b (g1's second film, taken in Rome) stayed in."""
-    assert held_out(_pool(), Fold("h", [], ["HMS"], [])).tolist() == [True, True, False, False, False]
-    assert held_out(_pool(), Fold("r", [], [], ["rsna"])).tolist() == [False, False, False, True, False]
-    assert held_out(_pool(), Fold("i", ["Italy"], [], [])).tolist() == [True, True, True, False, False]
+    assert held_out(_pool(), Fold("h", [], ["HMS"], [])).tolist() == [
+        True,
+        True,
+        False,
+        False,
+        False,
+    ]
+    assert held_out(_pool(), Fold("r", [], [], ["rsna"])).tolist() == [
+        False,
+        False,
+        False,
+        True,
+        False,
+    ]
+    assert held_out(_pool(), Fold("i", ["Italy"], [], [])).tolist() == [
+        True,
+        True,
+        True,
+        False,
+        False,
+    ]
     with pytest.raises(ParamsError, match="Hanover"):
         held_out(_pool(), Fold("typo", [], ["Hanover"], []))
 
@@ -69,10 +87,16 @@ def test_report_pools_folds_and_keeps_children_out_of_the_binary_numbers():
     for fold in ("f1", "f2"):
         for i in range(40):
             covid = i % 2 == 0
-            rows.append({"fold": fold, "group_id": f"{fold}{i}", "age_group": "adult",
-                         "label": "covid" if covid else "normal",
-                         "p_covid": rng.uniform(0.5, 1) if covid else rng.uniform(0, 0.6),
-                         "call4": "covid" if covid else ("normal" if i % 4 == 1 else "viral")})
+            rows.append(
+                {
+                    "fold": fold,
+                    "group_id": f"{fold}{i}",
+                    "age_group": "adult",
+                    "label": "covid" if covid else "normal",
+                    "p_covid": rng.uniform(0.5, 1) if covid else rng.uniform(0, 0.6),
+                    "call4": "covid" if covid else ("normal" if i % 4 == 1 else "viral"),
+                }
+            )
     # children scored high would wreck the adult AUC if they were counted
     rows += [{"fold": "f1", "group_id": f"k{i}", "age_group": "pediatric", "label": "normal",
               "p_covid": 0.99, "call4": "normal"} for i in range(20)]  # fmt: skip

@@ -295,8 +295,14 @@ def test_remote_round_trip_then_predict_without_training(repro, tmp_path):
 def test_status_names_the_stages_that_use_an_edited_module(repro):
     root, env, _ = repro
     expected = {
-        "cxr/infer.py": {"segment", "train_binary", "train_four_class", "evaluate", "gradcam",
-                         "ood"},
+        "cxr/infer.py": {
+            "segment",
+            "train_binary",
+            "train_four_class",
+            "evaluate",
+            "gradcam",
+            "ood",
+        },
         "cxr/train.py": {"train_binary", "train_four_class"},
         "cxr/duplicates.py": {"split"},
     }

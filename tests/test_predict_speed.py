@@ -47,3 +47,13 @@ def test_page_names_the_cpu_and_every_class() -> None:
     page = predict_speed.markdown(result, "python -m cxr predict-speed")
     assert "Some CPU (2 cores)" in page and "| a | 0.10 | 3 | 12.5 | 9.0 |" in page
     assert "4.2 s wall" in page
+
+
+def test_page_gives_the_server_calls_when_measured() -> None:
+    """Watched red with the server's line left out of the page."""
+    result = {"cpu": {"model": "Some CPU", "cores": 2}, "repeats": 2, "one_film_wall_s": 4.2,
+              "classes": {}, "server": {"start_s": 7.5, "one_film_wall_s": 0.31,
+                                        "mixed": {"films_per_s": 18.25, "wall_s": 6.6}}}  # fmt: skip
+    page = predict_speed.markdown(result, "python -m cxr predict-speed")
+    assert "started once in 7.5 s" in page and "one-film call 0.31 s wall" in page
+    assert "mixed folder 18.2 films/s, 6.6 s wall" in page

@@ -232,4 +232,27 @@ def test_seed_ensemble_table_reads_each_run_and_the_committed_fold(tmp_path):
     assert labels == ["committed run (fold europe)", "seed 42", "seed 43",
                       "ensemble of seeds 42 + 43", "seed 42 + TTA `gamma`"]  # fmt: skip
     assert rn.ci3(europe["binary"]["roc_auc"]) in lines[2]
-    assert all(f"{a:.3f} [" in line for a, line in zip((0.911, 0.922, 0.933, 0.944), lines[3:], strict=True))
+    assert all(
+        f"{a:.3f} [" in line
+        for a, line in zip((0.911, 0.922, 0.933, 0.944), lines[3:], strict=True)
+    )
+
+
+def test_normal_cutoff_table_counts_each_group_at_each_cutoff(tmp_path):
+    """Watched red with the cut-off taken one film further down the sorted p(normal)."""
+    folds = tmp_path / rn.OOS_FOUR_CLASS / "folds"
+    folds.mkdir(parents=True)
+    films = [("normal", p, "viral") for p in (0.9, 0.8, 0.4, 0.3, 0.2, 0.1, 0.05, 0.04, 0.03, 0.02)]
+    films += [("covid", 0.35, "covid"), ("covid", 0.01, "covid"), ("bacterial", 0.25, "viral")]
+    header = "label,age_group,scored_as,p4_normal,call4\n"
+    lines = [f"{label},adult,held_out,{p},{call}" for label, p, call in films]
+    lines.append("normal,adult,internal_val,0.99,normal")  # the fold's own val film: left out
+    (folds / "europe.csv").write_text(header + "\n".join(lines) + "\n")
+    rows = rn.oos_normal_cutoff(rn.Files(tmp_path))
+    assert rows[0].startswith("| rule") and "adult normal (10)" in rows[0]
+    assert "adult COVID-19 (2)" in rows[0] and "adult pneumonia (1)" in rows[0]
+    assert rows[2] == "| as called now (the largest probability) | 0.0% | 0.0% | 0.0% |"
+    # 30% of 10 normals: the 3rd largest p(normal), 0.4: no COVID-19 film reaches it
+    assert rows[3] == "| p(normal) >= 0.4000 (calls 30% of the normals) | 30.0% | 0.0% | 0.0% |"
+    assert rows[4] == "| p(normal) >= 0.2000 (calls 50% of the normals) | 50.0% | 50.0% | 100.0% |"
+    assert rows[5] == "| p(normal) >= 0.0500 (calls 70% of the normals) | 70.0% | 50.0% | 100.0% |"
