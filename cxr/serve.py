@@ -33,9 +33,12 @@ import sys
 import traceback
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from cxr.predict_options import add_server_options
+
+if TYPE_CHECKING:  # torch and the models: the server's only, never imported by ask()
+    from cxr.loading import Models
 
 PROTOCOL = "cxr-serve/1"
 EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
@@ -48,10 +51,11 @@ def ask(argv: list[str], path: Path, out: IO[str] | None = None, err: IO[str] | 
     """Send predict's `argv` to the server at `path`, echo what it prints, and return its exit
     status (2 when there is no server)."""
     out, err = out or sys.stdout, err or sys.stderr
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         conn.connect(str(path))
     except OSError as exc:
+        conn.close()
         print(
             f"error: no cxr server at {path} ({exc.strerror or exc}); start one with "
             f"`python -m cxr serve` (same --socket), or leave out --server",
@@ -120,12 +124,12 @@ class Reply:
 
 class ModelCache:
     """load_models with the last models kept: the same checkpoint files, unchanged on disk
-    (size and modification time), are not loaded again."""
+    (size and modification time), are not loaded again. For an ensemble manifest that is the
+    manifest's own file: restart the server after replacing a member checkpoint in place."""
 
     def __init__(self) -> None:
         self.key: tuple[Any, ...] | None = None
-        self.models: Any = None
-        self.loads = 0
+        self.models: Models | None = None
 
     @staticmethod
     def identity(*paths: Path | None) -> tuple[Any, ...]:
@@ -137,22 +141,19 @@ class ModelCache:
 
         return tuple(one(p) for p in paths)
 
-    def load(self, four_class: Path, binary: Path, segmenter: Path | None = None) -> Any:
+    def load(self, four_class: Path, binary: Path, segmenter: Path | None = None) -> Models:
         from cxr.loading import load_models
 
         key = self.identity(four_class, binary, segmenter)
-        if key != self.key:
+        if self.models is None or key != self.key:
             self.models, self.key = None, None  # a failed load leaves nothing stale behind
             self.models = load_models(four_class, binary, segmenter)
-            self.key, self.loads = key, self.loads + 1
+            self.key = key
         return self.models
 
 
 def answer(stream: IO[bytes], cache: ModelCache) -> None:
     """Run one request: predict's own code on the client's command line, in its directory."""
-    from cxr.predict import run
-    from cxr.predict_options import parse_args
-
     out, err = Reply(stream, "stdout"), Reply(stream, "stderr")
     code: int = 1
     try:
@@ -164,15 +165,18 @@ def answer(stream: IO[bytes], cache: ModelCache) -> None:
             contextlib.redirect_stderr(err),  # type: ignore[type-var]
             contextlib.chdir(request["cwd"]),
         ):
-            code = run_predict(parse_args, run, list(request["argv"]), cache)
+            code = run_predict(list(request["argv"]), cache)
     except (ValueError, KeyError, TypeError, OSError) as exc:
         err.write(f"error: bad request: {exc}\n")
         code = EXIT_USAGE
     out.send({"exit": code})
 
 
-def run_predict(parse_args: Any, run: Any, argv: list[str], cache: ModelCache) -> int:
+def run_predict(argv: list[str], cache: ModelCache) -> int:
     """predict.run's exit status; a crash is reported to the client and the server goes on."""
+    from cxr.predict import run
+    from cxr.predict_options import parse_args
+
     try:
         run(parse_args(argv), cache.load)
     except SystemExit as exc:
@@ -233,9 +237,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--threads", type=non_negative_int, default=0, help="torch CPU threads (0 = one per core)"
     )
-    parser.add_argument(
-        "--requests", type=int, default=0, help=argparse.SUPPRESS
-    )  # tests: stop after N
     return parser.parse_args(argv)
 
 
@@ -265,11 +266,10 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def serve(args: argparse.Namespace, cache: ModelCache) -> None:
-    served = 0
+    """Answer requests one after another until stopped."""
     with listening(args.socket) as server:
         print(f"cxr serve: models of {args.models} loaded; listening on {args.socket}", flush=True)
-        while not args.requests or served < args.requests:
+        while True:
             conn, _ = server.accept()
             with conn, conn.makefile("rwb") as stream:
                 answer(stream, cache)
-            served += 1
