@@ -680,6 +680,44 @@ def oos_candidates(f: Files) -> list[str]:
                   "sensitivity at 90% specificity", "rule (AUC +0.01)"], rows)  # fmt: skip
 
 
+# Candidates run with the committed default recipe (RULE.md fifth amendment), compared with the
+# committed out-of-source run (reports/oos/results.json), fold by fold and pooled.
+OOS_DEFAULT_RECIPE_CANDIDATES = ("robust_default",)
+
+
+def oos_candidates_default_recipe(f: Files) -> list[str]:
+    """docs/validation.md: each default-recipe candidate beside the committed run, per fold it
+    finished (in the order it ran them) and pooled; the rule's verdict only with every fold."""
+    committed = f.load("reports/oos/results.json")
+    rows = []
+    for name in OOS_DEFAULT_RECIPE_CANDIDATES:
+        folder = f.root / f"reports/oos/candidates/{name}"
+        if not (folder / "results.json").exists():
+            continue
+        r = f.load(f"reports/oos/candidates/{name}/results.json")
+        done = list(r["folds"])
+        for fold in done:
+            ours, theirs = r["folds"][fold]["binary"], committed["folds"][fold]["binary"]
+            rows.append(candidate_row(f"{name}: fold {fold}", ours, theirs, "-"))
+        if sorted(done) == sorted(committed["folds"]):
+            ours, theirs = r["pooled"]["binary"], committed["pooled"]["binary"]
+            delta = ours["roc_auc"]["point"] - theirs["roc_auc"]["point"]
+            verdict = "adopt" if delta >= 0.01 else "keep default"
+            rows.append(candidate_row(f"**{name}: pooled**", ours, theirs, verdict))
+    if not rows:
+        return ["Not run yet: `oos/candidate.sh reports/oos/candidates/robust_default`."]
+    return table(["candidate, held-out films", "adult ROC AUC", "committed default",
+                  "vs default", "sens. at 90% spec. (default)", "rule (AUC +0.01)"], rows)  # fmt: skip
+
+
+def candidate_row(label: str, ours: dict, theirs: dict, verdict: str) -> list[str]:
+    delta = ours["roc_auc"]["point"] - theirs["roc_auc"]["point"]
+    sens = (ours["sensitivity_at_90_specificity"]["point"],
+            theirs["sensitivity_at_90_specificity"]["point"])  # fmt: skip
+    return [label, ci3(ours["roc_auc"]), ci3(theirs["roc_auc"]), f"{delta:+.3f}",
+            f"{sens[0]:.3f} ({sens[1]:.3f})", verdict]  # fmt: skip
+
+
 def oos_findings(f: Files) -> list[str]:
     """docs/validation.md: what each fold's held-out adult non-COVID films are, and how the
     fold's model scores them (reports/oos/results.json `non_covid_by_finding`)."""
@@ -913,6 +951,7 @@ def ood_every_film(f: Files) -> list[str]:
 BLOCKS: dict[str, Callable[[Files], list[str]]] = {
     "oos": oos,
     "oos-candidates": oos_candidates,
+    "oos-candidates-default-recipe": oos_candidates_default_recipe,
     "oos-findings": oos_findings,
     "oos-four-class": oos_four_class_calls,
     "oos-seeds": oos_seeds,

@@ -256,3 +256,28 @@ def test_normal_cutoff_table_counts_each_group_at_each_cutoff(tmp_path):
     assert rows[3] == "| p(normal) >= 0.4000 (calls 30% of the normals) | 30.0% | 0.0% | 0.0% |"
     assert rows[4] == "| p(normal) >= 0.2000 (calls 50% of the normals) | 50.0% | 50.0% | 100.0% |"
     assert rows[5] == "| p(normal) >= 0.0500 (calls 70% of the normals) | 70.0% | 50.0% | 100.0% |"
+
+
+def test_default_recipe_candidate_is_judged_only_with_every_fold(tmp_path):
+    """Watched red with the verdict given on one fold."""
+    root = copy_committed_files(tmp_path)
+    committed = json.loads((root / "reports/oos/results.json").read_text())
+    folder = root / "reports/oos/candidates/robust_default"
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def better(b: dict, by: float) -> dict:
+        return b | {"roc_auc": b["roc_auc"] | {"point": b["roc_auc"]["point"] + by}}
+
+    one = {"folds": {"europe": {"binary": better(committed["folds"]["europe"]["binary"], 0.05)}}}
+    (folder / "results.json").write_text(json.dumps(one))
+    rows = rn.oos_candidates_default_recipe(rn.Files(root))
+    assert len(rows) == 3 and rows[2].startswith("| robust_default: fold europe |")
+    assert "| +0.050 |" in rows[2] and rows[2].endswith("| - |")
+    every = {"folds": {k: {"binary": better(v["binary"], 0.005)}
+                       for k, v in committed["folds"].items()},
+             "pooled": {"binary": better(committed["pooled"]["binary"], 0.005)}}  # fmt: skip
+    (folder / "results.json").write_text(json.dumps(every))
+    rows = rn.oos_candidates_default_recipe(rn.Files(root))
+    assert len(rows) == 2 + len(committed["folds"]) + 1
+    assert "pooled" in rows[-1] and "| +0.005 |" in rows[-1]
+    assert rows[-1].endswith("| keep default |")
