@@ -710,6 +710,54 @@ def oos_candidates_default_recipe(f: Files) -> list[str]:
                   "vs default", "sens. at 90% spec. (default)", "rule (AUC +0.01)"], rows)  # fmt: skip
 
 
+def rank_auc(positives: list[float], negatives: list[float]) -> float:
+    """ROC AUC as the Mann-Whitney statistic: the chance a positive outranks a negative, ties
+    counting half (what sklearn's roc_auc_score gives; no bootstrap here)."""
+    scores = sorted([(v, 1) for v in positives] + [(v, 0) for v in negatives])
+    rank_sum, i = 0.0, 0
+    while i < len(scores):
+        j = i
+        while j < len(scores) and scores[j][0] == scores[i][0]:
+            j += 1
+        mid = (i + j + 1) / 2  # mean 1-based rank of a run of ties
+        rank_sum += mid * sum(label for _, label in scores[i:j])
+        i = j
+    n_pos, n_neg = len(positives), len(negatives)
+    return (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+
+
+def pooled_auc(f: Files, fold_csvs: list[str]) -> float:
+    """Pooled held-out adult AUC of fold prediction files (reports/oos/**/folds/<fold>.csv)."""
+    rows = [r for path in fold_csvs for r in f.load(path)
+            if r["scored_as"] == "held_out" and r["age_group"] == "adult"]  # fmt: skip
+    covid = [float(r["p_covid"]) for r in rows if r["label"] == "covid"]
+    return rank_auc(covid, [float(r["p_covid"]) for r in rows if r["label"] != "covid"])
+
+
+def oos_pooled_noise(f: Files) -> list[str]:
+    """docs/validation.md: how far one fold model's seed moves the pooled AUC, beside the
+    default-recipe candidate's gain: the pooled AUC mixes fold models, so it also measures how
+    well their scores line up, which a seed changes."""
+    committed = "reports/oos/folds"
+    folds = [fold["name"] for fold in f.load("params.yaml")["oos"]["folds"]]
+    seed43 = f"{OOS_SEEDS}/seed43/folds/europe.csv"
+    runs = [("committed run (seed 42 in every fold)", {})]
+    if (f.root / seed43).exists():
+        runs.append(("the same, fold europe's model trained with seed 43", {"europe": seed43}))
+    for name in OOS_DEFAULT_RECIPE_CANDIDATES:
+        folder = f"reports/oos/candidates/{name}/folds"
+        if all((f.root / folder / f"{fold}.csv").exists() for fold in folds):
+            runs.append((f"{name} (seed 42 in every fold)",
+                         {fold: f"{folder}/{fold}.csv" for fold in folds}))  # fmt: skip
+    base = None
+    rows = []
+    for label, swaps in runs:
+        auc = pooled_auc(f, [swaps.get(fold, f"{committed}/{fold}.csv") for fold in folds])
+        base = auc if base is None else base
+        rows.append([label, f"{auc:.3f}", f"{auc - base:+.3f}"])
+    return table(["fold models pooled", "pooled adult ROC AUC", "vs committed run"], rows)
+
+
 def candidate_row(label: str, ours: dict, theirs: dict, verdict: str) -> list[str]:
     delta = ours["roc_auc"]["point"] - theirs["roc_auc"]["point"]
     sens = (ours["sensitivity_at_90_specificity"]["point"],
@@ -952,6 +1000,7 @@ BLOCKS: dict[str, Callable[[Files], list[str]]] = {
     "oos": oos,
     "oos-candidates": oos_candidates,
     "oos-candidates-default-recipe": oos_candidates_default_recipe,
+    "oos-pooled-noise": oos_pooled_noise,
     "oos-findings": oos_findings,
     "oos-four-class": oos_four_class_calls,
     "oos-seeds": oos_seeds,

@@ -19,6 +19,7 @@ import re
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -281,3 +282,13 @@ def test_default_recipe_candidate_is_judged_only_with_every_fold(tmp_path):
     assert len(rows) == 2 + len(committed["folds"]) + 1
     assert "pooled" in rows[-1] and "| +0.005 |" in rows[-1]
     assert rows[-1].endswith("| keep default |")
+
+
+def test_rank_auc_is_sklearns_roc_auc_with_ties():
+    """Watched red with ties counted as wins."""
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(0)
+    pos, neg = rng.integers(0, 6, 40).tolist(), rng.integers(0, 4, 70).tolist()  # many ties
+    expected = roc_auc_score([1] * len(pos) + [0] * len(neg), pos + neg)
+    assert rn.rank_auc(pos, neg) == pytest.approx(expected, abs=1e-12)
