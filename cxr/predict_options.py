@@ -132,11 +132,12 @@ def check_model_options(parser: argparse.ArgumentParser, args: argparse.Namespac
 
 def main(argv: list[str] | None = None) -> None:
     """`python -m cxr predict`: here with --server (torch never imported), else cxr.predict."""
-    args = parse_args(list(sys.argv[1:] if argv is None else argv))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
     if args.server:
         from cxr.serve import ask
 
-        sys.exit(ask(list(sys.argv[1:] if argv is None else argv), args.socket))
+        sys.exit(ask(argv, args.socket))  # the server parses the same argv again
     from cxr.predict import run
 
     run(args)

@@ -698,12 +698,10 @@ def oos_candidates_default_recipe(f: Files) -> list[str]:
         done = list(r["folds"])
         for fold in done:
             ours, theirs = r["folds"][fold]["binary"], committed["folds"][fold]["binary"]
-            rows.append(candidate_row(f"{name}: fold {fold}", ours, theirs, "-"))
+            rows.append(candidate_row(f"{name}: fold {fold}", ours, theirs, judge=False))
         if sorted(done) == sorted(committed["folds"]):
             ours, theirs = r["pooled"]["binary"], committed["pooled"]["binary"]
-            delta = ours["roc_auc"]["point"] - theirs["roc_auc"]["point"]
-            verdict = "adopt" if delta >= 0.01 else "keep default"
-            rows.append(candidate_row(f"**{name}: pooled**", ours, theirs, verdict))
+            rows.append(candidate_row(f"**{name}: pooled**", ours, theirs, judge=True))
     if not rows:
         return ["Not run yet: `oos/candidate.sh reports/oos/candidates/robust_default`."]
     return table(["candidate, held-out films", "adult ROC AUC", "committed default",
@@ -758,8 +756,10 @@ def oos_pooled_noise(f: Files) -> list[str]:
     return table(["fold models pooled", "pooled adult ROC AUC", "vs committed run"], rows)
 
 
-def candidate_row(label: str, ours: dict, theirs: dict, verdict: str) -> list[str]:
+def candidate_row(label: str, ours: dict, theirs: dict, judge: bool) -> list[str]:
+    """A candidate's AUC beside the default's; the rule's verdict only when `judge` (pooled)."""
     delta = ours["roc_auc"]["point"] - theirs["roc_auc"]["point"]
+    verdict = ("adopt" if delta >= 0.01 else "keep default") if judge else "-"
     sens = (ours["sensitivity_at_90_specificity"]["point"],
             theirs["sensitivity_at_90_specificity"]["point"])  # fmt: skip
     return [label, ci3(ours["roc_auc"]), ci3(theirs["roc_auc"]), f"{delta:+.3f}",
