@@ -732,28 +732,94 @@ def pooled_auc(f: Files, fold_csvs: list[str]) -> float:
     return rank_auc(covid, [float(r["p_covid"]) for r in rows if r["label"] != "covid"])
 
 
+# Each configuration's runs by seed (RULE.md sixth and seventh amendments): the folder whose
+# folds/<fold>.csv hold that seed's held-out predictions.
+OOS_SEED_RUNS: dict[str, dict[int, str]] = {
+    "default": {42: "reports/oos", 43: "reports/oos/candidates/default_seed43"},
+    "robust_default": {
+        42: "reports/oos/candidates/robust_default",
+        43: "reports/oos/candidates/robust_default_seed43",
+    },
+}
+
+
+def oos_fold_names(f: Files) -> list[str]:
+    return [fold["name"] for fold in f.load("params.yaml")["oos"]["folds"]]
+
+
+def fold_auc(f: Files, fold_csv: str) -> float:
+    return pooled_auc(f, [fold_csv])
+
+
 def oos_pooled_noise(f: Files) -> list[str]:
     """docs/validation.md: how far one fold model's seed moves the pooled AUC, beside the
     default-recipe candidate's gain: the pooled AUC mixes fold models, so it also measures how
-    well their scores line up, which a seed changes."""
-    committed = "reports/oos/folds"
-    folds = [fold["name"] for fold in f.load("params.yaml")["oos"]["folds"]]
-    seed43 = f"{OOS_SEEDS}/seed43/folds/europe.csv"
-    runs = [("committed run (seed 42 in every fold)", {})]
-    if (f.root / seed43).exists():
-        runs.append(("the same, fold europe's model trained with seed 43", {"europe": seed43}))
+    well their scores line up, which a seed changes. One row per fold that has a seed-43 model
+    of the default configuration (each swapped in alone)."""
+    folds = oos_fold_names(f)
+    committed = {fold: f"{OOS_SEED_RUNS['default'][42]}/folds/{fold}.csv" for fold in folds}
+    runs = [("committed run (seed 42 in every fold)", committed)]
+    for fold in folds:
+        swap = f"{OOS_SEED_RUNS['default'][43]}/folds/{fold}.csv"
+        if (f.root / swap).exists():
+            runs.append((f"the same, fold {fold}'s model trained with seed 43",
+                         committed | {fold: swap}))  # fmt: skip
     for name in OOS_DEFAULT_RECIPE_CANDIDATES:
         folder = f"reports/oos/candidates/{name}/folds"
         if all((f.root / folder / f"{fold}.csv").exists() for fold in folds):
             runs.append((f"{name} (seed 42 in every fold)",
                          {fold: f"{folder}/{fold}.csv" for fold in folds}))  # fmt: skip
-    base = None
+    base = pooled_auc(f, list(committed.values()))
     rows = []
-    for label, swaps in runs:
-        auc = pooled_auc(f, [swaps.get(fold, f"{committed}/{fold}.csv") for fold in folds])
-        base = auc if base is None else base
+    for label, csvs in runs:
+        auc = pooled_auc(f, [csvs[fold] for fold in folds])
         rows.append([label, f"{auc:.3f}", f"{auc - base:+.3f}"])
     return table(["fold models pooled", "pooled adult ROC AUC", "vs committed run"], rows)
+
+
+def two_seed_verdict(candidate: dict[int, float], default: dict[int, float]) -> str:
+    """RULE.md sixth amendment: adopt when the candidate's mean pooled AUC over seeds beats the
+    default's by >= 0.01 and its pooled AUC is higher in every seed; undecided without two
+    seeds of both, each with every fold pooled."""
+    seeds = sorted(set(candidate) & set(default))
+    if len(seeds) < 2 or set(candidate) != set(default):
+        return "not decided (needs every fold of two seeds of both)"
+    mean_gain = sum(candidate[s] - default[s] for s in seeds) / len(seeds)
+    every = all(candidate[s] > default[s] for s in seeds)
+    adopt = mean_gain >= 0.01 and every
+    return (f"{'adopt' if adopt else 'keep default'} (mean {mean_gain:+.3f}; "
+            f"higher in {sum(candidate[s] > default[s] for s in seeds)} of {len(seeds)} seeds)")  # fmt: skip
+
+
+def oos_two_seeds(f: Files) -> list[str]:
+    """docs/validation.md: the seventh amendment's comparison, each configuration and seed fold
+    by fold and pooled over its own folds, then the rule's verdict (only with every fold)."""
+    folds = oos_fold_names(f)
+    pooled: dict[str, dict[int, float]] = {}
+    rows = []
+    for config, seeds in OOS_SEED_RUNS.items():
+        for seed, folder in seeds.items():
+            csvs = [f"{folder}/folds/{fold}.csv" for fold in folds]
+            have = [(f.root / csv).exists() for csv in csvs]
+            if not any(have):
+                continue
+            cells = [f"{fold_auc(f, csv):.3f}" if ok else "not run" for csv, ok in zip(csvs, have)]
+            if all(have):
+                pooled.setdefault(config, {})[seed] = pooled_auc(f, csvs)
+                cells.append(f"{pooled[config][seed]:.3f}")
+            else:
+                cells.append("-")
+            rows.append([config, str(seed), *cells])
+    for config, by_seed in pooled.items():
+        if len(by_seed) >= 2:
+            mean = sum(by_seed.values()) / len(by_seed)
+            rows.append([f"**{config}**", "mean", *([""] * len(folds)), f"**{mean:.3f}**"])
+    verdict = two_seed_verdict(pooled.get("robust_default", {}), pooled.get("default", {}))
+    return [
+        *table(["configuration", "seed", *[f"fold {fold}" for fold in folds], "pooled"], rows),
+        "",
+        f"Rule (RULE.md, sixth amendment), robust_default against default: {verdict}.",
+    ]
 
 
 def candidate_row(label: str, ours: dict, theirs: dict, judge: bool) -> list[str]:
@@ -1001,6 +1067,7 @@ BLOCKS: dict[str, Callable[[Files], list[str]]] = {
     "oos-candidates": oos_candidates,
     "oos-candidates-default-recipe": oos_candidates_default_recipe,
     "oos-pooled-noise": oos_pooled_noise,
+    "oos-two-seeds": oos_two_seeds,
     "oos-findings": oos_findings,
     "oos-four-class": oos_four_class_calls,
     "oos-seeds": oos_seeds,

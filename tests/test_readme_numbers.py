@@ -292,3 +292,45 @@ def test_rank_auc_is_sklearns_roc_auc_with_ties():
     pos, neg = rng.integers(0, 6, 40).tolist(), rng.integers(0, 4, 70).tolist()  # many ties
     expected = roc_auc_score([1] * len(pos) + [0] * len(neg), pos + neg)
     assert rn.rank_auc(pos, neg) == pytest.approx(expected, abs=1e-12)
+
+
+def test_two_seed_rule_needs_the_mean_gain_and_every_seed():
+    """Watched red with the every-seed condition dropped (the second case adopted)."""
+    default = {42: 0.87, 43: 0.90}
+    assert rn.two_seed_verdict({42: 0.89, 43: 0.92}, default).startswith("adopt (mean +0.020")
+    # a larger mean gain carried by one seed, lower in the other: kept
+    assert rn.two_seed_verdict({42: 0.93, 43: 0.89}, default).startswith("keep default")
+    assert rn.two_seed_verdict({42: 0.875, 43: 0.905}, default).startswith("keep default")
+    assert rn.two_seed_verdict({42: 0.95}, default).startswith("not decided")
+    assert rn.two_seed_verdict({42: 0.95, 43: 0.95}, {42: 0.87}).startswith("not decided")
+
+
+def write_fold_csv(path: Path, covid: list[float], other: list[float]) -> None:
+    """A fold's held-out adult predictions, plus an internal-val film that must be left out."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = ["label,age_group,scored_as,p_covid"]
+    lines += [f"covid,adult,held_out,{p}" for p in covid]
+    lines += [f"normal,adult,held_out,{p}" for p in other]
+    lines.append("normal,adult,internal_val,0.99")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def test_two_seed_table_pools_each_seed_on_its_own_folds(tmp_path):
+    """Watched red with every fold of a run pooled before all of them had run."""
+    (tmp_path / "params.yaml").write_text("oos:\n  folds:\n  - name: a\n  - name: b\n")
+    runs = rn.OOS_SEED_RUNS
+    write_fold_csv(tmp_path / runs["default"][42] / "folds/a.csv", [0.9, 0.8], [0.1, 0.85])
+    write_fold_csv(tmp_path / runs["default"][42] / "folds/b.csv", [0.6], [0.7, 0.2])
+    write_fold_csv(tmp_path / runs["robust_default"][42] / "folds/a.csv", [0.9, 0.8], [0.1, 0.2])
+    rows = rn.oos_two_seeds(rn.Files(tmp_path))
+    # fold a: 3 of 4 pairs; fold b: 1 of 2; pooled: (0.9, 0.8, 0.6) vs (0.1, 0.85, 0.7, 0.2): 9/12
+    assert rows[2] == "| default | 42 | 0.750 | 0.500 | 0.750 |"
+    assert rows[3] == "| robust_default | 42 | 1.000 | not run | - |"
+    assert len(rows) == 6 and rows[-1].endswith("not decided (needs every fold of two seeds of both).")
+    write_fold_csv(tmp_path / runs["robust_default"][42] / "folds/b.csv", [0.6], [0.7, 0.2])
+    for config in runs:
+        for fold in "ab":
+            write_fold_csv(tmp_path / runs[config][43] / f"folds/{fold}.csv", [0.9], [0.1])
+    rows = rn.oos_two_seeds(rn.Files(tmp_path))
+    assert "| **default** | mean |  |  | **0.875** |" in rows
+    assert rows[-1].endswith("robust_default against default: keep default (mean +0.083; higher in 1 of 2 seeds).")
