@@ -734,6 +734,8 @@ def pooled_auc(f: Files, fold_csvs: list[str]) -> float:
 
 # Each configuration's runs by seed (RULE.md sixth and seventh amendments): the folder whose
 # folds/<fold>.csv hold that seed's held-out predictions.
+OOS_BUDGET = "reports/oos/budget"  # the default configuration with the budget recipe
+
 OOS_SEED_RUNS: dict[str, dict[int, str]] = {
     "default": {42: "reports/oos", 43: "reports/oos/candidates/default_seed43"},
     "robust_default": {
@@ -791,9 +793,9 @@ def two_seed_verdict(candidate: dict[int, float], default: dict[int, float]) -> 
             f"higher in {sum(candidate[s] > default[s] for s in seeds)} of {len(seeds)} seeds)")  # fmt: skip
 
 
-def oos_two_seeds(f: Files) -> list[str]:
-    """docs/validation.md: the seventh amendment's comparison, each configuration and seed fold
-    by fold and pooled over its own folds, then the rule's verdict (only with every fold)."""
+def two_seed_pooled(f: Files) -> tuple[list[list[str]], dict[str, dict[int, float]]]:
+    """Each configuration and seed of OOS_SEED_RUNS fold by fold (a table row each, "not run"
+    for a fold still to train) and, for the seeds with every fold, their pooled adult AUC."""
     folds = oos_fold_names(f)
     pooled: dict[str, dict[int, float]] = {}
     rows = []
@@ -803,13 +805,21 @@ def oos_two_seeds(f: Files) -> list[str]:
             have = [(f.root / csv).exists() for csv in csvs]
             if not any(have):
                 continue
-            cells = [f"{fold_auc(f, csv):.3f}" if ok else "not run" for csv, ok in zip(csvs, have)]
+            cells = [f"{fold_auc(f, csv):.3f}" if ok else "not run" for csv, ok in zip(csvs, have, strict=True)]
             if all(have):
                 pooled.setdefault(config, {})[seed] = pooled_auc(f, csvs)
                 cells.append(f"{pooled[config][seed]:.3f}")
             else:
                 cells.append("-")
             rows.append([config, str(seed), *cells])
+    return rows, pooled
+
+
+def oos_two_seeds(f: Files) -> list[str]:
+    """docs/validation.md: the seventh amendment's comparison, each configuration and seed fold
+    by fold and pooled over its own folds, then the rule's verdict (only with every fold)."""
+    folds = oos_fold_names(f)
+    rows, pooled = two_seed_pooled(f)
     for config, by_seed in pooled.items():
         if len(by_seed) >= 2:
             mean = sum(by_seed.values()) / len(by_seed)
@@ -820,6 +830,44 @@ def oos_two_seeds(f: Files) -> list[str]:
         "",
         f"Rule (RULE.md, sixth amendment), robust_default against default: {verdict}.",
     ]
+
+
+def oos_choices(f: Files) -> list[str]:
+    """README: each change tried against the hospital shortcut, its held-out adult AUC beside
+    the default's on the same held-out films, and what was decided (docs/validation.md)."""
+    _, pooled = two_seed_pooled(f)
+    robust, default = pooled.get("robust_default", {}), pooled.get("default", {})
+    seeds = sorted(set(robust) & set(default))
+    cell = "; ".join(f"{robust[s]:.3f} vs {default[s]:.3f} (seed {s})" for s in seeds)
+    rows = [["acquisition-robust augmentation (tone, blur/sharpen, noise, cut-outs, zoom)",
+             f"3 folds pooled, 8 epochs, seeds {', '.join(map(str, seeds))}", cell,
+             two_seed_verdict(robust, default)]]  # fmt: skip
+    # Budget-recipe candidates (2 epochs) against the default's budget run, as RULE.md's
+    # first rule compared them.
+    budget = f.load("reports/oos/budget/results.json")["pooled"]["binary"]["roc_auc"]["point"]
+    robust2 = f.load("reports/oos/candidates/robust/results.json")["pooled"]["binary"]
+    delta = robust2["roc_auc"]["point"] - budget
+    rows.append(["the same, budget recipe", "3 folds pooled, 2 epochs",
+                 f"{robust2['roc_auc']['point']:.3f} vs {budget:.3f}",
+                 "adopt by the rule" if delta >= 0.01 else "keep default"])  # fmt: skip
+    folder = "reports/oos/candidates/source_balanced/folds"
+    done = sorted(path.stem for path in (f.root / folder).glob("*.csv"))
+    pairs = [(fold_auc(f, f"{folder}/{fold}.csv"), fold_auc(f, f"{OOS_BUDGET}/folds/{fold}.csv"))
+             for fold in done]  # fmt: skip
+    below = all(ours < theirs for ours, theirs in pairs)
+    rows.append(["source-balanced sampling (class x age group x dataset)",
+                 f"folds {', '.join(done)}, 2 epochs",
+                 "; ".join(f"{ours:.3f} vs {theirs:.3f}" for ours, theirs in pairs),
+                 f"stopped after {len(done)} of 3 folds; "
+                 + ("below the default in each: keep default" if below else "not decided")])  # fmt: skip
+    europe = f.load("reports/oos/results.json")["folds"]["europe"]["binary"]["roc_auc"]["point"]
+    for label, path in seed_runs(f):
+        if label.startswith("ensemble") or "TTA" in label:
+            auc = f.load(path)["pooled"]["binary"]["roc_auc"]["point"]
+            rows.append([label.replace("`", ""), "fold europe, 8 epochs", f"{auc:.3f} vs {europe:.3f}",
+                         "one fold: a diagnosis, not a choice (RULE.md fourth amendment)"])  # fmt: skip
+    return table(["change", "measured on held-out places", "held-out adult ROC AUC vs default",
+                  "decision"], rows)  # fmt: skip
 
 
 def candidate_row(label: str, ours: dict, theirs: dict, judge: bool) -> list[str]:
@@ -1068,6 +1116,7 @@ BLOCKS: dict[str, Callable[[Files], list[str]]] = {
     "oos-candidates-default-recipe": oos_candidates_default_recipe,
     "oos-pooled-noise": oos_pooled_noise,
     "oos-two-seeds": oos_two_seeds,
+    "oos-choices": oos_choices,
     "oos-findings": oos_findings,
     "oos-four-class": oos_four_class_calls,
     "oos-seeds": oos_seeds,

@@ -326,11 +326,30 @@ def test_two_seed_table_pools_each_seed_on_its_own_folds(tmp_path):
     # fold a: 3 of 4 pairs; fold b: 1 of 2; pooled: (0.9, 0.8, 0.6) vs (0.1, 0.85, 0.7, 0.2): 9/12
     assert rows[2] == "| default | 42 | 0.750 | 0.500 | 0.750 |"
     assert rows[3] == "| robust_default | 42 | 1.000 | not run | - |"
-    assert len(rows) == 6 and rows[-1].endswith("not decided (needs every fold of two seeds of both).")
+    assert len(rows) == 6 and rows[-1].endswith(
+        "not decided (needs every fold of two seeds of both)."
+    )
     write_fold_csv(tmp_path / runs["robust_default"][42] / "folds/b.csv", [0.6], [0.7, 0.2])
     for config in runs:
         for fold in "ab":
             write_fold_csv(tmp_path / runs[config][43] / f"folds/{fold}.csv", [0.9], [0.1])
     rows = rn.oos_two_seeds(rn.Files(tmp_path))
     assert "| **default** | mean |  |  | **0.875** |" in rows
-    assert rows[-1].endswith("robust_default against default: keep default (mean +0.083; higher in 1 of 2 seeds).")
+    assert rows[-1].endswith(
+        "robust_default against default: keep default (mean +0.083; higher in 1 of 2 seeds)."
+    )
+
+
+def test_choices_table_keeps_the_default_only_when_a_candidate_is_below_in_every_fold(tmp_path):
+    """Watched red with the source-balanced verdict written whatever its folds say."""
+    shutil.copytree(
+        ROOT / "reports/oos", tmp_path / "reports/oos", ignore=shutil.ignore_patterns("models")
+    )
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    row = next(r for r in rn.oos_choices(rn.Files(tmp_path)) if r.startswith("| source-balanced"))
+    assert row.endswith("below the default in each: keep default |")
+    write_fold_csv(
+        tmp_path / "reports/oos/candidates/source_balanced/folds/europe.csv", [0.9], [0.1]
+    )
+    row = next(r for r in rn.oos_choices(rn.Files(tmp_path)) if r.startswith("| source-balanced"))
+    assert "1.000 vs" in row and row.endswith("not decided |")
