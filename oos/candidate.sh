@@ -7,8 +7,8 @@
 set -euo pipefail
 dir=${1:?usage: oos/candidate.sh reports/oos/candidates/NAME}
 cd "$(dirname "$0")/.."
-folds=$(python -c "import sys,yaml; print(' '.join(f['name'] for f in yaml.safe_load(open(sys.argv[1]))['oos']['folds']))" "$dir/params.yaml")
-for fold in $folds; do
+read -r folds _ < <(python -m cxr.oos_runs plan "$dir/params.yaml") || exit 2
+for fold in ${folds//,/ }; do
   python stages/oos.py --fold "$fold" --params "$dir/params.yaml" --out "$dir/folds" --models "$dir/models"
 done
 python stages/oos_report.py --params "$dir/params.yaml" --folds "$dir/folds" --out "$dir"

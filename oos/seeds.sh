@@ -11,11 +11,11 @@ dir=${1:?usage: oos/seeds.sh DIR SEED [SEED ...]}
 shift
 [ $# -ge 1 ] || { echo "usage: oos/seeds.sh DIR SEED [SEED ...]" >&2; exit 2; }
 cd "$(dirname "$0")/.."
-read -r folds tasks < <(python -c "import sys,yaml; o=yaml.safe_load(open(sys.argv[1]))['oos']; print(','.join(f['name'] for f in o['folds']), ','.join(o['tasks']))" "$dir/params.yaml")
+read -r folds tasks < <(python -m cxr.oos_runs plan "$dir/params.yaml") || exit 2
 for seed in "$@"; do
   run="$dir/seed$seed"
   mkdir -p "$run"
-  python -c "import sys,yaml; p=yaml.safe_load(open(sys.argv[1])); p['base']['seed']=int(sys.argv[2]); yaml.safe_dump(p, open(sys.argv[3],'w'), sort_keys=False)" "$dir/params.yaml" "$seed" "$run/params.yaml"
+  python -m cxr.oos_runs with-seed "$dir/params.yaml" "$seed" "$run/params.yaml"
   for fold in ${folds//,/ }; do
     done_all=1
     for task in ${tasks//,/ }; do [ -f "$run/models/${fold}_${task}.pt" ] || done_all=0; done

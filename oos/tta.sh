@@ -11,7 +11,7 @@ name=${2:?usage: oos/tta.sh RUN_DIR NAME VIEW [VIEW ...]}
 shift 2
 cd "$(dirname "$0")/.."
 out="$dir/tta/$name"
-read -r folds tasks < <(python -c "import sys,yaml; o=yaml.safe_load(open(sys.argv[1]))['oos']; print(','.join(f['name'] for f in o['folds']), ','.join(o['tasks']))" "$dir/params.yaml")
+read -r folds tasks < <(python -m cxr.oos_runs plan "$dir/params.yaml") || exit 2
 for fold in ${folds//,/ }; do
   models=()
   for task in ${tasks//,/ }; do

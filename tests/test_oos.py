@@ -243,3 +243,34 @@ def test_saved_models_are_scored_on_a_folds_films_like_a_trained_fold(tmp_path, 
     with pytest.raises(SystemExit):
         oos_score.main([*argv[:2], "--params", str(other), *argv[4:]])
     assert "trained with preprocessing" in capsys.readouterr().err
+
+
+# --- the run scripts' reading of params.yaml (cxr/oos_runs.py, oos/*.sh) ----------------------
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+def test_plan_lists_the_folds_and_tasks_of_a_run(tmp_path):
+    from cxr.oos_runs import plan, with_seed
+
+    assert plan(ROOT / "params.yaml") == "hannover,europe,world binary"
+    with_seed(ROOT / "params.yaml", 43, tmp_path / "run" / "params.yaml")
+    import yaml
+
+    seeded = yaml.safe_load((tmp_path / "run" / "params.yaml").read_text())
+    committed = yaml.safe_load((ROOT / "params.yaml").read_text())
+    assert seeded["base"]["seed"] == 43
+    assert seeded | {"base": committed["base"]} == committed  # nothing else changed
+
+
+def test_a_candidate_with_a_bad_params_file_stops_with_one_line(tmp_path):
+    """Watched red with the script's old inline reading (a KeyError traceback)."""
+    import subprocess
+
+    text = (ROOT / "params.yaml").read_text().replace("- name: hannover", "- nmae: hannover")
+    (tmp_path / "params.yaml").write_text(text)
+    done = subprocess.run(["bash", str(ROOT / "oos/candidate.sh"), str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 2
+    assert "error: oos.folds[0]: keys are name, countries, locations, datasets" in done.stderr
+    assert "Traceback" not in done.stderr and not (tmp_path / "folds").exists()
