@@ -326,18 +326,42 @@ def test_two_seed_table_pools_each_seed_on_its_own_folds(tmp_path):
     # fold a: 3 of 4 pairs; fold b: 1 of 2; pooled: (0.9, 0.8, 0.6) vs (0.1, 0.85, 0.7, 0.2): 9/12
     assert rows[2] == "| default | 42 | 0.750 | 0.500 | 0.750 |"
     assert rows[3] == "| robust_default | 42 | 1.000 | not run | - |"
-    assert len(rows) == 6 and rows[-1].endswith(
-        "not decided (needs every fold of two seeds of both)."
-    )
+    verdicts = [r for r in rows if r.startswith("Rule")]
+    assert len(verdicts) == len(rn.TWO_SEED_CANDIDATES)
+    assert all(v.endswith("not decided (needs every fold of two seeds of both).") for v in verdicts)
     write_fold_csv(tmp_path / runs["robust_default"][42] / "folds/b.csv", [0.6], [0.7, 0.2])
     for config in runs:
         for fold in "ab":
             write_fold_csv(tmp_path / runs[config][43] / f"folds/{fold}.csv", [0.9], [0.1])
     rows = rn.oos_two_seeds(rn.Files(tmp_path))
     assert "| **default** | mean |  |  | **0.875** |" in rows
-    assert rows[-1].endswith(
+    robust = next(r for r in rows if "robust_default against" in r)
+    assert robust.endswith(
         "robust_default against default: keep default (mean +0.083; higher in 1 of 2 seeds)."
     )
+
+
+def test_two_seed_candidate_with_folds_to_run_is_shown_fold_by_fold(tmp_path):
+    """A candidate still training: each finished fold beside the default's same fold and seed,
+    undecided. Watched red with the seed-42 default set beside a seed-43 fold."""
+    (tmp_path / "params.yaml").write_text("oos:\n  folds:\n  - name: a\n  - name: b\n")
+    runs = rn.OOS_SEED_RUNS
+    for seed, p in ((42, 0.2), (43, 0.95)):
+        for fold in "ab":
+            write_fold_csv(tmp_path / runs["default"][seed] / f"folds/{fold}.csv", [0.9], [p])
+    write_fold_csv(tmp_path / runs["crop_lungs"][43] / "folds/b.csv", [0.9, 0.8], [0.85, 0.1])
+    _, pooled = rn.two_seed_pooled(rn.Files(tmp_path))
+    measured, cell = rn.two_seed_cells(rn.Files(tmp_path), "crop_lungs", pooled)
+    assert measured == "1 of 4 fold runs, 8 epochs"
+    assert cell == "0.750 vs 0.000 (b, seed 43)"
+    committed = tmp_path / "committed"
+    ignore = shutil.ignore_patterns("models", "crop_lungs*")  # this session's runs: not in git yet
+    shutil.copytree(ROOT / "reports/oos", committed / "reports/oos", ignore=ignore)
+    shutil.copy(ROOT / "params.yaml", committed / "params.yaml")
+    write_fold_csv(committed / runs["crop_lungs"][42] / "folds/world.csv", [0.9], [0.1])
+    row = next(r for r in rn.oos_choices(rn.Files(committed)) if "predicted lungs" in r)
+    assert "| 1 of 6 fold runs, 8 epochs | 1.000 vs " in row and "(world, seed 42)" in row
+    assert row.endswith("| not decided (needs every fold of two seeds of both) |")
 
 
 def test_choices_table_keeps_the_default_only_when_a_candidate_is_below_in_every_fold(tmp_path):
