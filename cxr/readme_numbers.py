@@ -766,10 +766,6 @@ def oos_fold_names(f: Files) -> list[str]:
     return [fold["name"] for fold in f.load("params.yaml")["oos"]["folds"]]
 
 
-def fold_auc(f: Files, fold_csv: str) -> float:
-    return pooled_auc(f, [fold_csv])
-
-
 def oos_pooled_noise(f: Files) -> list[str]:
     """docs/validation.md: how far one fold model's seed moves the pooled AUC, beside the
     default-recipe candidate's gain: the pooled AUC mixes fold models, so it also measures how
@@ -842,7 +838,7 @@ def two_seed_pooled(f: Files) -> tuple[list[list[str]], dict[str, dict[int, floa
             have = [(f.root / csv).exists() for csv in csvs]
             if not any(have):
                 continue
-            cells = [f"{fold_auc(f, csv):.3f}" if ok else "not run" for csv, ok in zip(csvs, have, strict=True)]
+            cells = [f"{pooled_auc(f, [csv]):.3f}" if ok else "not run" for csv, ok in zip(csvs, have, strict=True)]
             if all(have):
                 pooled.setdefault(config, {})[seed] = pooled_auc(f, csvs)
                 cells.append(f"{pooled[config][seed]:.3f}")
@@ -885,8 +881,8 @@ def two_seed_cells(f: Files, config: str, pooled: dict[str, dict[int, float]]) -
         theirs = OOS_SEED_RUNS["default"][seed]
         for fold in oos_fold_names(f):
             if (f.root / folder / "folds" / f"{fold}.csv").exists():
-                done.append((fold, seed, fold_auc(f, f"{folder}/folds/{fold}.csv"),
-                             fold_auc(f, f"{theirs}/folds/{fold}.csv")))  # fmt: skip
+                done.append((fold, seed, pooled_auc(f, [f"{folder}/folds/{fold}.csv"]),
+                             pooled_auc(f, [f"{theirs}/folds/{fold}.csv"])))  # fmt: skip
     if not done:
         return "not run yet", "-"
     return (f"{len(done)} of {2 * len(oos_fold_names(f))} fold runs",
@@ -911,7 +907,7 @@ def oos_choices(f: Files) -> list[str]:
                  "adopt by the rule" if delta >= 0.01 else "keep default"])  # fmt: skip
     folder = "reports/oos/candidates/source_balanced/folds"
     done = sorted(path.stem for path in (f.root / folder).glob("*.csv"))
-    pairs = [(fold_auc(f, f"{folder}/{fold}.csv"), fold_auc(f, f"{OOS_BUDGET}/folds/{fold}.csv"))
+    pairs = [(pooled_auc(f, [f"{folder}/{fold}.csv"]), pooled_auc(f, [f"{OOS_BUDGET}/folds/{fold}.csv"]))
              for fold in done]  # fmt: skip
     below = all(ours < theirs for ours, theirs in pairs)
     rows.append(["source-balanced sampling (class x age group x dataset)",
