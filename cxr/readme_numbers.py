@@ -874,7 +874,7 @@ def two_seed_cells(f: Files, config: str, pooled: dict[str, dict[int, float]]) -
     ours, default = pooled.get(config, {}), pooled.get("default", {})
     seeds = sorted(set(ours) & set(default))
     if seeds:
-        return (f"3 folds pooled, seeds {', '.join(map(str, seeds))}",
+        return (f"{len(oos_fold_names(f))} folds pooled, seeds {', '.join(map(str, seeds))}",
                 "; ".join(f"{ours[s]:.3f} vs {default[s]:.3f} (seed {s})" for s in seeds))  # fmt: skip
     done = []
     for seed, folder in OOS_SEED_RUNS[config].items():
