@@ -365,7 +365,8 @@ def test_two_seed_candidate_with_folds_to_run_is_shown_fold_by_fold(tmp_path):
     assert measured == "1 of 4 fold runs"
     assert cell == "0.750 vs 0.000 (b, seed 43)"
     committed = tmp_path / "committed"
-    ignore = shutil.ignore_patterns("models", "crop_lungs*")  # this session's runs: not in git yet
+    # crop_lungs without its committed runs: a candidate with one fold run (written below)
+    ignore = shutil.ignore_patterns("models", "crop_lungs*")
     shutil.copytree(ROOT / "reports/oos", committed / "reports/oos", ignore=ignore)
     shutil.copy(ROOT / "params.yaml", committed / "params.yaml")
     write_fold_csv(committed / runs["crop_lungs"][42] / "folds/world.csv", [0.9], [0.1])
