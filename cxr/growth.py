@@ -401,10 +401,7 @@ def cpu() -> dict[str, Any]:
     """The CPU the numbers were measured on: /proc/cpuinfo's model name and lscpu's counts."""
     info: dict[str, Any] = {"cores": os.cpu_count(), "machine": platform.machine()}
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["model"] = line.split(":", 1)[1].strip()
-                break
+        info |= cpuinfo_fields(Path("/proc/cpuinfo").read_text())
     except OSError:
         pass
     try:
@@ -419,6 +416,44 @@ def cpu() -> dict[str, Any]:
         pass
     info.setdefault("model", platform.processor() or "unknown")
     return info
+
+
+# Vector extensions that set a CPU's training speed (about 2x apart between the AVX2 and the
+# AVX-512 machines this project runs on); /proc/cpuinfo's flag names.
+SPEED_FLAGS = {"avx2": "AVX2", "avx512f": "AVX-512", "amx_tile": "AMX"}
+
+
+def cpuinfo_fields(text: str) -> dict[str, Any]:
+    """The first processor's model name, family, model number and speed-setting flags from
+    /proc/cpuinfo. Some virtual machines name every Xeon "Intel(R) Xeon(R) Processor": the
+    family and model number tell an Ice Lake (6/106) from a newer one (6/207)."""
+    info: dict[str, Any] = {}
+    for line in text.splitlines():
+        key, _, value = (part.strip() for part in line.partition(":"))
+        if not key and info:
+            break  # the blank line after the first processor's block
+        if key == "model name":
+            info["model"] = value
+        elif key == "cpu family":
+            info["family"] = value
+        elif key == "model":
+            info["model_number"] = value
+        elif key == "flags":
+            have = set(value.split())
+            info["flags"] = [name for flag, name in SPEED_FLAGS.items() if flag in have]
+    return info
+
+
+def cpu_label(c: dict[str, Any]) -> str:
+    """A CPU as the reports name it: model name, then family/model and its vector extensions
+    where recorded (reports written before they were have the model name only)."""
+    extra = []
+    if "family" in c and "model_number" in c:
+        extra.append(f"family {c['family']} model {c['model_number']}")
+    if c.get("flags"):
+        extra.append(", ".join(c["flags"]))
+    label = c.get("model", "unknown")
+    return f"{label} ({'; '.join(extra)})" if extra else label
 
 
 def exponent(n1: int, t1: float, n2: int, t2: float) -> float:
@@ -469,7 +504,7 @@ def markdown(report: dict[str, Any]) -> list[str]:
     c = report["cpu"]
     lines += [
         "",
-        f"Measured on {c['model']} ({c['cores']} cores; {first['train_threads']} torch threads, "
+        f"Measured on {cpu_label(c)} ({c['cores']} cores; {first['train_threads']} torch threads, "
         f"{first['train_device']}), load average {report['load_average'][0]:.1f} when it began. "
         f"Films: {report['synthetic']}.",
         f"Train: {first['train_model']} (params.yaml train_binary), one epoch projected from "

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from cxr.growth import ROOT, cpu, time_predict
+from cxr.growth import ROOT, cpu, cpu_label, time_predict
 
 BIG_SIDE = 2500  # px, the long side of the scaled-up PNGs
 
@@ -167,7 +167,7 @@ def markdown(r: dict[str, Any], command: str) -> str:
                   f"{v['start_s']:.1f} s; calls with `predict --server`): one-film call "
                   f"{v['one_film_wall_s']:.2f} s wall; the mixed folder {v['mixed']['films_per_s']:.1f} "
                   f"films/s, {v['mixed']['wall_s']:.1f} s wall.", ""]  # fmt: skip
-    lines += [f"Measured on {c.get('model', 'unknown')} ({c.get('cores')} cores), best of "
+    lines += [f"Measured on {cpu_label(c)} ({c.get('cores')} cores), best of "
               f"{r['repeats']} runs per folder.", f"Regenerate: `{command}`"]  # fmt: skip
     return "\n".join(lines) + "\n"
 

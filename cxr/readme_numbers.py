@@ -750,6 +750,10 @@ OOS_SEED_RUNS: dict[str, dict[int, str]] = {
         42: "reports/oos/candidates/epochs4",
         43: "reports/oos/candidates/epochs4_seed43",
     },
+    "size128": {  # RULE.md tenth amendment
+        42: "reports/oos/candidates/size128",
+        43: "reports/oos/candidates/size128_seed43",
+    },
 }
 
 # The changes compared with the default over two seeds: what each is and its rule, "better"
@@ -759,6 +763,7 @@ TWO_SEED_CANDIDATES: dict[str, tuple[str, str]] = {
                        "better"),
     "crop_lungs": ("crop to the predicted lungs (10% margin)", "better"),
     "epochs4": ("4 binary epochs instead of 8 (half the training time)", "no_loss"),
+    "size128": ("128 px input instead of 112 (1.3x the training time)", "better"),
 }
 
 

@@ -100,3 +100,28 @@ def test_report_has_every_number_for_every_size(tmp_path: Path) -> None:
         cells = [c.strip() for c in row.strip("|").split("|")]
         assert len(cells) == header.count("|") - 1 and all(cells)
     assert not (tmp_path / "work" / "n40").exists()  # per-size arrays removed as it goes
+
+
+CPUINFO = """processor\t: 0
+vendor_id\t: GenuineIntel
+cpu family\t: 6
+model\t\t: 207
+model name\t: Intel(R) Xeon(R) Processor
+flags\t\t: fpu sse2 avx avx2 avx512f avx512bw amx_tile amx_bf16
+
+processor\t: 1
+cpu family\t: 15
+model\t\t: 1
+model name\t: Another CPU
+flags\t\t: fpu sse2
+"""
+
+
+def test_cpu_named_by_family_model_and_vector_extensions() -> None:
+    """Two Xeons ~2x apart can share one model name; the family/model number and the flags
+    that set training speed tell them apart in every report that names its CPU."""
+    c = growth.cpuinfo_fields(CPUINFO)
+    assert c == {"family": "6", "model_number": "207", "model": "Intel(R) Xeon(R) Processor",
+                 "flags": ["AVX2", "AVX-512", "AMX"]}  # the first processor only
+    assert growth.cpu_label(c) == "Intel(R) Xeon(R) Processor (family 6 model 207; AVX2, AVX-512, AMX)"
+    assert growth.cpu_label({"model": "AMD EPYC"}) == "AMD EPYC"  # a report from before
