@@ -726,10 +726,8 @@ def rank_auc(positives: list[float], negatives: list[float]) -> float:
 
 def pooled_auc(f: Files, fold_csvs: list[str]) -> float:
     """Pooled held-out adult AUC of fold prediction files (reports/oos/**/folds/<fold>.csv)."""
-    rows = [r for path in fold_csvs for r in f.load(path)
-            if r["scored_as"] == "held_out" and r["age_group"] == "adult"]  # fmt: skip
-    covid = [float(r["p_covid"]) for r in rows if r["label"] == "covid"]
-    return rank_auc(covid, [float(r["p_covid"]) for r in rows if r["label"] != "covid"])
+    folds = [held_out_adults(f, csv) for csv in fold_csvs]
+    return rank_auc([p for covid, _ in folds for p in covid], [p for _, other in folds for p in other])
 
 
 # Each configuration's runs by seed (RULE.md sixth and seventh amendments): the folder whose
@@ -763,7 +761,7 @@ TWO_SEED_CANDIDATES: dict[str, tuple[str, str]] = {
                        "better"),
     "crop_lungs": ("crop to the predicted lungs (10% margin)", "better"),
     "epochs4": ("4 binary epochs instead of 8 (half the training time)", "no_loss"),
-    "size128": ("128 px input instead of 112 (1.3x the training time)", "better"),
+    "size128": ("128 px input instead of 112", "better"),
 }
 
 
@@ -851,6 +849,50 @@ def two_seed_pooled(f: Files) -> tuple[list[list[str]], dict[str, dict[int, floa
                 cells.append("-")
             rows.append([config, str(seed), *cells])
     return rows, pooled
+
+
+def held_out_adults(f: Files, fold_csv: str) -> tuple[list[float], list[float]]:
+    """p(COVID-19) of a fold's held-out adult COVID-19 films and of its adult non-COVID ones."""
+    rows = [r for r in f.load(fold_csv) if r["scored_as"] == "held_out" and r["age_group"] == "adult"]
+    covid = [float(r["p_covid"]) for r in rows if r["label"] == "covid"]
+    return covid, [float(r["p_covid"]) for r in rows if r["label"] != "covid"]
+
+
+def pair_split(f: Files, fold_csvs: list[str]) -> tuple[float, float, int, int]:
+    """The pooled AUC's pairs split by place: (AUC over the pairs of a COVID-19 and a non-COVID
+    film held out in the same fold, AUC over the pairs from different folds, and their counts).
+    The pooled AUC is their pair-weighted mean. Same-fold pairs are one model ranking one
+    place's films, what a site's own AUC measures; cross-fold pairs are two models' scores of
+    two places set against each other, which only line up if the scores mean the same thing
+    everywhere, what one threshold for every hospital needs."""
+    folds = [held_out_adults(f, csv) for csv in fold_csvs]
+    within_pairs = sum(len(c) * len(n) for c, n in folds)
+    within = sum(rank_auc(c, n) * len(c) * len(n) for c, n in folds)
+    covid = [p for c, _ in folds for p in c]
+    other = [p for _, n in folds for p in n]
+    all_pairs = len(covid) * len(other)
+    across = rank_auc(covid, other) * all_pairs - within
+    return within / within_pairs, across / (all_pairs - within_pairs), within_pairs, all_pairs - within_pairs
+
+
+def oos_pairs(f: Files) -> list[str]:
+    """docs/validation.md: each two-seed run's pooled AUC split into same-place and
+    cross-place pairs (pair_split), to read a pooled gain by where it comes from."""
+    folds = oos_fold_names(f)
+    rows, counts = [], None
+    for config, seeds in OOS_SEED_RUNS.items():
+        for seed, folder in seeds.items():
+            csvs = [f"{folder}/folds/{fold}.csv" for fold in folds]
+            if not all((f.root / csv).exists() for csv in csvs):
+                continue
+            within, across, n_within, n_across = pair_split(f, csvs)
+            counts = counts or (n_within, n_across)
+            rows.append([config, str(seed), f"{within:.3f}", f"{across:.3f}", f"{pooled_auc(f, csvs):.3f}"])
+    if not rows:
+        return ["No configuration has every fold of a seed yet."]
+    return [*table(["configuration", "seed", "same-place pairs", "cross-place pairs", "pooled"], rows),
+            "", f"Pairs (COVID-19 film, adult non-COVID film): {counts[0]:,} held out in the same "
+            f"fold, {counts[1]:,} in different folds."]  # fmt: skip
 
 
 def oos_two_seeds(f: Files) -> list[str]:
@@ -1176,6 +1218,7 @@ BLOCKS: dict[str, Callable[[Files], list[str]]] = {
     "oos-candidates-default-recipe": oos_candidates_default_recipe,
     "oos-pooled-noise": oos_pooled_noise,
     "oos-two-seeds": oos_two_seeds,
+    "oos-pairs": oos_pairs,
     "oos-choices": oos_choices,
     "oos-findings": oos_findings,
     "oos-four-class": oos_four_class_calls,

@@ -388,3 +388,20 @@ def test_choices_table_keeps_the_default_only_when_a_candidate_is_below_in_every
     )
     row = next(r for r in rn.oos_choices(rn.Files(tmp_path)) if r.startswith("| source-balanced"))
     assert "1.000 vs" in row and row.endswith("not decided |")
+
+
+def test_pooled_auc_splits_into_same_place_and_cross_place_pairs(tmp_path):
+    """Two folds each ranked perfectly by its own model, on scales that do not line up: the
+    same-place pairs are perfect, the cross-place ones at chance, the pooled AUC between.
+    Watched red with the cross-place AUC taken over every pair (the same-place ones included)."""
+    (tmp_path / "params.yaml").write_text("oos:\n  folds:\n  - name: a\n  - name: b\n")
+    folder = rn.OOS_SEED_RUNS["default"][42]
+    write_fold_csv(tmp_path / folder / "folds/a.csv", [0.9], [0.8])
+    write_fold_csv(tmp_path / folder / "folds/b.csv", [0.3], [0.2])
+    files = rn.Files(tmp_path)
+    csvs = [f"{folder}/folds/{fold}.csv" for fold in "ab"]
+    assert rn.pair_split(files, csvs) == (1.0, 0.5, 2, 2)
+    assert rn.pooled_auc(files, csvs) == 0.75  # (0.9 > 0.8, 0.2; 0.3 > 0.2; 0.3 < 0.8): 3 of 4
+    rows = rn.oos_pairs(files)
+    assert rows[2] == "| default | 42 | 1.000 | 0.500 | 0.750 |"
+    assert rows[-1] == "Pairs (COVID-19 film, adult non-COVID film): 2 held out in the same fold, 2 in different folds."
