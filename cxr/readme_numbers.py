@@ -227,6 +227,7 @@ def oos_is_committed_recipe(f: Files) -> bool:
 
 
 OOS_FOUR_CLASS = "reports/oos/four_class"  # the four-class folds (oos.tasks [four_class])
+OOS_FOUR_CLASS_128 = "reports/oos/candidates/size128_four_class"  # the same at 128 px (a diagnosis)
 
 
 def oos_four_class(f: Files) -> dict | None:
@@ -1003,6 +1004,8 @@ def oos_four_class_calls(f: Files) -> list[str]:
     runs = [("plain film", f"{OOS_FOUR_CLASS}/results.json")]
     runs += [(f"+ TTA `{name}`", f"{OOS_FOUR_CLASS}/tta/{name}/results.json") for name in OOS_TTA
              if (f.root / OOS_FOUR_CLASS / "tta" / name / "results.json").exists()]  # fmt: skip
+    if (f.root / OOS_FOUR_CLASS_128 / "results.json").exists():
+        runs.append(("128 px input (RULE.md eleventh amendment)", f"{OOS_FOUR_CLASS_128}/results.json"))
     rows = []
     for label, path in runs:
         for key, r in f.load(path)["pooled"]["four_class"].items():

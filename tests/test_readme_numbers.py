@@ -405,3 +405,19 @@ def test_pooled_auc_splits_into_same_place_and_cross_place_pairs(tmp_path):
     rows = rn.oos_pairs(files)
     assert rows[2] == "| default | 42 | 1.000 | 0.500 | 0.750 |"
     assert rows[-1] == "Pairs (COVID-19 film, adult non-COVID film): 2 held out in the same fold, 2 in different folds."
+
+
+def test_four_class_calls_add_the_128_px_run_when_it_exists(tmp_path):
+    """docs/validation.md's four-class table: the 128 px diagnosis (RULE.md eleventh amendment)
+    is a row pair of its own, from its own results. Watched red with the row read from the
+    112 px run's results."""
+    root = copy_committed_files(tmp_path)
+    folder = root / rn.OOS_FOUR_CLASS_128
+    shutil.rmtree(folder, ignore_errors=True)
+    labels = {line.split(" | ")[0].lstrip("| ") for line in rn.oos_four_class_calls(rn.Files(root))[2:]}
+    assert not any("128 px" in label for label in labels)
+    calls = {"adult_normal": {"n": 642, "covid": 0.01, "viral": 0.2, "bacterial": 0.09, "normal": 0.7}}
+    folder.mkdir(parents=True)
+    (folder / "results.json").write_text(json.dumps({"pooled": {"four_class": calls}}))
+    rows = [r for r in rn.oos_four_class_calls(rn.Files(root)) if "128 px" in r]
+    assert rows == ["| 128 px input (RULE.md eleventh amendment) | adult normal (642) | 70.0% | 20.0% | 9.0% | 1.0% |"]
