@@ -39,7 +39,7 @@ import textwrap
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import yaml
 
@@ -859,10 +859,18 @@ def held_out_adults(f: Files, fold_csv: str) -> tuple[list[float], list[float]]:
     return covid, [float(r["p_covid"]) for r in rows if r["label"] != "covid"]
 
 
-def pair_split(f: Files, fold_csvs: list[str]) -> tuple[float, float, int, int]:
-    """The pooled AUC's pairs split by place: (AUC over the pairs of a COVID-19 and a non-COVID
-    film held out in the same fold, AUC over the pairs from different folds, and their counts).
-    The pooled AUC is their pair-weighted mean. Same-fold pairs are one model ranking one
+class PairSplit(NamedTuple):
+    within: float  # AUC over the pairs held out in the same fold
+    across: float  # AUC over the pairs from different folds
+    n_within: int
+    n_across: int
+    pooled: float  # over every pair: the pair-weighted mean of the two
+
+
+def pair_split(f: Files, fold_csvs: list[str]) -> PairSplit:
+    """The pooled AUC's pairs split by place: AUC over the pairs of a COVID-19 and a non-COVID
+    film held out in the same fold, AUC over the pairs from different folds, their counts, and
+    the pooled AUC itself (pooled_auc's number, computed on the way). Same-fold pairs are one model ranking one
     place's films, what a site's own AUC measures; cross-fold pairs are two models' scores of
     two places set against each other, which only line up if the scores mean the same thing
     everywhere, what one threshold for every hospital needs."""
@@ -872,8 +880,10 @@ def pair_split(f: Files, fold_csvs: list[str]) -> tuple[float, float, int, int]:
     covid = [p for c, _ in folds for p in c]
     other = [p for _, n in folds for p in n]
     all_pairs = len(covid) * len(other)
-    across = rank_auc(covid, other) * all_pairs - within
-    return within / within_pairs, across / (all_pairs - within_pairs), within_pairs, all_pairs - within_pairs
+    pooled = rank_auc(covid, other)
+    across = pooled * all_pairs - within
+    return PairSplit(within / within_pairs, across / (all_pairs - within_pairs), within_pairs,
+                     all_pairs - within_pairs, pooled)  # fmt: skip
 
 
 def oos_pairs(f: Files) -> list[str]:
@@ -886,9 +896,9 @@ def oos_pairs(f: Files) -> list[str]:
             csvs = [f"{folder}/folds/{fold}.csv" for fold in folds]
             if not all((f.root / csv).exists() for csv in csvs):
                 continue
-            within, across, n_within, n_across = pair_split(f, csvs)
-            counts = counts or (n_within, n_across)
-            rows.append([config, str(seed), f"{within:.3f}", f"{across:.3f}", f"{pooled_auc(f, csvs):.3f}"])
+            split = pair_split(f, csvs)
+            counts = counts or (split.n_within, split.n_across)
+            rows.append([config, str(seed), f"{split.within:.3f}", f"{split.across:.3f}", f"{split.pooled:.3f}"])
     if not rows:
         return ["No configuration has every fold of a seed yet."]
     return [*table(["configuration", "seed", "same-place pairs", "cross-place pairs", "pooled"], rows),

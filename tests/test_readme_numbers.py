@@ -400,7 +400,7 @@ def test_pooled_auc_splits_into_same_place_and_cross_place_pairs(tmp_path):
     write_fold_csv(tmp_path / folder / "folds/b.csv", [0.3], [0.2])
     files = rn.Files(tmp_path)
     csvs = [f"{folder}/folds/{fold}.csv" for fold in "ab"]
-    assert rn.pair_split(files, csvs) == (1.0, 0.5, 2, 2)
+    assert rn.pair_split(files, csvs) == (1.0, 0.5, 2, 2, 0.75)
     assert rn.pooled_auc(files, csvs) == 0.75  # (0.9 > 0.8, 0.2; 0.3 > 0.2; 0.3 < 0.8): 3 of 4
     rows = rn.oos_pairs(files)
     assert rows[2] == "| default | 42 | 1.000 | 0.500 | 0.750 |"
