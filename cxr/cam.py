@@ -109,7 +109,7 @@ def compute_cams(
     return np.clip(out, 0.0, 1.0)
 
 
-def random_twin(arch: str, num_classes: int, seed: int) -> CXRNet:
+def random_twin(arch: str, num_classes: int, seed: int, input_size: int | None = None) -> CXRNet:
     """A same-architecture network with random weights (the model-randomisation baseline).
 
     zero_init_residual=False: with zeroed last BNs every residual block starts as the identity,
@@ -117,7 +117,8 @@ def random_twin(arch: str, num_classes: int, seed: int) -> CXRNet:
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = build_model(arch, num_classes, weights="none", zero_init_residual=False)
+        model = build_model(arch, num_classes, weights="none", zero_init_residual=False,
+                            input_size=input_size)  # fmt: skip
     return model.eval()
 
 

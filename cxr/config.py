@@ -205,9 +205,18 @@ class TrainParams:
     processes: int
     sync_batchnorm: bool  # BatchNorm statistics over the global batch (GPUs only)
     compile: bool  # torch.compile the training forward/backward
+    # The network's input side in px; None = base.image_size (the arrays'). Smaller: the model
+    # resizes the arrays itself (cxr.models.CXRNet), so both tasks share one split.
+    input_size: int | None
 
     def validate(self) -> None:
         name = f"train_{self.task}"
+        require(
+            self.input_size is None or 16 <= self.input_size <= 1024,
+            f"{name}.input_size",
+            "null (= base.image_size) or an integer in 16..1024",
+            self.input_size,
+        )
         if self.arch not in ARCHS:
             raise ParamsError(
                 f"{name}.arch: unknown arch {self.arch!r}; choose one of {list(ARCHS)}"
@@ -427,6 +436,19 @@ def load_gradcam_params(path: str | Path) -> GradcamParams:
 
 def load_segment_params(path: str | Path) -> SegmentParams:
     return _load(SegmentParams, path, "segment")
+
+
+def network_input(base: BaseParams, p: TrainParams) -> int:
+    """The side task `p`'s network sees: its input_size, at most the arrays' (base.image_size)
+    since resizing up adds pixels, not detail."""
+    if p.input_size is None:
+        return base.image_size
+    if p.input_size > base.image_size:
+        raise ParamsError(
+            f"train_{p.task}.input_size {p.input_size} is larger than base.image_size "
+            f"{base.image_size}, the arrays it is resized from: raise base.image_size instead"
+        )
+    return p.input_size
 
 
 def preprocessing(base: BaseParams, split: SplitParams) -> Preprocessing:

@@ -29,6 +29,7 @@ Writes --out (JSON) and the same path with .md (tables); the synthetic files liv
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import io
 import json
@@ -251,7 +252,7 @@ def step_train(work: Path, n: int, args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from cxr.arrays import load_split
-    from cxr.config import load_base, load_train_params
+    from cxr.config import load_base, load_train_params, network_input
     from cxr.data import allowed_classes, epoch_order, sample_weights, seed_everything, strata_for
     from cxr.infer import configure_cpu, pick_device
     from cxr.models import build_model
@@ -263,7 +264,8 @@ def step_train(work: Path, n: int, args: argparse.Namespace) -> dict[str, Any]:
     images, table = load_split(work / f"n{n}" / "split", "train", in_memory=True)
     device = pick_device()
     model = build_model(p.arch, len(p.class_names), weights=p.weights,
-                        zero_init_residual=p.zero_init_residual)  # fmt: skip
+                        zero_init_residual=p.zero_init_residual,
+                        input_size=network_input(base, p))  # fmt: skip
     model.to(device).to(memory_format=torch.channels_last)
     strata = strata_for(table, p.task, p.balance_by)
     steps = max(1, len(images) // p.batch_size)  # as train_model: drop_last
@@ -297,7 +299,7 @@ def step_train(work: Path, n: int, args: argparse.Namespace) -> dict[str, Any]:
         "train_epoch_min": (order_s + steps * p.batch_size / rate) / 60,
         "train_threads": threads,
         "train_device": where,
-        "train_model": f"{p.arch} {base.image_size} px batch {p.batch_size}",
+        "train_model": f"{p.arch} {network_input(base, p)} px batch {p.batch_size}",
     }
 
 
@@ -308,19 +310,21 @@ def _models(folder: Path, params: Path) -> Path:
     import torch
 
     from cxr.bundle import write_bundle
-    from cxr.config import load_train_params
+    from cxr.config import load_train_params, network_input
     from cxr.models import build_model, save_checkpoint
 
     folder.mkdir(parents=True, exist_ok=True)
-    spec = _params(params)[2]
+    base, _, spec = _params(params)
     paths = {}
     for section in ("train_binary", "train_four_class"):
         p = load_train_params(params, section)
         torch.manual_seed(0)
-        model = build_model(p.arch, len(p.class_names), zero_init_residual=False)
+        side = network_input(base, p)  # as the train stage builds it: predict then resizes too
+        model = build_model(p.arch, len(p.class_names), zero_init_residual=False, input_size=side)
         paths[p.task] = folder / f"{p.task}.pt"
         meta = {"task": p.task, "arch": p.arch, "class_names": p.class_names,
-                "image_size": spec.image_size, "preprocessing": spec.to_dict()}  # fmt: skip
+                "image_size": spec.image_size, "input_size": side,
+                "preprocessing": spec.to_dict()}  # fmt: skip
         save_checkpoint(paths[p.task], model, meta)
     write_bundle(folder, paths["binary"], paths["four_class"], None, 0.5, "growth benchmark")
     return folder
@@ -400,10 +404,8 @@ def run_step(step: str, n: int, args: argparse.Namespace) -> dict[str, Any]:
 def cpu() -> dict[str, Any]:
     """The CPU the numbers were measured on: /proc/cpuinfo's model name and lscpu's counts."""
     info: dict[str, Any] = {"cores": os.cpu_count(), "machine": platform.machine()}
-    try:
+    with contextlib.suppress(OSError):
         info |= cpuinfo_fields(Path("/proc/cpuinfo").read_text())
-    except OSError:
-        pass
     try:
         text = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
         keep = ("Model name", "CPU(s)", "Thread(s) per core", "Core(s) per socket", "Socket(s)",

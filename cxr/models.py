@@ -1,18 +1,21 @@
 """Build a ResNet for N classes with its input contract; save and load checkpoints.
 
-Input contract: a float tensor N x 1 x S x S with values in [0, 1] (uint8 / 255). The network
-normalises inside itself, so every caller (train, evaluate, gradcam, predict) feeds the same
-thing and the normalisation travels with the weights.
+Input contract: a float tensor N x 1 x S x S with values in [0, 1] (uint8 / 255), S the
+preprocessed arrays' size (base.image_size). The network normalises inside itself, and resizes to
+its own input size when that differs (a task's `input_size`), so every caller (train, evaluate,
+gradcam, predict) feeds the same arrays and both travel with the weights.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import pickle
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 import torchvision
 from torch import nn
 
@@ -31,16 +34,38 @@ class CheckpointError(ValueError):
 
 
 class CXRNet(nn.Module):
-    """Normalisation + a torchvision ResNet with a one-channel stem."""
+    """Normalisation + a torchvision ResNet with a one-channel stem.
 
-    def __init__(self, backbone: nn.Module, mean: float = GRAY_MEAN, std: float = GRAY_STD):
+    `input_size` (None: whatever size comes in) is the side the backbone sees: the two tasks
+    share one set of preprocessed arrays but need not share an input size
+    (`train_<task>.input_size`), so a network trained smaller than its arrays resizes them
+    itself, identically in every caller.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        mean: float = GRAY_MEAN,
+        std: float = GRAY_STD,
+        input_size: int | None = None,
+    ):
         super().__init__()
         self.register_buffer("mean", torch.tensor(mean))
         self.register_buffer("std", torch.tensor(std))
         self.backbone = backbone
+        self.input_size = input_size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.backbone((x - self.mean) / self.std)
+        return self.backbone((self.resize(x) - self.mean) / self.std)
+
+    def resize(self, x: torch.Tensor) -> torch.Tensor:
+        """x at the backbone's input size; antialiased, so a smaller input is an area-like
+        average of the array, not a sampling of every few pixels."""
+        side = self.input_size
+        if side is None or tuple(x.shape[-2:]) == (side, side):
+            return x
+        return F.interpolate(x, size=(side, side), mode="bilinear", antialias=True,
+                             align_corners=False)  # fmt: skip
 
     @property
     def cam_layer(self) -> nn.Module:
@@ -98,9 +123,15 @@ def _state_dict_backbone(arch: str, path: Path) -> nn.Module:
 
 
 def build_model(
-    arch: str, num_classes: int, *, weights: str = "none", zero_init_residual: bool = True
+    arch: str,
+    num_classes: int,
+    *,
+    weights: str = "none",
+    zero_init_residual: bool = True,
+    input_size: int | None = None,
 ) -> CXRNet:
-    """A ResNet for `num_classes` grayscale classes, from random init, ImageNet or a file."""
+    """A ResNet for `num_classes` grayscale classes, from random init, ImageNet or a file,
+    seeing `input_size` px (None: the arrays' own size)."""
     if arch not in ARCHS:
         raise CheckpointError(f"unknown arch {arch!r}; choose one of {list(ARCHS)}")
     if weights == "none":
@@ -117,7 +148,7 @@ def build_model(
         adapt_conv1_to_gray(backbone)
     if backbone.fc.out_features != num_classes:
         backbone.fc = nn.Linear(backbone.fc.in_features, num_classes)
-    return CXRNet(backbone)
+    return CXRNet(backbone, input_size=input_size)
 
 
 def load_state_dict_file(path: Path) -> dict[str, Any]:
@@ -174,6 +205,29 @@ def load_weights(model: nn.Module, state: dict, path: str | Path, described: str
     return model.eval()
 
 
+def classifier_meta(
+    p: Any, spec: dict[str, Any], model: CXRNet, seed: int, training: dict[str, Any]
+) -> dict[str, Any]:
+    """What every classifier checkpoint says about itself (the train stage's and the
+    out-of-source folds' alike): `p` a cxr.config.TrainParams, `spec` the preprocessing dict."""
+    return {
+        "task": p.task,
+        "arch": p.arch,
+        "class_names": p.class_names,
+        "image_size": spec["image_size"],  # the arrays' side, which callers feed
+        "input_size": model.input_size or spec["image_size"],  # the backbone's
+        "preprocessing": spec,
+        "normalisation": {
+            "mean": float(model.mean),
+            "std": float(model.std),
+            "input": "uint8/255, 1 channel",
+        },
+        "params": dataclasses.asdict(p),
+        "seed": seed,
+        "training": training,
+    }
+
+
 def save_checkpoint(path: Path, model: CXRNet, meta: dict[str, Any]) -> None:
     """A classifier checkpoint: state_dict + metadata (arch, task, classes, preprocessing)."""
     save_state(path, model, meta, CHECKPOINT_FORMAT)
@@ -184,5 +238,7 @@ def load_checkpoint(path: str | Path, task: str | None = None) -> tuple[CXRNet, 
     state, meta = read_state(path, CHECKPOINT_FORMAT, "cxr checkpoint", "train one with dvc repro")
     if task is not None and meta.get("task") != task:
         raise CheckpointError(f"{path}: a {meta.get('task')!r} checkpoint, expected {task!r}")
-    model = build_model(meta["arch"], len(meta["class_names"]), weights="none")
+    # Checkpoints written before `input_size` existed saw their arrays' own size.
+    model = build_model(meta["arch"], len(meta["class_names"]), weights="none",
+                        input_size=meta.get("input_size"))  # fmt: skip
     return load_weights(model, state, path, meta["arch"]), meta

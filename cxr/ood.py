@@ -257,25 +257,34 @@ def gate(state: OodState, features: np.ndarray | None, mask: np.ndarray | None) 
     """Warnings for one input: its penultimate features (D,) and/or its boolean lung mask
     (H x W, the segmenter's, as predict makes it); either may be None (no model, no
     segmenter) and is then not checked. [] means it looks like a frontal chest radiograph."""
-    reasons = []
-    if features is not None:
-        score = float(state.scores(np.asarray(features).reshape(1, -1))[0])
-        if not score <= state.threshold:  # nan (a broken feature) is flagged too
-            reasons.append(feature_reason(score, state.threshold))
-    if mask is not None:
-        reasons += lung_reasons(mask, state.params)
-    return reasons
+    if features is None and mask is None:
+        return []
+    score = None if features is None else state.scores(np.asarray(features).reshape(1, -1))
+    return gate_scored(state, score, None if mask is None else mask[None])[0]
 
 
 def gate_batch(
     state: OodState, features: np.ndarray | None, masks: np.ndarray | None
 ) -> list[list[str]]:
     """`gate` for N inputs (features N x D, masks N x H x W; either may be None)."""
-    n = len(features) if features is not None else len(masks) if masks is not None else 0
-    return [
-        gate(state, None if features is None else features[i], None if masks is None else masks[i])
-        for i in range(n)
-    ]
+    return gate_scored(state, None if features is None else state.scores(features), masks)
+
+
+def gate_scored(
+    state: OodState, scores: np.ndarray | None, masks: np.ndarray | None
+) -> list[list[str]]:
+    """`gate` for N inputs whose feature distances (`state.scores`, N) are already known: a
+    caller that reports the distances too computes them once."""
+    n = len(scores) if scores is not None else len(masks) if masks is not None else 0
+    out = []
+    for i in range(n):
+        reasons = []
+        if scores is not None and not float(scores[i]) <= state.threshold:
+            reasons.append(feature_reason(float(scores[i]), state.threshold))  # nan flagged too
+        if masks is not None:
+            reasons += lung_reasons(masks[i], state.params)
+        out.append(reasons)
+    return out
 
 
 def reason_kind(reason: str) -> str:

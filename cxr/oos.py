@@ -22,8 +22,9 @@ import numpy as np
 import pandas as pd
 
 from cxr.arrays import load_split
-from cxr.config import BaseParams, TrainParams
+from cxr.config import BaseParams, TrainParams, network_input
 from cxr.data import allowed_classes, labels_for, seed_everything, strata_for
+from cxr.errors import InputError
 from cxr.infer import predict_proba
 from cxr.lungs import load_lung_masks
 from cxr.models import CXRNet, build_model
@@ -37,11 +38,20 @@ log = logging.getLogger(__name__)
 POOL = ("train", "val", "test")  # the default split's main pool, re-partitioned per fold
 
 
-def pool_table(data: Path) -> tuple[np.ndarray, pd.DataFrame]:
-    """train + val + test of the default split, one array, with `origin` = the split it came from."""
+def pool_table(data: Path, image_size: int) -> tuple[np.ndarray, pd.DataFrame]:
+    """train + val + test of the default split, one array, with `origin` = the split it came from.
+
+    The arrays must have the params' size: a run whose params say 128 px on a 112 px split
+    would train and score at 112 px under a 128 px name (RULE.md thirteenth amendment)."""
     arrays, tables = [], []
     for name in POOL:
         x, t = load_split(data, name)
+        if len(x) and x.shape[1:] != (image_size, image_size):
+            raise InputError(
+                f"{data}/{name}.npy holds {x.shape[1]} px arrays but base.image_size is "
+                f"{image_size}: make a split with these params (python stages/split.py --params "
+                "PARAMS --raw data/raw --out DIR --metrics M) and pass it with --data DIR"
+            )
         arrays.append(np.asarray(x))
         tables.append(t.assign(origin=name))
     table = pd.concat(tables, ignore_index=True)
@@ -91,7 +101,8 @@ def fit(
         keep = labels_for(tr, p.task) >= 0
         tr, train = tr[keep].reset_index(drop=True), np.flatnonzero(train)[keep]
     model = build_model(p.arch, len(p.class_names), weights=p.weights,
-                        zero_init_residual=p.zero_init_residual)  # fmt: skip
+                        zero_init_residual=p.zero_init_residual,
+                        input_size=network_input(base, p))  # fmt: skip
     start = time.perf_counter()
     result = train_model(
         model, p,

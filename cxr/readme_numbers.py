@@ -227,7 +227,18 @@ def oos_is_committed_recipe(f: Files) -> bool:
 
 
 OOS_FOUR_CLASS = "reports/oos/four_class"  # the four-class folds (oos.tasks [four_class])
-OOS_FOUR_CLASS_128 = "reports/oos/candidates/size128_four_class"  # the same at 128 px (a diagnosis)
+# The same fold and recipe trained on the Intel Xeon instead of the AMD EPYC Zen 1 (the eleventh
+# amendment's "128 px" run, 112 px after all: RULE.md thirteenth amendment).
+OOS_FOUR_CLASS_XEON = "reports/oos/candidates/four_class_xeon"
+
+
+def recipe_part(params: dict, section: str) -> dict:
+    """A params section as a recipe: a train section written before `input_size` existed meant
+    what null means now (the network sees the arrays' size)."""
+    part = dict(params.get(section) or {})
+    if section.startswith("train_"):
+        part.setdefault("input_size", None)
+    return part
 
 
 def oos_four_class(f: Files) -> dict | None:
@@ -237,7 +248,8 @@ def oos_four_class(f: Files) -> dict | None:
     if not (f.root / OOS_FOUR_CLASS / "results.json").exists():
         return None
     run, params = f.load(f"{OOS_FOUR_CLASS}/params.yaml"), f.load("params.yaml")
-    if any(run.get(k) != params.get(k) for k in ("base", "split", "train_four_class")):
+    if any(recipe_part(run, k) != recipe_part(params, k)
+           for k in ("base", "split", "train_four_class")):  # fmt: skip
         return None
     result = f.load(f"{OOS_FOUR_CLASS}/results.json")
     normal = result["pooled"]["four_class"].get("adult_normal")
@@ -245,12 +257,20 @@ def oos_four_class(f: Files) -> dict | None:
 
 
 def four_class_oos_text(f: Files) -> str | None:
-    """'X% of N held-out adult normals called normal (fold F)', or None when not measured."""
+    """'X% of N held-out adult normals called normal (fold F, ...)', or None when not measured;
+    with the same fold and recipe trained on the Xeon beside it when that run exists (the
+    committed models are the Xeon's, the committed four-class fold the Zen 1's)."""
     four = oos_four_class(f)
     if four is None:
         return None
+    xeon = f.root / OOS_FOUR_CLASS_XEON / "results.json"
+    other = ""
+    if xeon.exists():
+        normal = f.load(f"{OOS_FOUR_CLASS_XEON}/results.json")["pooled"]["four_class"]
+        other = f"; trained on the Xeon: {pct(normal['adult_normal']['normal'])}"
     return (f"{pct(four['normal'])} of {four['n']} held-out adult normals called normal "
-            f"(fold {', '.join(four['folds'])}; {pct(four['viral'])} viral)")  # fmt: skip
+            f"(fold {', '.join(four['folds'])}, trained on the Zen 1; {pct(four['viral'])} viral"
+            f"{other})")  # fmt: skip
 
 
 def oos_row(f: Files, link: str) -> list[str]:
@@ -311,7 +331,10 @@ def new_hospital_targets(f: Files) -> list[str]:
     auc, sens = num(binary["roc_auc"]), num(binary["sensitivity_at_90_specificity"])
     four = pooled.get("four_class", {}).get("adult_normal") or oos_four_class(f) or {}
     normal = four.get("normal")
-    where = f" (fold {', '.join(four['folds'])}: {OOS_FOUR_CLASS})" if "folds" in four else ""
+    where = f" (fold {', '.join(four['folds'])}: {OOS_FOUR_CLASS}, Zen 1)" if "folds" in four else ""
+    if where and (f.root / OOS_FOUR_CLASS_XEON / "results.json").exists():
+        xeon = f.load(f"{OOS_FOUR_CLASS_XEON}/results.json")["pooled"]["four_class"]
+        where += f"; {pct(xeon['adult_normal']['normal'])} trained on the Xeon: missed"
     check_normal, check_covid = num(get(q, NORMAL)), num(get(q, CHECK_ARGMAX))
     rows = [
         [f"out-of-source, pooled: adult ROC AUC >= 0.93{recipe}", verdict(auc, auc >= 0.93)],
@@ -687,9 +710,10 @@ OOS_DEFAULT_RECIPE_CANDIDATES = ("robust_default",)
 
 
 def oos_candidates_default_recipe(f: Files) -> list[str]:
-    """docs/validation.md: each default-recipe candidate beside the committed run, per fold it
-    finished (in the order it ran them) and pooled; the rule's verdict only with every fold."""
-    committed = f.load("reports/oos/results.json")
+    """docs/validation.md: each default-recipe candidate beside the 112 px run it was measured
+    against, per fold it finished (in the order it ran them) and pooled; the rule's verdict only
+    with every fold."""
+    committed = f.load(f"{OOS_ZEN1}/results.json")
     rows = []
     for name in OOS_DEFAULT_RECIPE_CANDIDATES:
         folder = f.root / f"reports/oos/candidates/{name}"
@@ -705,7 +729,7 @@ def oos_candidates_default_recipe(f: Files) -> list[str]:
             rows.append(candidate_row(f"**{name}: pooled**", ours, theirs, judge=True))
     if not rows:
         return ["Not run yet: `oos/candidate.sh reports/oos/candidates/robust_default`."]
-    return table(["candidate, held-out films", "adult ROC AUC", "committed default",
+    return table(["candidate, held-out films", "adult ROC AUC", "default (Zen 1)",
                   "vs default", "sens. at 90% spec. (default)", "rule (AUC +0.01)"], rows)  # fmt: skip
 
 
@@ -735,8 +759,16 @@ def pooled_auc(f: Files, fold_csvs: list[str]) -> float:
 # folds/<fold>.csv hold that seed's held-out predictions.
 OOS_BUDGET = "reports/oos/budget"  # the default configuration with the budget recipe
 
+# The committed run before the 128 px arrays (RULE.md twelfth amendment), trained on the AMD EPYC
+# Zen 1 and kept as it was: the candidates and diagnoses run there were compared with it.
+OOS_ZEN1 = "reports/oos/candidates/default_zen1"
+
 OOS_SEED_RUNS: dict[str, dict[int, str]] = {
-    "default": {42: "reports/oos", 43: "reports/oos/candidates/default_seed43"},
+    "default_zen1": {42: OOS_ZEN1, 43: "reports/oos/candidates/default_seed43"},
+    "default_xeon": {  # the same recipe on the Intel Xeon (RULE.md thirteenth amendment)
+        42: "reports/oos/candidates/default_xeon",
+        43: "reports/oos/candidates/default_xeon_seed43",
+    },
     "robust_default": {
         42: "reports/oos/candidates/robust_default",
         43: "reports/oos/candidates/robust_default_seed43",
@@ -749,7 +781,7 @@ OOS_SEED_RUNS: dict[str, dict[int, str]] = {
         42: "reports/oos/candidates/epochs4",
         43: "reports/oos/candidates/epochs4_seed43",
     },
-    "size128": {  # RULE.md tenth amendment
+    "size128": {  # RULE.md twelfth and thirteenth amendments (the tenth's run was 112 px)
         42: "reports/oos/candidates/size128",
         43: "reports/oos/candidates/size128_seed43",
     },
@@ -757,13 +789,15 @@ OOS_SEED_RUNS: dict[str, dict[int, str]] = {
 
 # The changes compared with the default over two seeds: what each is and its rule, "better"
 # (sixth amendment: adopt on a gain) or "no_loss" (ninth: a cheaper recipe kept on no loss).
-TWO_SEED_CANDIDATES: dict[str, tuple[str, str]] = {
+TWO_SEED_CANDIDATES: dict[str, tuple[str, str, str]] = {
+    # config: (what it changes, its rule, the default run it is judged against: the same CPU
+    # kind where one exists, RULE.md thirteenth amendment)
     "robust_default": ("acquisition-robust augmentation (tone, blur/sharpen, noise, cut-outs, zoom)",
-                       "better"),
-    "crop_lungs": ("crop to the predicted lungs (10% margin)", "better"),
-    "epochs4": ("4 binary epochs instead of 8 (half the training time)", "no_loss"),
-    "size128": ("128 px input instead of 112", "better"),
-}
+                       "better", "default_zen1"),  # Zen 1 against Zen 1
+    "crop_lungs": ("crop to the predicted lungs (10% margin)", "better", "default_xeon"),
+    "epochs4": ("4 binary epochs instead of 8 (half the training time)", "no_loss", "default_xeon"),
+    "size128": ("128 px arrays and binary input instead of 112", "better", "default_xeon"),
+}  # fmt: skip
 
 
 def oos_fold_names(f: Files) -> list[str]:
@@ -776,10 +810,10 @@ def oos_pooled_noise(f: Files) -> list[str]:
     well their scores line up, which a seed changes. One row per fold that has a seed-43 model
     of the default configuration (each swapped in alone)."""
     folds = oos_fold_names(f)
-    committed = {fold: f"{OOS_SEED_RUNS['default'][42]}/folds/{fold}.csv" for fold in folds}
-    runs = [("committed run (seed 42 in every fold)", committed)]
+    committed = {fold: f"{OOS_SEED_RUNS['default_zen1'][42]}/folds/{fold}.csv" for fold in folds}
+    runs = [("default run, Zen 1 (seed 42 in every fold)", committed)]
     for fold in folds:
-        swap = f"{OOS_SEED_RUNS['default'][43]}/folds/{fold}.csv"
+        swap = f"{OOS_SEED_RUNS['default_zen1'][43]}/folds/{fold}.csv"
         if (f.root / swap).exists():
             runs.append((f"the same, fold {fold}'s model trained with seed 43",
                          committed | {fold: swap}))  # fmt: skip
@@ -793,7 +827,7 @@ def oos_pooled_noise(f: Files) -> list[str]:
     for label, csvs in runs:
         auc = pooled_auc(f, [csvs[fold] for fold in folds])
         rows.append([label, f"{auc:.3f}", f"{auc - base:+.3f}"])
-    return table(["fold models pooled", "pooled adult ROC AUC", "vs committed run"], rows)
+    return table(["fold models pooled", "pooled adult ROC AUC", "vs the Zen 1 run"], rows)
 
 
 def two_seed_verdict(candidate: dict[int, float], default: dict[int, float]) -> str:
@@ -801,6 +835,13 @@ def two_seed_verdict(candidate: dict[int, float], default: dict[int, float]) -> 
     default's by >= 0.01 and its pooled AUC is higher in every seed; undecided without two
     seeds of both, each with every fold pooled."""
     seeds = sorted(set(candidate) & set(default))
+    # "higher in every seed" fails with the first seed that is not: decided without the rest
+    # (RULE.md fourteenth amendment stopped 128 px's second seed so).
+    lower = [s for s in seeds if not candidate[s] > default[s]]
+    if lower and len(seeds) < 2:
+        s = lower[0]
+        return (f"keep default (not higher in seed {s}: {candidate[s]:.3f} vs {default[s]:.3f}; "
+                "the rule needs it higher in every seed)")  # fmt: skip
     if len(seeds) < 2 or set(candidate) != set(default):
         return "not decided (needs every fold of two seeds of both)"
     mean_gain = sum(candidate[s] - default[s] for s in seeds) / len(seeds)
@@ -825,9 +866,11 @@ def no_loss_verdict(candidate: dict[int, float], default: dict[int, float]) -> s
 
 
 def candidate_verdict(config: str, pooled: dict[str, dict[int, float]]) -> str:
-    """The verdict of TWO_SEED_CANDIDATES[config]'s rule on the pooled AUCs by seed."""
-    rule = two_seed_verdict if TWO_SEED_CANDIDATES[config][1] == "better" else no_loss_verdict
-    return rule(pooled.get(config, {}), pooled.get("default", {}))
+    """The verdict of TWO_SEED_CANDIDATES[config]'s rule on the pooled AUCs by seed, against
+    its baseline (the default run on the candidate's CPU kind)."""
+    _, kind, baseline = TWO_SEED_CANDIDATES[config]
+    rule = two_seed_verdict if kind == "better" else no_loss_verdict
+    return rule(pooled.get(config, {}), pooled.get(baseline, {}))
 
 
 def two_seed_pooled(f: Files) -> tuple[list[list[str]], dict[str, dict[int, float]]]:
@@ -916,9 +959,9 @@ def oos_two_seeds(f: Files) -> list[str]:
             mean = sum(by_seed.values()) / len(by_seed)
             rows.append([f"**{config}**", "mean", *([""] * len(folds)), f"**{mean:.3f}**"])
     amendment = {"better": "sixth", "no_loss": "ninth"}
-    verdicts = [f"Rule (RULE.md, {amendment[rule]} amendment), {config} against default: "
+    verdicts = [f"Rule (RULE.md, {amendment[rule]} amendment), {config} against {baseline}: "
                 f"{candidate_verdict(config, pooled)}."
-                for config, (_, rule) in TWO_SEED_CANDIDATES.items()]  # fmt: skip
+                for config, (_, rule, baseline) in TWO_SEED_CANDIDATES.items()]  # fmt: skip
     return [
         *table(["configuration", "seed", *[f"fold {fold}" for fold in folds], "pooled"], rows),
         "",
@@ -929,16 +972,20 @@ def oos_two_seeds(f: Files) -> list[str]:
 def two_seed_cells(f: Files, config: str, pooled: dict[str, dict[int, float]]) -> tuple[str, str]:
     """oos_choices' "measured on" and "AUC vs default" cells for a two-seed candidate: pooled
     per seed where every fold of both has run, else each finished fold beside the default's."""
-    ours, default = pooled.get(config, {}), pooled.get("default", {})
+    baseline = TWO_SEED_CANDIDATES[config][2]
+    ours, default = pooled.get(config, {}), pooled.get(baseline, {})
     seeds = sorted(set(ours) & set(default))
     if seeds:
-        return (f"{len(oos_fold_names(f))} folds pooled, seeds {', '.join(map(str, seeds))}",
+        return (f"{len(oos_fold_names(f))} folds pooled, seed{'s' * (len(seeds) > 1)} "
+                f"{', '.join(map(str, seeds))}; "
+                f"against {baseline}",
                 "; ".join(f"{ours[s]:.3f} vs {default[s]:.3f} (seed {s})" for s in seeds))  # fmt: skip
     done = []
     for seed, folder in OOS_SEED_RUNS[config].items():
-        theirs = OOS_SEED_RUNS["default"][seed]
+        theirs = OOS_SEED_RUNS[baseline][seed]
         for fold in oos_fold_names(f):
-            if (f.root / folder / "folds" / f"{fold}.csv").exists():
+            theirs_csv = f.root / theirs / "folds" / f"{fold}.csv"
+            if (f.root / folder / "folds" / f"{fold}.csv").exists() and theirs_csv.exists():
                 done.append((fold, seed, pooled_auc(f, [f"{folder}/folds/{fold}.csv"]),
                              pooled_auc(f, [f"{theirs}/folds/{fold}.csv"])))  # fmt: skip
     if not done:
@@ -952,7 +999,7 @@ def oos_choices(f: Files) -> list[str]:
     the default's on the same held-out films, and what was decided (docs/validation.md)."""
     _, pooled = two_seed_pooled(f)
     rows = []
-    for config, (change, _) in TWO_SEED_CANDIDATES.items():
+    for config, (change, _, _) in TWO_SEED_CANDIDATES.items():
         measured, cell = two_seed_cells(f, config, pooled)
         rows.append([change, measured, cell, candidate_verdict(config, pooled)])
     # Budget-recipe candidates (2 epochs) against the default's budget run, as RULE.md's
@@ -973,7 +1020,7 @@ def oos_choices(f: Files) -> list[str]:
                  "; ".join(f"{ours:.3f} vs {theirs:.3f}" for ours, theirs in pairs),
                  f"stopped after {len(done)} of 3 folds; "
                  + ("below the default in each: keep default" if below else "not decided")])  # fmt: skip
-    europe = f.load("reports/oos/results.json")["folds"]["europe"]["binary"]["roc_auc"]["point"]
+    europe = f.load(f"{OOS_ZEN1}/results.json")["folds"]["europe"]["binary"]["roc_auc"]["point"]
     for label, path in seed_runs(f):
         if label.startswith("ensemble") or "TTA" in label:
             auc = f.load(path)["pooled"]["binary"]["roc_auc"]["point"]
@@ -1009,13 +1056,17 @@ OOS_TTA = ("gamma", "zoom")  # reports/oos/four_class/tta/<name>/ (oos/tta.sh), 
 
 
 def oos_four_class_calls(f: Files) -> list[str]:
-    """docs/validation.md: the four-class folds' calls on held-out adult films, the fold models
-    alone and with each set of test-time views (reports/oos/four_class/[tta/<name>/]results.json)."""
-    runs = [("plain film", f"{OOS_FOUR_CLASS}/results.json")]
-    runs += [(f"+ TTA `{name}`", f"{OOS_FOUR_CLASS}/tta/{name}/results.json") for name in OOS_TTA
+    """docs/validation.md: the four-class fold's calls on held-out adult films: the 112 px fold
+    model (AMD EPYC Zen 1) alone and with each set of test-time views
+    (reports/oos/four_class/[tta/<name>/]results.json), and the same recipe trained on the Intel
+    Xeon (OOS_FOUR_CLASS_XEON)."""
+    runs = [("plain film, Zen 1", f"{OOS_FOUR_CLASS}/results.json")]
+    runs += [(f"+ TTA `{name}`, Zen 1", f"{OOS_FOUR_CLASS}/tta/{name}/results.json")
+             for name in OOS_TTA
              if (f.root / OOS_FOUR_CLASS / "tta" / name / "results.json").exists()]  # fmt: skip
-    if (f.root / OOS_FOUR_CLASS_128 / "results.json").exists():
-        runs.append(("128 px input (RULE.md eleventh amendment)", f"{OOS_FOUR_CLASS_128}/results.json"))
+    if (f.root / OOS_FOUR_CLASS_XEON / "results.json").exists():
+        runs.append(("plain film, Xeon (RULE.md eleventh, thirteenth amendments)",
+                     f"{OOS_FOUR_CLASS_XEON}/results.json"))  # fmt: skip
     rows = []
     for label, path in runs:
         for key, r in f.load(path)["pooled"]["four_class"].items():
@@ -1085,18 +1136,19 @@ def seed_runs(f: Files) -> list[tuple[str, str]]:
 
 def oos_seeds(f: Files) -> list[str]:
     """docs/validation.md: binary fold models of several seeds, alone and as one ensemble, on
-    the same held-out films (reports/oos/seeds/), beside the committed run's numbers for the
-    same folds (reports/oos/results.json)."""
+    the same held-out films (reports/oos/seeds/, 112 px), beside the 112 px run's numbers for
+    the same folds (OOS_ZEN1)."""
     runs = seed_runs(f)
     if not runs:
         return ["Not run yet: `oos/seeds.sh reports/oos/seeds 42 43`."]
     folds = list(f.load(runs[0][1])["folds"])
-    committed = f.load("reports/oos/results.json")
+    committed = f.load(f"{OOS_ZEN1}/results.json")
     rows = []
     if sorted(folds) == sorted(committed["folds"]):
-        rows.append(("committed run", committed["pooled"]["binary"]))
+        rows.append(("default run, Zen 1", committed["pooled"]["binary"]))
     elif len(folds) == 1:
-        rows.append((f"committed run (fold {folds[0]})", committed["folds"][folds[0]]["binary"]))
+        rows.append((f"default run, Zen 1 (fold {folds[0]})",
+                     committed["folds"][folds[0]]["binary"]))  # fmt: skip
     rows += [(label, f.load(path)["pooled"]["binary"]) for label, path in runs]
     return table(
         ["binary model", "held-out COVID-19 / non-COVID", "adult ROC AUC",

@@ -58,8 +58,9 @@ def dig(blob: dict | None, *keys: str):
 
 def _training_line(meta: dict) -> str:
     p, t = meta["params"], meta["training"]
+    side = meta.get("input_size", meta["image_size"])  # the network's input, not the arrays'
     return (
-        f"{p['arch']}, {meta['image_size']} px, weights={p['weights']}, {t['epochs_run']} epoch(s) "
+        f"{p['arch']}, {side} px, weights={p['weights']}, {t['epochs_run']} epoch(s) "
         f"(best {t['best_epoch']} by val {p['select_metric']}), {p['optimizer']} lr {p['lr']}, "
         f"balance={p['balance']} by {' x '.join(p.get('balance_by', ['class']))}, "
         f"partial_labels={p.get('partial_labels', 'n/a')}"

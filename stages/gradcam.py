@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> None:
         log.info("map checks on %d val, %d test images and the %d cases", len(val_x),
                  len(checked), len(case_x))  # fmt: skip
         test = (test_x[checked], test_cams[checked], test_pred[checked])
-        twin = cam.random_twin(meta["arch"], len(names), base.seed)
+        twin = cam.random_twin(meta["arch"], len(names), base.seed, meta.get("input_size"))
         metrics = faithfulness.map_checks(model, twin, test, (case_x, case_cams, case_targets),
                                  labels[checked], names, p, seed=base.seed, val=val)  # fmt: skip
         metrics["cases_map_class"] = names[covid]

@@ -85,11 +85,12 @@ def main(argv: list[str] | None = None) -> None:
         ood.save_state(args.out, state)
         metrics = {"threshold": state.threshold, **state.meta}
         for name in tables:  # val: 1 - percentile by construction; train: in-sample
-            flags = ood.gate_batch(state, features[name], masks[name])
+            scores = state.scores(features[name])
+            flags = ood.gate_scored(state, scores, masks[name])
             metrics[name] = ood.flag_summary(flags, sources(tables[name]))
             if name in ("val", "test"):
                 metrics[name]["lung_shape"] = ood.lung_shape_quantiles(masks[name])
-            median_distances(metrics[name], state.scores(features[name]), tables[name])
+            median_distances(metrics[name], scores, tables[name])
         write_json(args.metrics, metrics)
         log.info("gate -> %s (threshold %.2f); val %.1f%%, test %.1f%% of real films flagged",
                  args.out, state.threshold, 100 * metrics["val"]["all"]["flagged_rate"],

@@ -10,7 +10,6 @@ import argparse
 import json
 import logging
 import sys
-from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from cxr.cli import setup_logging, user_errors
 from cxr.config import TrainParams, load_base, load_split_params, load_train_params, preprocessing
 from cxr.infer import configure_cpu
 from cxr.lungs import crop_inputs
-from cxr.models import CXRNet, save_checkpoint
+from cxr.models import CXRNet, classifier_meta, save_checkpoint
 from cxr.oos import pool_masks, pool_table, run_fold, with_epochs
 from cxr.oos_params import load_oos_params
 from cxr.params import ParamsError
@@ -52,14 +51,8 @@ def keep_model(
     summary: dict,
 ) -> None:
     """Save one fold model as a classifier checkpoint (loadable by predict, evaluate, ...)."""
-    p = tasks[task]
-    meta = {"task": task, "arch": p.arch, "class_names": p.class_names,
-            "image_size": preprocessing["image_size"], "preprocessing": preprocessing,
-            "normalisation": {"mean": float(model.mean), "std": float(model.std),
-                              "input": "uint8/255, 1 channel"},
-            "params": asdict(p), "seed": seed,
-            "training": {k: v for k, v in summary.items() if k != "wall_seconds"},
-            "oos_fold": fold}  # fmt: skip
+    training = {k: v for k, v in summary.items() if k != "wall_seconds"}
+    meta = classifier_meta(tasks[task], preprocessing, model, seed, training) | {"oos_fold": fold}
     save_checkpoint(folder / f"{fold}_{task}.pt", model, meta)
     log.info("fold %s: %s model -> %s", fold, task, folder / f"{fold}_{task}.pt")
 
@@ -77,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
         tasks = {task: with_epochs(load_train_params(args.params, f"train_{task}"), oos.epochs)
                  for task in oos.tasks}  # fmt: skip
         configure_cpu(next(iter(tasks.values())).threads)  # oos.tasks may omit binary
-        images, table = pool_table(args.data)
+        images, table = pool_table(args.data, spec.image_size)
         images = crop_inputs(images, lambda: pool_masks(args.lungs, table), spec.to_dict())
         keep = (
             None

@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> None:
                 raise InputError(f"the {task} model was trained with preprocessing "
                                  f"{meta.get('preprocessing')}, --params gives {spec}")  # fmt: skip
         configure_cpu(0)
-        images, table = pool_table(args.data)
+        images, table = pool_table(args.data, spec["image_size"])
         images = crop_inputs(images, lambda: pool_masks(args.lungs, table), spec)
         _, val, out = fold_rows(table, folds[args.fold])
         scored = out | val

@@ -31,13 +31,14 @@ from cxr.config import (
     load_base,
     load_split_params,
     load_train_params,
+    network_input,
     preprocessing,
 )
 from cxr.data import allowed_classes, labels_for, seed_everything, strata_for
 from cxr.distributed import World
 from cxr.infer import configure_cpu
 from cxr.lungs import crop_inputs, load_lung_masks
-from cxr.models import build_model, save_checkpoint
+from cxr.models import build_model, classifier_meta, save_checkpoint
 from cxr.train import EpochResult, train_model
 
 RUN_ONLY = ("wall_seconds", "train_images_per_second", "resumed_from_epoch")  # metrics, not checkpoint
@@ -138,7 +139,11 @@ def main(argv: list[str] | None = None) -> None:
                 f"{args.data} holds {train_x.shape[1]} px images, params say {spec.image_size}"
             )
         model = build_model(
-            p.arch, len(p.class_names), weights=p.weights, zero_init_residual=p.zero_init_residual
+            p.arch,
+            len(p.class_names),
+            weights=p.weights,
+            zero_init_residual=p.zero_init_residual,
+            input_size=network_input(base, p),
         )
         log.info("%s: %s on %d train / %d val images, %d process(es) on %s", p.task, p.arch,
                  len(train_x), len(val_x), world.size, world.device)  # fmt: skip
@@ -160,24 +165,11 @@ def main(argv: list[str] | None = None) -> None:
             )
         if not world.is_main:
             return
-        meta = {
-            "task": p.task,
-            "arch": p.arch,
-            "class_names": p.class_names,
-            "image_size": spec.image_size,
-            "preprocessing": spec.to_dict(),
-            "normalisation": {
-                "mean": float(model.mean),
-                "std": float(model.std),
-                "input": "uint8/255, 1 channel",
-            },
-            "params": asdict(p),
-            "seed": base.seed,
-        }
         summary = result.summary() | {"threads": threads, "processes": world.size}
         # How this run went (its time, a resume) goes to the metrics only: identical training
         # then writes a byte-identical checkpoint, and nothing downstream re-runs for it.
-        meta["training"] = {k: v for k, v in summary.items() if k not in RUN_ONLY}
+        training = {k: v for k, v in summary.items() if k not in RUN_ONLY}
+        meta = classifier_meta(p, spec.to_dict(), model, base.seed, training)
         save_checkpoint(args.model, model, meta)
         args.metrics.parent.mkdir(parents=True, exist_ok=True)
         args.metrics.write_text(json.dumps(summary, indent=2) + "\n")

@@ -274,3 +274,21 @@ def test_a_candidate_with_a_bad_params_file_stops_with_one_line(tmp_path):
     assert done.returncode == 2
     assert "error: oos.folds[0]: keys are name, countries, locations, datasets" in done.stderr
     assert "Traceback" not in done.stderr and not (tmp_path / "folds").exists()
+
+
+def test_a_split_of_another_size_than_the_params_is_refused(tmp_path):
+    """The fold stages read the default split; params of another image_size must not train on
+    it under their name (RULE.md thirteenth amendment: the size128 runs were 112 px). Watched
+    red with the size check removed (the 32 px arrays pooled for 48 px params)."""
+    from cxr.arrays import save_split
+    from cxr.errors import InputError
+    from cxr.oos import pool_table
+
+    table = pd.DataFrame({"path": ["a.png", "b.png"], "location": ["NIH", "Rome, Italy"],
+                          "label": ["normal", "covid"]})  # fmt: skip
+    for name in ("train", "val", "test"):
+        save_split(tmp_path, name, np.zeros((2, 32, 32), dtype=np.uint8), table)
+    images, pooled = pool_table(tmp_path, 32)
+    assert images.shape == (6, 32, 32) and pooled["origin"].tolist() == ["train"] * 2 + ["val"] * 2 + ["test"] * 2
+    with pytest.raises(InputError, match="train.npy holds 32 px arrays but base.image_size is 48"):
+        pool_table(tmp_path, 48)

@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from cxr.models import load_checkpoint
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.e2e
@@ -59,6 +60,10 @@ def tiny_params(path: Path) -> None:
     params["base"]["image_size"] = 64
     for name in ("train_binary", "train_four_class"):
         params[name].update(arch="resnet18", epochs=1, batch_size=8, threads=1)
+    # As in params.yaml, the four-class network sees less than the arrays hold and resizes them
+    # itself: every stage after training (evaluate, gradcam, ood, predict) goes through that.
+    params["train_binary"]["input_size"] = None
+    params["train_four_class"]["input_size"] = 48
     params["evaluate"]["bootstrap"] = 20
     params["evaluate"]["operating_point"] = "val"  # the OOS point is for the default recipe only
     params["gradcam"]["gallery_per_group"] = 1
@@ -151,6 +156,9 @@ def test_every_stage_wrote_its_outputs(repro):
             round(check["covid_call_rate"] * check["n"])
         )
         assert (root / "models" / f"{task}.pt").exists()
+        sides = {"binary": 64, "four_class": 48}  # tiny_params: arrays 64 px, four-class 48 px in
+        _, meta = load_checkpoint(root / "models" / f"{task}.pt", task=task)
+        assert (meta["image_size"], meta["input_size"]) == (64, sides[task])
         assert (root / "plots" / "evaluate" / f"{task}_confusion.png").exists()
         curves = root / "plots" / f"train_{task}" / "plots" / "metrics" / "val" / "macro_f1.tsv"
         assert len(curves.read_text().splitlines()) == 2  # header + one epoch

@@ -202,6 +202,14 @@ def test_four_class_folds_are_quoted_only_for_the_committed_recipe(tmp_path):
     assert rn.pct(four["normal"]) in rn.four_class_oos_text(rn.Files(root))
     run = root / "reports" / "oos" / "four_class" / "params.yaml"
     params = yaml.safe_load(run.read_text())
+    # written before input_size existed: the key's absence means null, the committed value
+    assert "input_size" not in params["train_four_class"]
+    params["train_four_class"]["input_size"] = 96
+    run.write_text(yaml.safe_dump(params))
+    assert rn.oos_four_class(rn.Files(root)) is None
+    params["train_four_class"]["input_size"] = None
+    run.write_text(yaml.safe_dump(params))
+    assert rn.oos_four_class(rn.Files(root)) is not None
     params["train_four_class"]["epochs"] = 2
     run.write_text(yaml.safe_dump(params))
     assert rn.oos_four_class(rn.Files(root)) is None
@@ -210,10 +218,10 @@ def test_four_class_folds_are_quoted_only_for_the_committed_recipe(tmp_path):
 
 def test_seed_ensemble_table_reads_each_run_and_the_committed_fold(tmp_path):
     """docs/validation.md's seed table: one row per seed folder, the ensemble, the first seed's
-    test-time views, and the committed run's numbers for the same fold (not its pooled ones).
-    Watched red with the committed row taken from the pooled results."""
+    test-time views, and the Zen 1 default run's numbers for the same fold (not its pooled ones):
+    the seed models are 112 px ones. Watched red with the row taken from the pooled results."""
     root = copy_committed_files(tmp_path)
-    committed = json.loads((root / "reports/oos/results.json").read_text())
+    committed = json.loads((root / rn.OOS_ZEN1 / "results.json").read_text())
     europe = committed["folds"]["europe"]
     seeds = root / "reports" / "oos" / "seeds"
     shutil.rmtree(seeds, ignore_errors=True)
@@ -230,7 +238,7 @@ def test_seed_ensemble_table_reads_each_run_and_the_committed_fold(tmp_path):
         write(seeds / folder, auc)
     lines = rn.oos_seeds(rn.Files(root))
     labels = [line.split(" | ")[0].lstrip("| ") for line in lines[2:]]
-    assert labels == ["committed run (fold europe)", "seed 42", "seed 43",
+    assert labels == ["default run, Zen 1 (fold europe)", "seed 42", "seed 43",
                       "ensemble of seeds 42 + 43", "seed 42 + TTA `gamma`"]  # fmt: skip
     assert rn.ci3(europe["binary"]["roc_auc"]) in lines[2]
     assert all(
@@ -260,9 +268,10 @@ def test_normal_cutoff_table_counts_each_group_at_each_cutoff(tmp_path):
 
 
 def test_default_recipe_candidate_is_judged_only_with_every_fold(tmp_path):
-    """Watched red with the verdict given on one fold."""
+    """Against the Zen 1 default run it was measured beside. Watched red with the verdict given
+    on one fold."""
     root = copy_committed_files(tmp_path)
-    committed = json.loads((root / "reports/oos/results.json").read_text())
+    committed = json.loads((root / rn.OOS_ZEN1 / "results.json").read_text())
     folder = root / "reports/oos/candidates/robust_default"
     folder.mkdir(parents=True, exist_ok=True)
 
@@ -298,6 +307,10 @@ def test_two_seed_rule_needs_the_mean_gain_and_every_seed():
     """Watched red with the every-seed condition dropped (the second case adopted)."""
     default = {42: 0.87, 43: 0.90}
     assert rn.two_seed_verdict({42: 0.89, 43: 0.92}, default).startswith("adopt (mean +0.020")
+    # one seed that is not higher decides it; one that is higher decides nothing yet
+    assert rn.two_seed_verdict({42: 0.86}, default) == (
+        "keep default (not higher in seed 42: 0.860 vs 0.870; the rule needs it higher in every seed)")
+    assert rn.two_seed_verdict({42: 0.95}, default).startswith("not decided")
     # a larger mean gain carried by one seed, lower in the other: kept
     assert rn.two_seed_verdict({42: 0.93, 43: 0.89}, default).startswith("keep default")
     assert rn.two_seed_verdict({42: 0.875, 43: 0.905}, default).startswith("keep default")
@@ -329,12 +342,12 @@ def test_two_seed_table_pools_each_seed_on_its_own_folds(tmp_path):
     """Watched red with every fold of a run pooled before all of them had run."""
     (tmp_path / "params.yaml").write_text("oos:\n  folds:\n  - name: a\n  - name: b\n")
     runs = rn.OOS_SEED_RUNS
-    write_fold_csv(tmp_path / runs["default"][42] / "folds/a.csv", [0.9, 0.8], [0.1, 0.85])
-    write_fold_csv(tmp_path / runs["default"][42] / "folds/b.csv", [0.6], [0.7, 0.2])
+    write_fold_csv(tmp_path / runs["default_zen1"][42] / "folds/a.csv", [0.9, 0.8], [0.1, 0.85])
+    write_fold_csv(tmp_path / runs["default_zen1"][42] / "folds/b.csv", [0.6], [0.7, 0.2])
     write_fold_csv(tmp_path / runs["robust_default"][42] / "folds/a.csv", [0.9, 0.8], [0.1, 0.2])
     rows = rn.oos_two_seeds(rn.Files(tmp_path))
     # fold a: 3 of 4 pairs; fold b: 1 of 2; pooled: (0.9, 0.8, 0.6) vs (0.1, 0.85, 0.7, 0.2): 9/12
-    assert rows[2] == "| default | 42 | 0.750 | 0.500 | 0.750 |"
+    assert rows[2] == "| default_zen1 | 42 | 0.750 | 0.500 | 0.750 |"
     assert rows[3] == "| robust_default | 42 | 1.000 | not run | - |"
     verdicts = [r for r in rows if r.startswith("Rule")]
     assert len(verdicts) == len(rn.TWO_SEED_CANDIDATES)
@@ -344,10 +357,10 @@ def test_two_seed_table_pools_each_seed_on_its_own_folds(tmp_path):
         for fold in "ab":
             write_fold_csv(tmp_path / runs[config][43] / f"folds/{fold}.csv", [0.9], [0.1])
     rows = rn.oos_two_seeds(rn.Files(tmp_path))
-    assert "| **default** | mean |  |  | **0.875** |" in rows
+    assert "| **default_zen1** | mean |  |  | **0.875** |" in rows
     robust = next(r for r in rows if "robust_default against" in r)
     assert robust.endswith(
-        "robust_default against default: keep default (mean +0.083; higher in 1 of 2 seeds)."
+        "robust_default against default_zen1: keep default (mean +0.083; higher in 1 of 2 seeds)."
     )
 
 
@@ -356,9 +369,10 @@ def test_two_seed_candidate_with_folds_to_run_is_shown_fold_by_fold(tmp_path):
     undecided. Watched red with the seed-42 default set beside a seed-43 fold."""
     (tmp_path / "params.yaml").write_text("oos:\n  folds:\n  - name: a\n  - name: b\n")
     runs = rn.OOS_SEED_RUNS
+    baseline = rn.TWO_SEED_CANDIDATES["crop_lungs"][2]  # the default on the crop's CPU kind
     for seed, p in ((42, 0.2), (43, 0.95)):
         for fold in "ab":
-            write_fold_csv(tmp_path / runs["default"][seed] / f"folds/{fold}.csv", [0.9], [p])
+            write_fold_csv(tmp_path / runs[baseline][seed] / f"folds/{fold}.csv", [0.9], [p])
     write_fold_csv(tmp_path / runs["crop_lungs"][43] / "folds/b.csv", [0.9, 0.8], [0.85, 0.1])
     _, pooled = rn.two_seed_pooled(rn.Files(tmp_path))
     measured, cell = rn.two_seed_cells(rn.Files(tmp_path), "crop_lungs", pooled)
@@ -395,7 +409,7 @@ def test_pooled_auc_splits_into_same_place_and_cross_place_pairs(tmp_path):
     same-place pairs are perfect, the cross-place ones at chance, the pooled AUC between.
     Watched red with the cross-place AUC taken over every pair (the same-place ones included)."""
     (tmp_path / "params.yaml").write_text("oos:\n  folds:\n  - name: a\n  - name: b\n")
-    folder = rn.OOS_SEED_RUNS["default"][42]
+    folder = rn.OOS_SEED_RUNS["default_zen1"][42]
     write_fold_csv(tmp_path / folder / "folds/a.csv", [0.9], [0.8])
     write_fold_csv(tmp_path / folder / "folds/b.csv", [0.3], [0.2])
     files = rn.Files(tmp_path)
@@ -403,21 +417,23 @@ def test_pooled_auc_splits_into_same_place_and_cross_place_pairs(tmp_path):
     assert rn.pair_split(files, csvs) == (1.0, 0.5, 2, 2, 0.75)
     assert rn.pooled_auc(files, csvs) == 0.75  # (0.9 > 0.8, 0.2; 0.3 > 0.2; 0.3 < 0.8): 3 of 4
     rows = rn.oos_pairs(files)
-    assert rows[2] == "| default | 42 | 1.000 | 0.500 | 0.750 |"
+    assert rows[2] == "| default_zen1 | 42 | 1.000 | 0.500 | 0.750 |"
     assert rows[-1] == "Pairs (COVID-19 film, adult non-COVID film): 2 held out in the same fold, 2 in different folds."
 
 
-def test_four_class_calls_add_the_128_px_run_when_it_exists(tmp_path):
-    """docs/validation.md's four-class table: the 128 px diagnosis (RULE.md eleventh amendment)
-    is a row pair of its own, from its own results. Watched red with the row read from the
-    112 px run's results."""
+def test_four_class_calls_add_the_xeon_run_when_it_exists(tmp_path):
+    """docs/validation.md's four-class table: the Xeon run of the 112 px recipe (RULE.md
+    eleventh and thirteenth amendments) is a row pair of its own, from its own results. Watched
+    red with the row read from the Zen 1 run's results."""
     root = copy_committed_files(tmp_path)
-    folder = root / rn.OOS_FOUR_CLASS_128
+    folder = root / rn.OOS_FOUR_CLASS_XEON
     shutil.rmtree(folder, ignore_errors=True)
-    labels = {line.split(" | ")[0].lstrip("| ") for line in rn.oos_four_class_calls(rn.Files(root))[2:]}
-    assert not any("128 px" in label for label in labels)
-    calls = {"adult_normal": {"n": 642, "covid": 0.01, "viral": 0.2, "bacterial": 0.09, "normal": 0.7}}
+    lines = rn.oos_four_class_calls(rn.Files(root))[2:]
+    assert not any("Xeon" in line.split(" | ")[0] for line in lines)
+    calls = {"adult_normal": {"n": 642, "covid": 0.01, "viral": 0.2, "bacterial": 0.09,
+                              "normal": 0.7}}  # fmt: skip
     folder.mkdir(parents=True)
     (folder / "results.json").write_text(json.dumps({"pooled": {"four_class": calls}}))
-    rows = [r for r in rn.oos_four_class_calls(rn.Files(root)) if "128 px" in r]
-    assert rows == ["| 128 px input (RULE.md eleventh amendment) | adult normal (642) | 70.0% | 20.0% | 9.0% | 1.0% |"]
+    rows = [r for r in rn.oos_four_class_calls(rn.Files(root)) if "Xeon" in r]
+    assert rows == ["| plain film, Xeon (RULE.md eleventh, thirteenth amendments) | adult normal "
+                    "(642) | 70.0% | 20.0% | 9.0% | 1.0% |"]  # fmt: skip

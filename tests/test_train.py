@@ -175,6 +175,53 @@ def test_checkpoint_round_trip_reproduces_predictions(tmp_path):
         load_checkpoint(path, task="binary")
 
 
+def test_a_network_smaller_than_its_arrays_resizes_them_itself_after_a_round_trip(tmp_path):
+    """train_<task>.input_size below base.image_size: the checkpoint says so and the loaded
+    model resizes whatever arrays it is fed, so callers (evaluate, gradcam, predict) need not.
+    Watched red with load_checkpoint not passing input_size on (the model ran at 32 px)."""
+    from cxr.arrays import save_split
+    from stages import train as stage
+
+    rng = np.random.default_rng(1)
+    table = pd.DataFrame({"label": ["covid", "normal"] * 8,
+                          "group_id": [f"g{i}" for i in range(16)]})  # fmt: skip
+    for name in ("train", "val"):
+        images = rng.integers(0, 255, (16, 32, 32), dtype=np.uint8)
+        save_split(tmp_path / "split", name, images, table)
+    write_params(tmp_path / "params.yaml", base={"seed": 3, "image_size": 32},
+                 train_binary={"arch": "resnet18", "epochs": 1, "batch_size": 8, "threads": 1,
+                               "balance_by": ["class"], "input_size": 24})  # fmt: skip
+    stage.main(["--section", "train_binary", "--params", str(tmp_path / "params.yaml"),
+                "--data", str(tmp_path / "split"), "--model", str(tmp_path / "binary.pt"),
+                "--metrics", str(tmp_path / "m.json"), "--plots", str(tmp_path / "live")])  # fmt: skip
+    model, meta = load_checkpoint(tmp_path / "binary.pt", task="binary")
+    assert (meta["image_size"], meta["input_size"], meta["params"]["input_size"]) == (32, 24, 24)
+    arrays = rng.integers(0, 255, (6, 32, 32), dtype=np.uint8)
+    # the same weights fed arrays resized by hand give the same answer: the model resized them
+    plain = build_model("resnet18", 2)
+    plain.load_state_dict(model.state_dict())
+    by_hand = torch.nn.functional.interpolate(to_input(arrays), size=(24, 24), mode="bilinear",
+                                              antialias=True, align_corners=False)  # fmt: skip
+    with torch.no_grad():
+        expected = torch.softmax(plain.eval()(by_hand), dim=1).numpy()
+        unresized = torch.softmax(plain(to_input(arrays)), dim=1).numpy()
+    np.testing.assert_allclose(predict_proba(model, arrays), expected, atol=1e-5)
+    assert not np.allclose(expected, unresized, atol=1e-3)  # the size makes a difference
+
+
+def test_an_input_size_above_the_arrays_or_out_of_range_is_refused(tmp_path):
+    from cxr.config import load_base, load_train_params, network_input
+
+    params = write_params(tmp_path / "params.yaml", base={"image_size": 64},
+                          train_four_class={"input_size": 96})  # fmt: skip
+    with pytest.raises(ParamsError, match="input_size 96 is larger than base.image_size 64"):
+        network_input(load_base(params), load_train_params(params, "train_four_class"))
+    assert network_input(load_base(params), load_train_params(params, "train_binary")) == 64
+    write_params(params, train_binary={"input_size": 8})
+    with pytest.raises(ParamsError, match="train_binary.input_size must be null"):
+        load_train_params(params, "train_binary")
+
+
 def test_imagenet_weights_offline_is_a_clear_error_not_a_fallback(monkeypatch):
     import urllib.error
 
