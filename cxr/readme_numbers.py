@@ -1208,7 +1208,8 @@ def ood_lung_limits(f: Files) -> list[str]:
     return [
         f"Together the rules flag {real['flagged']} of the {count(real['n'])} validation films "
         f"({pct(real['flagged_rate'])}; `real_films` in that file: {_reasons(real['by_reason'])}), "
-        "under the 1% asked for. With the lung rules alone, on the first "
+        f"{'under' if real['flagged_rate'] < 0.01 else '**above**'} the 1% asked for. With the "
+        "lung rules alone, on the first "
         f"{r['probed_films']} validation films, the probes are flagged at these rates "
         f"(`probes`): {_probe_rates(r['probes'], order=True)}; the control "
         f"{pct(control['flagged_rate'])} ({control['flagged']} of {control['n']}: a second "

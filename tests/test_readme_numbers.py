@@ -437,3 +437,20 @@ def test_four_class_calls_add_the_xeon_run_when_it_exists(tmp_path):
     rows = [r for r in rn.oos_four_class_calls(rn.Files(root)) if "Xeon" in r]
     assert rows == ["| plain film, Xeon (RULE.md eleventh, thirteenth amendments) | adult normal "
                     "(642) | 70.0% | 20.0% | 9.0% | 1.0% |"]  # fmt: skip
+
+
+def test_lung_limits_text_says_whether_the_false_flags_are_under_the_1_percent(tmp_path):
+    """The sentence follows the committed report (it said "under" at 1.3% once). Watched red
+    with "under" written whatever the rate."""
+    def write(flagged: int) -> list[str]:
+        real = {"n": 1000, "flagged": flagged, "flagged_rate": flagged / 1000,
+                "by_reason": {"lungs of implausible size": flagged}}
+        control = {"n": 150, "flagged": 1, "flagged_rate": 1 / 150}
+        report = {"real_films": {"all": real}, "probed_films": 150,
+                  "probes": {"identity": control, "rotated_90": {"flagged_rate": 1.0}}}
+        (tmp_path / "reports").mkdir(exist_ok=True)
+        (tmp_path / "reports/ood_lung_shape_val.json").write_text(json.dumps(report))
+        return rn.ood_lung_limits(rn.Files(tmp_path))
+
+    assert "(0.4%;" in write(4)[0] and ", under the 1% asked for." in write(4)[0]
+    assert "(1.3%;" in write(13)[0] and ", **above** the 1% asked for." in write(13)[0]
