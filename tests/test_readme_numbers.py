@@ -454,3 +454,20 @@ def test_lung_limits_text_says_whether_the_false_flags_are_under_the_1_percent(t
 
     assert "(0.4%;" in write(4)[0] and ", under the 1% asked for." in write(4)[0]
     assert "(1.3%;" in write(13)[0] and ", **above** the 1% asked for." in write(13)[0]
+
+
+def test_the_xeon_four_class_fold_is_judged_by_its_own_rate(tmp_path):
+    """The headline cell and issue 18's target row give the same fold and recipe trained on the
+    Xeon beside the committed (Zen 1) fold, each judged by its own rate. Watched red with the
+    Xeon's verdict written as "missed" whatever its rate."""
+    root = copy_committed_files(tmp_path)
+    results = root / rn.OOS_FOUR_CLASS_XEON / "results.json"
+    blob = json.loads(results.read_text())
+    blob["pooled"]["four_class"]["adult_normal"]["normal"] = 0.75
+    results.write_text(json.dumps(blob))
+    assert rn.four_class_oos_text(rn.Files(root)).endswith("; trained on the Xeon: 75.0%)")
+    row = next(r for r in rn.new_hospital_targets(rn.Files(root)) if "held-out adult normals" in r)
+    assert row.endswith("; trained on the Xeon 75.0%: met |")
+    results.unlink()
+    row = next(r for r in rn.new_hospital_targets(rn.Files(root)) if "held-out adult normals" in r)
+    assert "Xeon" not in row and "Xeon" not in rn.four_class_oos_text(rn.Files(root))
