@@ -792,6 +792,10 @@ OOS_SEED_RUNS: dict[str, dict[int, str]] = {
         42: "reports/oos/candidates/size128",
         43: "reports/oos/candidates/size128_seed43",
     },
+    "source_balanced_xeon": {  # RULE.md fifteenth amendment
+        42: "reports/oos/candidates/source_balanced_xeon",
+        43: "reports/oos/candidates/source_balanced_xeon_seed43",
+    },
 }
 
 # The changes compared with the default over two seeds: what each is and its rule, "better"
@@ -804,6 +808,8 @@ TWO_SEED_CANDIDATES: dict[str, tuple[str, str, str]] = {
     "crop_lungs": ("crop to the predicted lungs (10% margin)", "better", "default_xeon"),
     "epochs4": ("4 binary epochs instead of 8 (half the training time)", "no_loss", "default_xeon"),
     "size128": ("128 px arrays and binary input instead of 112", "better", "default_xeon"),
+    "source_balanced_xeon": ("source-balanced sampling (binary: class x age group x dataset)",
+                             "better", "default_xeon"),
 }  # fmt: skip
 
 

@@ -389,18 +389,21 @@ def test_two_seed_candidate_with_folds_to_run_is_shown_fold_by_fold(tmp_path):
     assert row.endswith("| not decided (needs every fold of two seeds of both) |")
 
 
+BUDGET_SOURCE_BALANCED = "| source-balanced sampling (class x age group x dataset) |"  # the budget run's row
+
+
 def test_choices_table_keeps_the_default_only_when_a_candidate_is_below_in_every_fold(tmp_path):
     """Watched red with the source-balanced verdict written whatever its folds say."""
     shutil.copytree(
         ROOT / "reports/oos", tmp_path / "reports/oos", ignore=shutil.ignore_patterns("models")
     )
     shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
-    row = next(r for r in rn.oos_choices(rn.Files(tmp_path)) if r.startswith("| source-balanced"))
+    row = next(r for r in rn.oos_choices(rn.Files(tmp_path)) if r.startswith(BUDGET_SOURCE_BALANCED))
     assert row.endswith("below the default in each: keep default |")
     write_fold_csv(
         tmp_path / "reports/oos/candidates/source_balanced/folds/europe.csv", [0.9], [0.1]
     )
-    row = next(r for r in rn.oos_choices(rn.Files(tmp_path)) if r.startswith("| source-balanced"))
+    row = next(r for r in rn.oos_choices(rn.Files(tmp_path)) if r.startswith(BUDGET_SOURCE_BALANCED))
     assert "1.000 vs" in row and row.endswith("not decided |")
 
 
