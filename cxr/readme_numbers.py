@@ -792,6 +792,10 @@ OOS_SEED_RUNS: dict[str, dict[int, str]] = {
         42: "reports/oos/candidates/size128",
         43: "reports/oos/candidates/size128_seed43",
     },
+    "robust_xeon": {  # RULE.md sixteenth amendment: robust_default's augmentation on the Xeon
+        42: "reports/oos/candidates/robust_xeon",
+        43: "reports/oos/candidates/robust_xeon_seed43",
+    },
     "source_balanced_xeon": {  # RULE.md fifteenth amendment
         42: "reports/oos/candidates/source_balanced_xeon",
         43: "reports/oos/candidates/source_balanced_xeon_seed43",
@@ -805,6 +809,7 @@ TWO_SEED_CANDIDATES: dict[str, tuple[str, str, str]] = {
     # kind where one exists, RULE.md thirteenth amendment)
     "robust_default": ("acquisition-robust augmentation (tone, blur/sharpen, noise, cut-outs, zoom)",
                        "better", "default_zen1"),  # Zen 1 against Zen 1
+    "robust_xeon": ("the same augmentation, run again on the Xeon", "better", "default_xeon"),
     "crop_lungs": ("crop to the predicted lungs (10% margin)", "better", "default_xeon"),
     "epochs4": ("4 binary epochs instead of 8 (half the training time)", "no_loss", "default_xeon"),
     "size128": ("128 px arrays and binary input instead of 112", "better", "default_xeon"),
