@@ -474,3 +474,27 @@ def test_the_xeon_four_class_fold_is_judged_by_its_own_rate(tmp_path):
     results.unlink()
     row = next(r for r in rn.new_hospital_targets(rn.Files(root)) if "held-out adult normals" in r)
     assert "Xeon" not in row and "Xeon" not in rn.four_class_oos_text(rn.Files(root))
+
+
+def test_ensemble_verdict_needs_each_member_beaten_and_the_mean_by_a_hundredth():
+    """RULE.md seventeenth amendment. Watched red with the verdict taken on the mean alone."""
+    assert rn.ensemble_verdict(0.906, [0.905, 0.899]).startswith("keep one model (+0.004")
+    assert rn.ensemble_verdict(0.915, [0.905, 0.899]).startswith("better by the rule (+0.013")
+    # +0.011 over the mean but below one member: still one model
+    assert rn.ensemble_verdict(0.913, [0.92, 0.884]).startswith("keep one model")
+
+
+def test_ensemble_row_pools_the_ensemble_and_each_member_on_every_fold(tmp_path):
+    """Absent until every fold is scored; then the ensemble beside each member, folds pooled."""
+    (tmp_path / "params.yaml").write_text("oos:\n  folds:\n  - name: a\n  - name: b\n")
+    files = rn.Files(tmp_path)
+    ens = tmp_path / rn.OOS_ENSEMBLE_XEON / "folds"
+    write_fold_csv(ens / "a.csv", [0.9], [0.1])
+    assert rn.ensemble_xeon_row(files) is None
+    write_fold_csv(ens / "b.csv", [0.6], [0.2])  # pooled: 0.9, 0.6 above 0.1, 0.2: 1.0
+    for folder in rn.OOS_SEED_RUNS["default_xeon"].values():
+        write_fold_csv(tmp_path / folder / "folds/a.csv", [0.9], [0.1])
+        write_fold_csv(tmp_path / folder / "folds/b.csv", [0.3], [0.5])  # 0.3 < 0.5: 0.75
+    row = rn.ensemble_xeon_row(files)
+    assert row[2] == "1.000 vs 0.750 (seed 42) and 0.750 (seed 43)"
+    assert row[3].startswith("better by the rule (+0.250")
