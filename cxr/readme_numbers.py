@@ -1025,7 +1025,7 @@ def oos_choices(f: Files) -> list[str]:
     budget = f.load("reports/oos/budget/results.json")["pooled"]["binary"]["roc_auc"]["point"]
     robust2 = f.load("reports/oos/candidates/robust/results.json")["pooled"]["binary"]
     delta = robust2["roc_auc"]["point"] - budget
-    rows.append(["the same, budget recipe", "3 folds pooled, 2 epochs",
+    rows.append(["acquisition-robust augmentation, budget recipe", "3 folds pooled, 2 epochs",
                  f"{robust2['roc_auc']['point']:.3f} vs {budget:.3f}",
                  "adopt by the rule" if delta >= 0.01 else "keep default"])  # fmt: skip
     folder = "reports/oos/candidates/source_balanced/folds"
