@@ -1044,7 +1044,7 @@ def oos_choices(f: Files) -> list[str]:
             auc = f.load(path)["pooled"]["binary"]["roc_auc"]["point"]
             rows.append([label.replace("`", ""), "fold europe, 8 epochs", f"{auc:.3f} vs {europe:.3f}",
                          "one fold: a diagnosis, not a choice (RULE.md fourth amendment)"])  # fmt: skip
-    if (row := ensemble_xeon_row(f)) is not None:
+    if (row := ensemble_xeon_row(f, pooled.get("default_xeon", {}))) is not None:
         rows.append(row)
     return table(["change", "measured on held-out places", "held-out adult ROC AUC vs default",
                   "decision"], rows)  # fmt: skip
@@ -1062,15 +1062,14 @@ def ensemble_verdict(ensemble: float, members: list[float]) -> str:
     return f"keep one model ({ensemble - mean:+.3f} over the members' mean; the rule needs +0.010 and above each)"
 
 
-def ensemble_xeon_row(f: Files) -> list[str] | None:
+def ensemble_xeon_row(f: Files, members: dict[int, float]) -> list[str] | None:
     """The two Xeon seeds' fold models as one ensemble, every fold pooled, beside each member
-    (the same fold models alone); None before that run."""
+    (`members`: default_xeon's pooled AUC by seed, as two_seed_pooled gives it); None before
+    that run."""
     folds = oos_fold_names(f)
     if not all((f.root / OOS_ENSEMBLE_XEON / "folds" / f"{fold}.csv").exists() for fold in folds):
         return None
     ens = pooled_auc(f, [f"{OOS_ENSEMBLE_XEON}/folds/{fold}.csv" for fold in folds])
-    members = {seed: pooled_auc(f, [f"{folder}/folds/{fold}.csv" for fold in folds])
-               for seed, folder in OOS_SEED_RUNS["default_xeon"].items()}  # fmt: skip
     return ["ensemble of the Xeon's seeds 42 + 43 (twice the binary training)",
             f"{len(folds)} folds pooled, no training (the kept fold models)",
             f"{ens:.3f} vs {' and '.join(f'{auc:.3f} (seed {s})' for s, auc in members.items())}",

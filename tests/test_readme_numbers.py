@@ -490,11 +490,11 @@ def test_ensemble_row_pools_the_ensemble_and_each_member_on_every_fold(tmp_path)
     files = rn.Files(tmp_path)
     ens = tmp_path / rn.OOS_ENSEMBLE_XEON / "folds"
     write_fold_csv(ens / "a.csv", [0.9], [0.1])
-    assert rn.ensemble_xeon_row(files) is None
+    assert rn.ensemble_xeon_row(files, {}) is None
     write_fold_csv(ens / "b.csv", [0.6], [0.2])  # pooled: 0.9, 0.6 above 0.1, 0.2: 1.0
     for folder in rn.OOS_SEED_RUNS["default_xeon"].values():
         write_fold_csv(tmp_path / folder / "folds/a.csv", [0.9], [0.1])
         write_fold_csv(tmp_path / folder / "folds/b.csv", [0.3], [0.5])  # 0.3 < 0.5: 0.75
-    row = rn.ensemble_xeon_row(files)
+    row = rn.ensemble_xeon_row(files, rn.two_seed_pooled(files)[1]["default_xeon"])
     assert row[2] == "1.000 vs 0.750 (seed 42) and 0.750 (seed 43)"
     assert row[3].startswith("better by the rule (+0.250")
