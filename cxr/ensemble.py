@@ -4,7 +4,7 @@ An ensemble is a small JSON manifest beside its checkpoints (`python -m cxr ense
 
     {"format": "cxr-ensemble/1", "task": "binary",
      "members": [{"path": "binary.pt", "sha256": "..."}, {"path": "binary_s2.pt", ...}],
-     "tta": ["gamma_0.8", "gamma_1.25"]}
+     "tta": ["hflip", "gamma_0.8"]}
 
 `load_model(path, task)` takes a checkpoint or a manifest and returns something every consumer
 feeds the same way (predict, validate, calibrate, evaluate, gradcam, the Python API): an
@@ -14,7 +14,8 @@ single model. Members must agree on task, classes and preprocessing (one input f
 sha256s pin them, so a retrained member is refused rather than silently mixed in.
 
 Views act on the model input (float, 0-1, after the crop), not on the file, so they compose
-with the lung crop and cost one extra forward pass each. Intensity views (gamma) model
+with the lung crop and cost one extra forward pass each. The flip (hflip) is the one view the
+default models were trained to be invariant to (`augment.hflip`); intensity views (gamma) model
 exposure/processing differences between hospitals; zoom views model field of view. Grad-CAM of
 an ensemble is the mean of its members' maps on the plain view (cxr.cam): a TTA view is
 not aligned with the film, so it is not explained. The out-of-distribution gate was fitted for
@@ -40,6 +41,7 @@ from cxr.models import CheckpointError, CXRNet, load_checkpoint
 ENSEMBLE_FORMAT = "cxr-ensemble/1"
 AGREE = ("task", "class_names", "image_size", "preprocessing")  # members must share these
 VIEW_KINDS = {"gamma": (0.5, 2.0), "zoom": (0.7, 1.0)}  # allowed factor range of each kind
+PLAIN_VIEWS = ("identity", "hflip")  # views without a factor
 
 
 class ViewError(ValueError):
@@ -47,10 +49,10 @@ class ViewError(ValueError):
 
 
 def parse_view(name: str) -> tuple[str, float]:
-    """'identity' or '<kind>_<factor>' (gamma_0.8: x ** 0.8; zoom_0.9: the central 90%,
-    resized back); anything else is refused with the valid forms."""
-    if name == "identity":
-        return "identity", 1.0
+    """'identity', 'hflip' (mirrored left-right) or '<kind>_<factor>' (gamma_0.8: x ** 0.8;
+    zoom_0.9: the central 90%, resized back); anything else is refused with the valid forms."""
+    if name in PLAIN_VIEWS:
+        return name, 1.0
     kind, _, value = name.partition("_")
     try:
         factor = float(value)
@@ -58,13 +60,15 @@ def parse_view(name: str) -> tuple[str, float]:
         factor = math.nan
     if kind not in VIEW_KINDS or not VIEW_KINDS[kind][0] <= factor <= VIEW_KINDS[kind][1]:
         ranges = ", ".join(f"{k}_F with F in [{lo}, {hi}]" for k, (lo, hi) in VIEW_KINDS.items())
-        raise ViewError(f"unknown TTA view {name!r}: use identity, {ranges}")
+        raise ViewError(f"unknown TTA view {name!r}: use identity, hflip, {ranges}")
     return kind, factor
 
 
 def view_fn(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
     """The view as a function of an N x 1 x H x W input in [0, 1]."""
     kind, factor = parse_view(name)
+    if kind == "hflip":
+        return lambda x: x.flip(-1)
     if kind == "gamma":
         return lambda x: x.clamp(min=0.0).pow(factor)
     if kind == "zoom" and factor < 1.0:
@@ -217,8 +221,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("out", type=Path, help="the manifest to write (.json)")
     parser.add_argument("checkpoints", type=Path, nargs="+", help="member checkpoints (.pt)")
     parser.add_argument("--tta", nargs="*", default=[], metavar="VIEW",
-                        help="views besides the plain film: gamma_F (F in 0.5-2), zoom_F "
-                        "(F in 0.7-1); each costs one more forward pass per member")  # fmt: skip
+                        help="views besides the plain film: hflip (mirrored), gamma_F (F in "
+                        "0.5-2), zoom_F (F in 0.7-1); each costs one more forward pass per member")  # fmt: skip
     args = parser.parse_args(argv)
     setup_logging()
     with user_errors():

@@ -800,6 +800,10 @@ OOS_SEED_RUNS: dict[str, dict[int, str]] = {
         42: "reports/oos/candidates/source_balanced_xeon",
         43: "reports/oos/candidates/source_balanced_xeon_seed43",
     },
+    "tta_hflip_xeon": {  # RULE.md eighteenth amendment: default_xeon's models + a flipped view
+        42: "reports/oos/candidates/tta_hflip_xeon",
+        43: "reports/oos/candidates/tta_hflip_xeon_seed43",
+    },
 }
 
 # The changes compared with the default over two seeds: what each is and its rule, "better"
@@ -815,6 +819,8 @@ TWO_SEED_CANDIDATES: dict[str, tuple[str, str, str]] = {
     "size128": ("128 px arrays and binary input instead of 112", "better", "default_xeon"),
     "source_balanced_xeon": ("source-balanced sampling (binary: class x age group x dataset)",
                              "better", "default_xeon"),
+    "tta_hflip_xeon": ("a left-right flipped view at test time (the default's own models, no "
+                       "training; one more forward pass)", "better", "default_xeon"),
 }  # fmt: skip
 
 

@@ -70,6 +70,20 @@ def test_test_time_views_are_averaged_too(tmp_path: Path, members: dict) -> None
     assert zoomed.shape == to_input(x).shape and not torch.equal(zoomed, to_input(x))
 
 
+def test_the_flip_view_mirrors_the_film_left_to_right(tmp_path: Path, members: dict) -> None:
+    x = to_input(images())
+    flipped = ensemble.view_fn("hflip")(x)
+    assert torch.equal(flipped[..., :, 0], x[..., :, -1]) and torch.equal(flipped.flip(-1), x)
+    manifest = tmp_path / "flip.json"
+    write_manifest(manifest, members["binary"][:1], ["hflip"])
+    model, _ = load_model(manifest, "binary")
+    assert model.view_names == ["identity", "hflip"]
+    plain = load_model(members["binary"][0], "binary")[0]
+    with torch.no_grad():
+        both = (plain(x).softmax(1) + plain(x.flip(-1)).softmax(1)) / 2
+    np.testing.assert_allclose(predict_proba(model, images()), both.numpy(), atol=1e-6)
+
+
 def test_one_member_without_views_is_exactly_that_checkpoint(tmp_path: Path, members: dict) -> None:
     manifest = tmp_path / "one.json"
     write_manifest(manifest, members["binary"][:1], [])
