@@ -319,13 +319,17 @@ def test_two_seed_rule_needs_the_mean_gain_and_every_seed():
 
 
 def test_no_loss_rule_for_a_cheaper_recipe():
-    """Watched red with the worst-seed condition dropped (the second case adopted)."""
+    """Watched red with the worst-seed condition dropped (the second case adopted), and with
+    the one-seed early decision dropped (the last case "not decided")."""
     default = {42: 0.87, 43: 0.90}
     assert rn.no_loss_verdict({42: 0.865, 43: 0.89}, default).startswith("adopt (no loss)")
     # the mean within 0.01 but one seed 0.03 lower: kept
     assert rn.no_loss_verdict({42: 0.89, 43: 0.87}, default).startswith("keep default")
     assert rn.no_loss_verdict({42: 0.85, 43: 0.885}, default).startswith("keep default")
     assert rn.no_loss_verdict({42: 0.95}, default).startswith("not decided")
+    assert rn.no_loss_verdict({42: 0.86}, default).startswith("not decided")  # 0.01 below: wait
+    # one seed more than 0.02 below decides it without the other
+    assert rn.no_loss_verdict({42: 0.84}, default).startswith("keep default (seed 42: 0.840 vs 0.870")
 
 
 def write_fold_csv(path: Path, covid: list[float], other: list[float]) -> None:
