@@ -60,7 +60,7 @@ def parse_view(name: str) -> tuple[str, float]:
         factor = math.nan
     if kind not in VIEW_KINDS or not VIEW_KINDS[kind][0] <= factor <= VIEW_KINDS[kind][1]:
         ranges = ", ".join(f"{k}_F with F in [{lo}, {hi}]" for k, (lo, hi) in VIEW_KINDS.items())
-        raise ViewError(f"unknown TTA view {name!r}: use identity, hflip, {ranges}")
+        raise ViewError(f"unknown TTA view {name!r}: use {', '.join(PLAIN_VIEWS)}, {ranges}")
     return kind, factor
 
 
