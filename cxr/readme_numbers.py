@@ -807,7 +807,8 @@ OOS_SEED_RUNS: dict[str, dict[int, str]] = {
     "epochs12": {  # RULE.md nineteenth amendment
         42: "reports/oos/candidates/epochs12",
         43: "reports/oos/candidates/epochs12_seed43",
-    },    "input96": {  # RULE.md twentieth amendment
+    },
+    "input96": {  # RULE.md twentieth amendment
         42: "reports/oos/candidates/input96",
         43: "reports/oos/candidates/input96_seed43",
     },
