@@ -769,49 +769,27 @@ OOS_BUDGET = "reports/oos/budget"  # the default configuration with the budget r
 # The committed run before the 128 px arrays (RULE.md twelfth amendment), trained on the AMD EPYC
 # Zen 1 and kept as it was: the candidates and diagnoses run there were compared with it.
 OOS_ZEN1 = "reports/oos/candidates/default_zen1"
+CANDIDATE_DIR = "reports/oos/candidates"
 
+
+def two_seeds(name: str) -> dict[int, str]:
+    """A candidate's run folders by seed: seed 42 in candidates/NAME, 43 in NAME_seed43."""
+    return {42: f"{CANDIDATE_DIR}/{name}", 43: f"{CANDIDATE_DIR}/{name}_seed43"}
+
+
+# Every configuration run with two seeds through every fold (RULE.md names each amendment).
 OOS_SEED_RUNS: dict[str, dict[int, str]] = {
     "default_zen1": {42: OOS_ZEN1, 43: "reports/oos/candidates/default_seed43"},
-    "default_xeon": {  # the same recipe on the Intel Xeon (RULE.md thirteenth amendment)
-        42: "reports/oos/candidates/default_xeon",
-        43: "reports/oos/candidates/default_xeon_seed43",
-    },
-    "robust_default": {
-        42: "reports/oos/candidates/robust_default",
-        43: "reports/oos/candidates/robust_default_seed43",
-    },
-    "crop_lungs": {  # RULE.md eighth amendment
-        42: "reports/oos/candidates/crop_lungs",
-        43: "reports/oos/candidates/crop_lungs_seed43",
-    },
-    "epochs4": {  # RULE.md ninth amendment
-        42: "reports/oos/candidates/epochs4",
-        43: "reports/oos/candidates/epochs4_seed43",
-    },
-    "size128": {  # RULE.md twelfth and thirteenth amendments (the tenth's run was 112 px)
-        42: "reports/oos/candidates/size128",
-        43: "reports/oos/candidates/size128_seed43",
-    },
-    "robust_xeon": {  # RULE.md sixteenth amendment: robust_default's augmentation on the Xeon
-        42: "reports/oos/candidates/robust_xeon",
-        43: "reports/oos/candidates/robust_xeon_seed43",
-    },
-    "source_balanced_xeon": {  # RULE.md fifteenth amendment
-        42: "reports/oos/candidates/source_balanced_xeon",
-        43: "reports/oos/candidates/source_balanced_xeon_seed43",
-    },
-    "tta_hflip_xeon": {  # RULE.md eighteenth amendment: default_xeon's models + a flipped view
-        42: "reports/oos/candidates/tta_hflip_xeon",
-        43: "reports/oos/candidates/tta_hflip_xeon_seed43",
-    },
-    "epochs12": {  # RULE.md nineteenth amendment
-        42: "reports/oos/candidates/epochs12",
-        43: "reports/oos/candidates/epochs12_seed43",
-    },
-    "input96": {  # RULE.md twentieth amendment
-        42: "reports/oos/candidates/input96",
-        43: "reports/oos/candidates/input96_seed43",
-    },
+    "default_xeon": two_seeds("default_xeon"),  # the default recipe on the Xeon (13th)
+    "robust_default": two_seeds("robust_default"),
+    "crop_lungs": two_seeds("crop_lungs"),  # 8th
+    "epochs4": two_seeds("epochs4"),  # 9th
+    "size128": two_seeds("size128"),  # 12th, 13th (the 10th's run was 112 px)
+    "robust_xeon": two_seeds("robust_xeon"),  # 16th: robust_default's augmentation
+    "source_balanced_xeon": two_seeds("source_balanced_xeon"),  # 15th
+    "tta_hflip_xeon": two_seeds("tta_hflip_xeon"),  # 18th: default_xeon + a flipped view
+    "epochs12": two_seeds("epochs12"),  # 19th
+    "input96": two_seeds("input96"),  # 20th
 }
 
 # The changes compared with the default over two seeds: what each is and its rule, "better"
