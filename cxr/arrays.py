@@ -10,13 +10,16 @@ import logging
 import os
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 from tqdm import tqdm
 
 from cxr.errors import InputError
 from cxr.images import Preprocessing, preprocess_file
+
+if TYPE_CHECKING:  # annotations only: pandas is imported where a table is read
+    import pandas as pd
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +100,8 @@ def load_split(
                 f"{path} not found: run the split stage first (dvc repro split)"
             )
     array = np.load(npy, mmap_mode=None if in_memory else "r", allow_pickle=False)
+    import pandas as pd  # not at the top: predict reaches this module and never reads a split
+
     table = pd.read_csv(csv, keep_default_na=False)
     if array.ndim != 3 or array.dtype != np.uint8 or len(array) != len(table):
         raise InputError(

@@ -5,9 +5,9 @@ from __future__ import annotations
 import math
 import os
 import random
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch.utils.data import WeightedRandomSampler
@@ -20,6 +20,9 @@ from cxr.config import (
     PARTIAL_LABELS,
     AugmentParams,
 )
+
+if TYPE_CHECKING:  # annotations only: pandas is imported where a table is read
+    import pandas as pd
 
 UNKNOWN = -1  # label index of a row whose class is only known as a set (see allowed_classes)
 

@@ -7,14 +7,14 @@ so bone is bright in every image, as in the PNG/JPEG radiographs the models were
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pydicom
-import pydicom.misc
-from pydicom.dataset import Dataset
-from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
 from cxr.images import MAX_PIXELS, ImageError
+
+if TYPE_CHECKING:  # pydicom itself is imported when a DICOM file is read: a 0.15 s import
+    from pydicom.dataset import Dataset  # that a folder of PNGs and JPEGs never needs
 
 DICOM_SUFFIXES = (".dcm", ".dicom")
 
@@ -22,6 +22,8 @@ DICOM_SUFFIXES = (".dcm", ".dicom")
 def has_dicom_magic(path: Path) -> bool:
     """True when the file carries the DICOM Part 10 preamble ("DICM" at byte 128), as
     pydicom.misc.is_dicom checks it; False for unreadable files too."""
+    import pydicom.misc
+
     try:
         return pydicom.misc.is_dicom(path)
     except OSError:
@@ -39,6 +41,8 @@ def read_dicom(path: str | Path) -> np.ndarray:
 
 def read_dicom_frames(path: str | Path) -> tuple[np.ndarray, int]:
     """`read_dicom` (the first frame), and the number of frames the file holds."""
+    import pydicom
+
     path = Path(path)
     try:
         ds = pydicom.dcmread(path, force=not has_dicom_magic(path))
@@ -72,6 +76,8 @@ def _check_size(ds: Dataset, path: Path) -> None:
 
 def to_display(pixels: np.ndarray, ds: Dataset) -> np.ndarray:
     """Stored values -> uint8 0..255 through Modality LUT, VOI LUT/window and MONOCHROME1."""
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
     values = apply_modality_lut(pixels, ds)
     if ds.get("VOILUTSequence"):  # a LUT is indexed by integer values
         values = np.rint(values).astype(np.int64)
@@ -91,6 +97,8 @@ def _voi_output_range(ds: Dataset, windowed: np.ndarray) -> tuple[float, float]:
     output range. Min-max on a windowed image would instead stretch an image that does not
     fill its window.
     """
+    from pydicom.pixels import apply_voi_lut
+
     if ds.get("VOILUTSequence"):
         entries, first, _ = ds.VOILUTSequence[0].LUTDescriptor
         outputs = apply_voi_lut(np.arange(first, first + (entries or 2**16)), ds)

@@ -11,14 +11,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
-from scipy import ndimage, stats
+from scipy import ndimage
 
 from cxr.arrays import load_split
 from cxr.errors import InputError
 from cxr.images import resize
+
+if TYPE_CHECKING:  # annotations only: pandas is imported where a table is read
+    import pandas as pd
 
 LUNG, IGNORE = 255, 127  # values in a stored mask; everything else is background
 # Label i + 1 of a zone map is ZONES[i]; 0 is outside the lungs.
@@ -324,6 +327,8 @@ def mean_ci(
     mean = float(values.mean())
     if np.all(values == values[0]):  # scipy warns and gives NaN bounds for a degenerate sample
         return {"mean": mean, "low": mean, "high": mean, "n": int(len(values))}
+    from scipy import stats  # 0.5 s of imports a one-film predict does not need
+
     ci = stats.bootstrap(
         (values,), np.mean, n_resamples=n_resamples, confidence_level=level,
         method="percentile", rng=np.random.default_rng(seed),

@@ -16,10 +16,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import nn
 
 from cxr.config import ARCHS
+from cxr.resnet import empty_resnet
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +88,8 @@ def adapt_conv1_to_gray(backbone: nn.Module) -> None:
 
 
 def _imagenet_backbone(arch: str) -> nn.Module:
+    import torchvision  # only where a model is built to train: loading needs none (cxr.resnet)
+
     try:
         return torchvision.models.get_model(arch, weights="DEFAULT")
     except Exception as exc:  # urllib/ssl/http errors differ by platform; all mean the same
@@ -105,6 +107,8 @@ def _state_dict_backbone(arch: str, path: Path) -> nn.Module:
         state = {
             k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")
         }
+    import torchvision
+
     backbone = torchvision.models.get_model(arch, weights=None)
     if "conv1.weight" in state and state["conv1.weight"].shape[1] == 1:
         adapt_conv1_to_gray(backbone)
@@ -132,9 +136,10 @@ def build_model(
 ) -> CXRNet:
     """A ResNet for `num_classes` grayscale classes, from random init, ImageNet or a file,
     seeing `input_size` px (None: the arrays' own size)."""
-    if arch not in ARCHS:
-        raise CheckpointError(f"unknown arch {arch!r}; choose one of {list(ARCHS)}")
+    _check_arch(arch)
     if weights == "none":
+        import torchvision
+
         # Zero-initialising each block's last BN makes a deep ResNet start as a shallow one;
         # measured to matter a lot for ResNet-152 trained from scratch on a few hundred images.
         backbone = torchvision.models.get_model(
@@ -149,6 +154,11 @@ def build_model(
     if backbone.fc.out_features != num_classes:
         backbone.fc = nn.Linear(backbone.fc.in_features, num_classes)
     return CXRNet(backbone, input_size=input_size)
+
+
+def _check_arch(arch: str) -> None:
+    if arch not in ARCHS:
+        raise CheckpointError(f"unknown arch {arch!r}; choose one of {list(ARCHS)}")
 
 
 def load_state_dict_file(path: Path) -> dict[str, Any]:
@@ -239,6 +249,9 @@ def load_checkpoint(path: str | Path, task: str | None = None) -> tuple[CXRNet, 
     if task is not None and meta.get("task") != task:
         raise CheckpointError(f"{path}: a {meta.get('task')!r} checkpoint, expected {task!r}")
     # Checkpoints written before `input_size` existed saw their arrays' own size.
-    model = build_model(meta["arch"], len(meta["class_names"]), weights="none",
-                        input_size=meta.get("input_size"))  # fmt: skip
+    _check_arch(meta["arch"])
+    # The graph without torchvision or random init (cxr.resnet: a one-film predict starts faster);
+    # the same module names as build_model's, so its state_dict loads as it was saved.
+    backbone = empty_resnet(meta["arch"], len(meta["class_names"]))
+    model = CXRNet(backbone, input_size=meta.get("input_size"))
     return load_weights(model, state, path, meta["arch"]), meta

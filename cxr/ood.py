@@ -29,7 +29,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from sklearn.covariance import LedoitWolf
 from torch import nn
 
 from cxr.atomic import atomic_open
@@ -134,6 +133,9 @@ def fit_gaussian(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     features = np.asarray(features, dtype=np.float64)
     if features.ndim != 2 or len(features) < 2:
         raise ValueError(f"need N >= 2 feature rows to fit, got shape {features.shape}")
+    # Fitting only (the ood stage): predict reads the fitted gate and skips sklearn's 1 s import.
+    from sklearn.covariance import LedoitWolf
+
     fit = LedoitWolf().fit(features)
     return fit.location_, fit.precision_
 

@@ -11,10 +11,9 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -26,6 +25,9 @@ from cxr.config import SegmentParams
 from cxr.errors import InputError
 from cxr.lungs import IGNORE, LUNG, dice_iou, keep_largest
 from cxr.models import load_weights, read_state, save_state
+
+if TYPE_CHECKING:  # annotations only: pandas is imported where a table is read
+    import pandas as pd
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +92,8 @@ def load_masks(directory: Path, table: pd.DataFrame, size: int) -> tuple[np.ndar
         raise FileNotFoundError(
             f"{manifest_path} not found: run the fetch_masks stage first (dvc repro fetch_masks)"
         )
+    import pandas as pd  # training only: predict loads this module and never reads masks
+
     manifest = pd.read_csv(manifest_path, dtype=str, keep_default_na=False)
     by_path = dict(zip(manifest["image_path"], manifest["file"], strict=True))
     rows = [i for i, p in enumerate(table["path"]) if p in by_path]

@@ -4,8 +4,8 @@
     python -m cxr serve [--socket PATH] [--models DIR] [--threads N]      # leave it running
     python -m cxr predict --server scans/ --out predictions.csv         # any number of times
 
-A plain `python -m cxr predict` pays for importing torch and torchvision (about 6 s on a 2-core
-machine) and for loading the checkpoints on every call; a one-film call is mostly that
+A plain `python -m cxr predict` pays for importing torch (about 2 s on a 2-core machine) and
+for loading the checkpoints on every call; a one-film call is mostly that
 (docs/performance.md "predict's speed"). The client side of --server imports neither: it sends
 its command line and working directory, and the server runs predict's own code (cxr.predict.run)
 on them, in that directory, with the models it already holds. Rows, --out, the table, the

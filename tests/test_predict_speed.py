@@ -57,3 +57,17 @@ def test_page_gives_the_server_calls_when_measured() -> None:
     page = predict_speed.markdown(result, "python -m cxr predict-speed")
     assert "started once in 7.5 s" in page and "one-film call 0.31 s wall" in page
     assert "mixed folder 18.2 films/s, 6.6 s wall" in page
+
+
+def test_page_gives_the_median_start_up_and_a_python_without_bytecode_cache() -> None:
+    """The one-film call varies by about a second between calls here: the page gives the median
+    of the calls and their range, and says when Python could not cache its bytecode (every
+    start then compiles the project again). Watched red with the range left out of the line."""
+    runs = [3.1, 2.5, 2.9, 2.7, 4.0]
+    result = {"cpu": {"model": "Some CPU", "cores": 2}, "repeats": 2, "classes": {},
+              "one_film_wall_s": 2.9, "one_film_wall_s_runs": runs, "bytecode_cache": False}  # fmt: skip
+    page = predict_speed.markdown(result, "python -m cxr predict-speed")
+    assert "2.9 s wall (median of 5 calls, 2.5-4.0 s)" in page
+    assert "PYTHONDONTWRITEBYTECODE" in page
+    result["bytecode_cache"] = True
+    assert "PYTHONDONTWRITEBYTECODE" not in predict_speed.markdown(result, "x")
