@@ -338,7 +338,9 @@ def new_hospital_targets(f: Files) -> list[str]:
     auc, sens = num(binary["roc_auc"]), num(binary["sensitivity_at_90_specificity"])
     four = pooled.get("four_class", {}).get("adult_normal") or oos_four_class(f) or {}
     normal = four.get("normal")
-    where = f" (fold {', '.join(four['folds'])}: {OOS_FOUR_CLASS}, Zen 1)" if "folds" in four else ""
+    where = (
+        f" (fold {', '.join(four['folds'])}: {OOS_FOUR_CLASS}, Zen 1)" if "folds" in four else ""
+    )
     xeon = oos_four_class_xeon_normal(f)
     if where and xeon is not None:  # the same fold and recipe on the committed models' CPU
         where += f"; trained on the Xeon {verdict(xeon, xeon >= 0.70, pct)}"
@@ -759,7 +761,9 @@ def rank_auc(positives: list[float], negatives: list[float]) -> float:
 def pooled_auc(f: Files, fold_csvs: list[str]) -> float:
     """Pooled held-out adult AUC of fold prediction files (reports/oos/**/folds/<fold>.csv)."""
     folds = [held_out_adults(f, csv) for csv in fold_csvs]
-    return rank_auc([p for covid, _ in folds for p in covid], [p for _, other in folds for p in other])
+    return rank_auc(
+        [p for covid, _ in folds for p in covid], [p for _, other in folds for p in other]
+    )
 
 
 # Each configuration's runs by seed (RULE.md sixth and seventh amendments): the folder whose
@@ -882,8 +886,10 @@ def no_loss_verdict(candidate: dict[int, float], default: dict[int, float]) -> s
     mean_gain = sum(candidate[s] - default[s] for s in seeds) / len(seeds)
     worst = min(candidate[s] - default[s] for s in seeds)
     adopt = mean_gain >= -0.01 and worst >= -0.02
-    return (f"{'adopt (no loss)' if adopt else 'keep default'} (mean {mean_gain:+.3f}; "
-            f"worst seed {worst:+.3f})")
+    return (
+        f"{'adopt (no loss)' if adopt else 'keep default'} (mean {mean_gain:+.3f}; "
+        f"worst seed {worst:+.3f})"
+    )
 
 
 def candidate_verdict(config: str, pooled: dict[str, dict[int, float]]) -> str:
@@ -906,7 +912,10 @@ def two_seed_pooled(f: Files) -> tuple[list[list[str]], dict[str, dict[int, floa
             have = [(f.root / csv).exists() for csv in csvs]
             if not any(have):
                 continue
-            cells = [f"{pooled_auc(f, [csv]):.3f}" if ok else "not run" for csv, ok in zip(csvs, have, strict=True)]
+            cells = [
+                f"{pooled_auc(f, [csv]):.3f}" if ok else "not run"
+                for csv, ok in zip(csvs, have, strict=True)
+            ]
             if all(have):
                 pooled.setdefault(config, {})[seed] = pooled_auc(f, csvs)
                 cells.append(f"{pooled[config][seed]:.3f}")
@@ -918,7 +927,9 @@ def two_seed_pooled(f: Files) -> tuple[list[list[str]], dict[str, dict[int, floa
 
 def held_out_adults(f: Files, fold_csv: str) -> tuple[list[float], list[float]]:
     """p(COVID-19) of a fold's held-out adult COVID-19 films and of its adult non-COVID ones."""
-    rows = [r for r in f.load(fold_csv) if r["scored_as"] == "held_out" and r["age_group"] == "adult"]
+    rows = [
+        r for r in f.load(fold_csv) if r["scored_as"] == "held_out" and r["age_group"] == "adult"
+    ]
     covid = [float(r["p_covid"]) for r in rows if r["label"] == "covid"]
     return covid, [float(r["p_covid"]) for r in rows if r["label"] != "covid"]
 
@@ -962,7 +973,15 @@ def oos_pairs(f: Files) -> list[str]:
                 continue
             split = pair_split(f, csvs)
             counts = counts or (split.n_within, split.n_across)
-            rows.append([config, str(seed), f"{split.within:.3f}", f"{split.across:.3f}", f"{split.pooled:.3f}"])
+            rows.append(
+                [
+                    config,
+                    str(seed),
+                    f"{split.within:.3f}",
+                    f"{split.across:.3f}",
+                    f"{split.pooled:.3f}",
+                ]
+            )
     if not rows:
         return ["No configuration has every fold of a seed yet."]
     return [*table(["configuration", "seed", "same-place pairs", "cross-place pairs", "pooled"], rows),
@@ -1011,8 +1030,10 @@ def two_seed_cells(f: Files, config: str, pooled: dict[str, dict[int, float]]) -
                              pooled_auc(f, [f"{theirs}/folds/{fold}.csv"])))  # fmt: skip
     if not done:
         return "not run yet", "-"
-    return (f"{len(done)} of {2 * len(oos_fold_names(f))} fold runs",
-            "; ".join(f"{a:.3f} vs {b:.3f} ({fold}, seed {seed})" for fold, seed, a, b in done))
+    return (
+        f"{len(done)} of {2 * len(oos_fold_names(f))} fold runs",
+        "; ".join(f"{a:.3f} vs {b:.3f} ({fold}, seed {seed})" for fold, seed, a, b in done),
+    )
 
 
 def oos_choices(f: Files) -> list[str]:

@@ -120,7 +120,13 @@ def test_cpu_named_by_family_model_and_vector_extensions() -> None:
     """Two Xeons ~2x apart can share one model name; the family/model number and the flags
     that set training speed tell them apart in every report that names its CPU."""
     c = growth.cpuinfo_fields(CPUINFO)
-    assert c == {"family": "6", "model_number": "207", "model": "Intel(R) Xeon(R) Processor",
-                 "flags": ["AVX2", "AVX-512", "AMX"]}  # the first processor only
-    assert growth.cpu_label(c) == "Intel(R) Xeon(R) Processor (family 6 model 207; AVX2, AVX-512, AMX)"
+    assert c == {
+        "family": "6",
+        "model_number": "207",
+        "model": "Intel(R) Xeon(R) Processor",
+        "flags": ["AVX2", "AVX-512", "AMX"],
+    }  # the first processor only
+    assert (
+        growth.cpu_label(c) == "Intel(R) Xeon(R) Processor (family 6 model 207; AVX2, AVX-512, AMX)"
+    )
     assert growth.cpu_label({"model": "AMD EPYC"}) == "AMD EPYC"  # a report from before

@@ -289,6 +289,9 @@ def test_a_split_of_another_size_than_the_params_is_refused(tmp_path):
     for name in ("train", "val", "test"):
         save_split(tmp_path, name, np.zeros((2, 32, 32), dtype=np.uint8), table)
     images, pooled = pool_table(tmp_path, 32)
-    assert images.shape == (6, 32, 32) and pooled["origin"].tolist() == ["train"] * 2 + ["val"] * 2 + ["test"] * 2
+    assert (
+        images.shape == (6, 32, 32)
+        and pooled["origin"].tolist() == ["train"] * 2 + ["val"] * 2 + ["test"] * 2
+    )
     with pytest.raises(InputError, match="train.npy holds 32 px arrays but base.image_size is 48"):
         pool_table(tmp_path, 48)

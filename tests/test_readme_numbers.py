@@ -309,7 +309,8 @@ def test_two_seed_rule_needs_the_mean_gain_and_every_seed():
     assert rn.two_seed_verdict({42: 0.89, 43: 0.92}, default).startswith("adopt (mean +0.020")
     # one seed that is not higher decides it; one that is higher decides nothing yet
     assert rn.two_seed_verdict({42: 0.86}, default) == (
-        "keep default (not higher in seed 42: 0.860 vs 0.870; the rule needs it higher in every seed)")
+        "keep default (not higher in seed 42: 0.860 vs 0.870; the rule needs it higher in every seed)"
+    )
     assert rn.two_seed_verdict({42: 0.95}, default).startswith("not decided")
     # a larger mean gain carried by one seed, lower in the other: kept
     assert rn.two_seed_verdict({42: 0.93, 43: 0.89}, default).startswith("keep default")
@@ -329,7 +330,9 @@ def test_no_loss_rule_for_a_cheaper_recipe():
     assert rn.no_loss_verdict({42: 0.95}, default).startswith("not decided")
     assert rn.no_loss_verdict({42: 0.86}, default).startswith("not decided")  # 0.01 below: wait
     # one seed more than 0.02 below decides it without the other
-    assert rn.no_loss_verdict({42: 0.84}, default).startswith("keep default (seed 42: 0.840 vs 0.870")
+    assert rn.no_loss_verdict({42: 0.84}, default).startswith(
+        "keep default (seed 42: 0.840 vs 0.870"
+    )
 
 
 def write_fold_csv(path: Path, covid: list[float], other: list[float]) -> None:
@@ -393,7 +396,9 @@ def test_two_seed_candidate_with_folds_to_run_is_shown_fold_by_fold(tmp_path):
     assert row.endswith("| not decided (needs every fold of two seeds of both) |")
 
 
-BUDGET_SOURCE_BALANCED = "| source-balanced sampling (class x age group x dataset) |"  # the budget run's row
+BUDGET_SOURCE_BALANCED = (
+    "| source-balanced sampling (class x age group x dataset) |"  # the budget run's row
+)
 
 
 def test_choices_table_keeps_the_default_only_when_a_candidate_is_below_in_every_fold(tmp_path):
@@ -402,12 +407,16 @@ def test_choices_table_keeps_the_default_only_when_a_candidate_is_below_in_every
         ROOT / "reports/oos", tmp_path / "reports/oos", ignore=shutil.ignore_patterns("models")
     )
     shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
-    row = next(r for r in rn.oos_choices(rn.Files(tmp_path)) if r.startswith(BUDGET_SOURCE_BALANCED))
+    row = next(
+        r for r in rn.oos_choices(rn.Files(tmp_path)) if r.startswith(BUDGET_SOURCE_BALANCED)
+    )
     assert row.endswith("below the default in each: keep default |")
     write_fold_csv(
         tmp_path / "reports/oos/candidates/source_balanced/folds/europe.csv", [0.9], [0.1]
     )
-    row = next(r for r in rn.oos_choices(rn.Files(tmp_path)) if r.startswith(BUDGET_SOURCE_BALANCED))
+    row = next(
+        r for r in rn.oos_choices(rn.Files(tmp_path)) if r.startswith(BUDGET_SOURCE_BALANCED)
+    )
     assert "1.000 vs" in row and row.endswith("not decided |")
 
 
@@ -425,7 +434,10 @@ def test_pooled_auc_splits_into_same_place_and_cross_place_pairs(tmp_path):
     assert rn.pooled_auc(files, csvs) == 0.75  # (0.9 > 0.8, 0.2; 0.3 > 0.2; 0.3 < 0.8): 3 of 4
     rows = rn.oos_pairs(files)
     assert rows[2] == "| default_zen1 | 42 | 1.000 | 0.500 | 0.750 |"
-    assert rows[-1] == "Pairs (COVID-19 film, adult non-COVID film): 2 held out in the same fold, 2 in different folds."
+    assert (
+        rows[-1]
+        == "Pairs (COVID-19 film, adult non-COVID film): 2 held out in the same fold, 2 in different folds."
+    )
 
 
 def test_four_class_calls_add_the_xeon_run_when_it_exists(tmp_path):
@@ -449,12 +461,20 @@ def test_four_class_calls_add_the_xeon_run_when_it_exists(tmp_path):
 def test_lung_limits_text_says_whether_the_false_flags_are_under_the_1_percent(tmp_path):
     """The sentence follows the committed report (it said "under" at 1.3% once). Watched red
     with "under" written whatever the rate."""
+
     def write(flagged: int) -> list[str]:
-        real = {"n": 1000, "flagged": flagged, "flagged_rate": flagged / 1000,
-                "by_reason": {"lungs of implausible size": flagged}}
+        real = {
+            "n": 1000,
+            "flagged": flagged,
+            "flagged_rate": flagged / 1000,
+            "by_reason": {"lungs of implausible size": flagged},
+        }
         control = {"n": 150, "flagged": 1, "flagged_rate": 1 / 150}
-        report = {"real_films": {"all": real}, "probed_films": 150,
-                  "probes": {"identity": control, "rotated_90": {"flagged_rate": 1.0}}}
+        report = {
+            "real_films": {"all": real},
+            "probed_films": 150,
+            "probes": {"identity": control, "rotated_90": {"flagged_rate": 1.0}},
+        }
         (tmp_path / "reports").mkdir(exist_ok=True)
         (tmp_path / "reports/ood_lung_shape_val.json").write_text(json.dumps(report))
         return rn.ood_lung_limits(rn.Files(tmp_path))
