@@ -794,6 +794,7 @@ OOS_SEED_RUNS: dict[str, dict[int, str]] = {
     "tta_hflip_xeon": two_seeds("tta_hflip_xeon"),  # 18th: default_xeon + a flipped view
     "epochs12": two_seeds("epochs12"),  # 19th
     "input96": two_seeds("input96"),  # 20th
+    "lr3e-3": two_seeds("lr3e-3"),  # 21st
 }
 
 # The changes compared with the default over two seeds: what each is and its rule, "better"
@@ -815,6 +816,8 @@ TWO_SEED_CANDIDATES: dict[str, tuple[str, str, str]] = {
                  "default_xeon"),
     "input96": ("a 96 px binary input instead of 112 (73% of the pixels)", "no_loss",
                 "default_xeon"),
+    "lr3e-3": ("a binary learning rate of 3e-3 instead of 1e-3 (AdamW, one-cycle peak)",
+               "better", "default_xeon"),
 }  # fmt: skip
 
 
