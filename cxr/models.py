@@ -34,7 +34,8 @@ class CheckpointError(ValueError):
 
 
 class CXRNet(nn.Module):
-    """Normalisation + a torchvision ResNet with a one-channel stem.
+    """Normalisation + a ResNet with a one-channel stem: torchvision's where a model is built to
+    train, cxr.resnet's copy of its graph where a checkpoint is loaded.
 
     `input_size` (None: whatever size comes in) is the side the backbone sees: the two tasks
     share one set of preprocessed arrays but need not share an input size
