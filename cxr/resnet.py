@@ -10,7 +10,8 @@ ResNet-18s), which the checkpoint's tensors then fill.
 
 Module names, shapes and the order of operations are torchvision's (`torchvision.models.resnet`,
 v0.29), so a state_dict moves between the two unchanged and gives the same outputs bit for bit:
-tests/test_resnet.py checks both for every arch in cxr.config.ARCHS. The stem takes one channel,
+tests/test_resnet.py checks the names and shapes for every arch in cxr.config.ARCHS and the
+outputs for both block kinds, shallow and deep (ResNet-18, -50, -152). The stem takes one channel,
 as every cxr checkpoint's does (cxr.models.adapt_conv1_to_gray).
 """
 
