@@ -795,6 +795,7 @@ OOS_SEED_RUNS: dict[str, dict[int, str]] = {
     "epochs12": two_seeds("epochs12"),  # 19th
     "input96": two_seeds("input96"),  # 20th
     "lr3e-3": two_seeds("lr3e-3"),  # 21st
+    "lr3e-4": two_seeds("lr3e-4"),  # 22nd
 }
 
 # The changes compared with the default over two seeds: what each is and its rule, "better"
@@ -817,6 +818,8 @@ TWO_SEED_CANDIDATES: dict[str, tuple[str, str, str]] = {
     "input96": ("a 96 px binary input instead of 112 (73% of the pixels)", "no_loss",
                 "default_xeon"),
     "lr3e-3": ("a binary learning rate of 3e-3 instead of 1e-3 (AdamW, one-cycle peak)",
+               "better", "default_xeon"),
+    "lr3e-4": ("a binary learning rate of 3e-4 instead of 1e-3 (AdamW, one-cycle peak)",
                "better", "default_xeon"),
 }  # fmt: skip
 
