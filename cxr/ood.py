@@ -20,7 +20,6 @@ refused for any other: the features of another network mean nothing to it.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -32,6 +31,7 @@ import torch
 from torch import nn
 
 from cxr.atomic import atomic_open
+from cxr.bundle import sha256_of  # the bundle's own check: one way to hash a checkpoint
 from cxr.config import finite, require
 from cxr.infer import predict_proba
 from cxr.lung_shape import lung_reasons, lungs_of
@@ -193,14 +193,6 @@ def fit_state(
             "threshold_from": f"{p.percentile:g}th percentile of the val films' distances",
             **(meta or {})}  # fmt: skip
     return OodState(mean, precision, threshold, p, binary_sha256, info)
-
-
-def sha256_of(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def save_state(path: Path, state: OodState) -> None:
