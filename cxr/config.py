@@ -189,7 +189,8 @@ class TrainParams:
     schedule: Literal["onecycle", "multistep", "constant"]
     milestones: list[int]
     gamma: float
-    balance: Literal["none", "oversample", "weighted_loss"]
+    # group_dro: oversample, and weigh each stratum's mean loss by online group DRO (cxr.train).
+    balance: Literal["none", "oversample", "weighted_loss", "group_dro"]
     # What `balance` evens out: class, or class x age_group (adult and pediatric separately).
     balance_by: list[str]
     # Images of unknown type (`pneumonia`): true = partial-label loss on {viral, bacterial};
@@ -261,12 +262,24 @@ class TrainParams:
             f"divisible by processes ({self.processes}): it is the global batch",
             self.batch_size,
         )
+        if self.balance == "group_dro" and self.processes > 1:
+            # Each rank would move its own group weights from its own part of the batch.
+            raise ParamsError(
+                f"{name}.balance: group_dro runs in one process; set {name}.processes to 1 "
+                f"(got {self.processes})"
+            )
         if not self.balance_by or set(self.balance_by) - set(BALANCE_BY):
             raise ParamsError(
                 f"train_{self.task}.balance_by must list some of {list(BALANCE_BY)}, "
                 f"got {self.balance_by}"
             )
         self.augmentation()  # validates the augment mapping
+
+    @property
+    def oversamples(self) -> bool:
+        """Whether epochs are stratum-balanced draws (group DRO draws them too: every group in
+        nearly every batch, so each step sees each group's loss)."""
+        return self.balance in ("oversample", "group_dro")
 
     def augmentation(self) -> AugmentParams:
         where = f"train_{self.task}.augment"

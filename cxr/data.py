@@ -243,6 +243,12 @@ def sample_weights(strata: np.ndarray) -> torch.Tensor:
     return torch.tensor(len(strata) / (n_strata * counts[strata]), dtype=torch.float32)
 
 
+def partial_label_nll(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """Per row: -log(sum of p(k) over the row's allowed classes k)."""
+    log_p = torch.log_softmax(logits.float(), dim=1)
+    return -torch.logsumexp(log_p.masked_fill(~allowed, float("-inf")), dim=1)
+
+
 def partial_label_loss(
     logits: torch.Tensor, allowed: torch.Tensor, weight: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -253,8 +259,7 @@ def partial_label_loss(
     neither guessing its type nor throwing it away. `weight` (per row) gives a weighted mean,
     as nn.CrossEntropyLoss does with class weights.
     """
-    log_p = torch.log_softmax(logits.float(), dim=1)
-    nll = -torch.logsumexp(log_p.masked_fill(~allowed, float("-inf")), dim=1)
+    nll = partial_label_nll(logits, allowed)
     if weight is None:
         return nll.mean()
     return (nll * weight).sum() / weight.sum()

@@ -277,7 +277,7 @@ def step_train(work: Path, n: int, args: argparse.Namespace) -> dict[str, Any]:
     )  # fmt: skip
     allowed = torch.from_numpy(allowed_classes(table, p.task))
     start = time.perf_counter()
-    order = epoch_order(strata, oversample=p.balance == "oversample", generator=generator)
+    order = epoch_order(strata, oversample=p.oversamples, generator=generator)
     order_s = time.perf_counter() - start
     batches = order[: steps * p.batch_size].view(steps, -1)
     warmup = min(args.warmup_batches, steps - 1)

@@ -32,6 +32,7 @@ from cxr.data import (
     epoch_order,
     gather,
     partial_label_loss,
+    partial_label_nll,
     sample_weights,
     to_input,
 )
@@ -55,6 +56,38 @@ class EpochResult:
     images_per_second: float
 
 
+# Sagawa et al.'s exponentiated-gradient step for the group weights (their code's default).
+GROUP_DRO_STEP = 0.01
+
+
+class GroupDRO:
+    """Online group DRO (Sagawa, Koh, Hashimoto & Liang, "Distributionally Robust Neural
+    Networks for Group Shifts", ICLR 2020): the loss is a weighted mean of each group's mean
+    loss in the batch, and after every batch the weights move towards the groups that lose the
+    most (q_g <- q_g exp(step * loss_g), normalised). Groups here are the balancing strata, so a
+    model that leans on "adult means COVID-19" pays for it in the adult non-COVID group's weight.
+    The weights stay on the device: no host sync per step.
+    """
+
+    def __init__(self, weights: torch.Tensor, step: float = GROUP_DRO_STEP) -> None:
+        self.weights = weights.double()
+        self.step = step
+
+    @classmethod
+    def uniform(cls, groups: int, device: torch.device | str = "cpu") -> GroupDRO:
+        return cls(torch.full((groups,), 1.0 / groups, dtype=torch.float64, device=device))
+
+    def loss(self, nll: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
+        """The batch's loss from per-row losses `nll` and their groups; updates the weights."""
+        n = len(self.weights)
+        sums = torch.zeros(n, dtype=nll.dtype, device=nll.device).index_add(0, group, nll)
+        counts = torch.bincount(group, minlength=n).to(nll.dtype)
+        means = sums / counts.clamp_min(1)  # a group absent from the batch: 0, weight unchanged
+        q = self.weights * torch.exp(self.step * means.detach().double())
+        self.weights = q / q.sum()
+        return (self.weights.to(nll.dtype) * means).sum()
+
+
 @dataclass
 class TrainResult:
     best_epoch: int
@@ -64,6 +97,7 @@ class TrainResult:
     train_images_per_second: float = 0.0
     stopped_early: bool = False
     resumed_from: int = 0  # the last epoch a resume file had finished (0: a fresh start)
+    group_weights: list[float] | None = None  # balance group_dro: the final weight per stratum
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -78,7 +112,8 @@ class TrainResult:
             },
             "wall_seconds": round(self.wall_seconds, 1),
             "train_images_per_second": round(self.train_images_per_second, 2),
-        }
+        } | ({"group_dro_weights": [round(w, 4) for w in self.group_weights]}
+             if self.group_weights is not None else {})  # fmt: skip
 
 
 @dataclass
@@ -94,6 +129,7 @@ class LoopState:
     seen: int = 0
     train_time: float = 0.0
     wall_seconds: float = 0.0
+    dro_weights: list[float] | None = None  # balance group_dro: the group weights so far
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data for torch.save (weights_only-loadable)."""
@@ -107,6 +143,7 @@ class LoopState:
             "seen": self.seen,
             "train_time": self.train_time,
             "wall_seconds": self.wall_seconds,
+            "dro_weights": self.dro_weights,
         }
 
     @classmethod
@@ -115,7 +152,8 @@ class LoopState:
         best = next((h for h in history if h.epoch == d["best_epoch"]), None)
         keys = ("epoch", "best_state", "since_best", "stopped_early", "seen", "train_time",
                 "wall_seconds")  # fmt: skip
-        return cls(history=history, best=best, **{k: d[k] for k in keys})
+        return cls(history=history, best=best, dro_weights=d.get("dro_weights"),
+                   **{k: d[k] for k in keys})  # fmt: skip
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -198,6 +236,8 @@ def train_epoch(
     generator: torch.Generator,
     world: World | None = None,
     desc: str = "train",
+    dro: GroupDRO | None = None,
+    groups: torch.Tensor | None = None,
 ) -> tuple[float, int, int]:
     """One pass over `batches` (rows of global batch indices); returns this rank's summed loss,
     correct and seen counts.
@@ -207,6 +247,7 @@ def train_epoch(
     augmentation of the whole global batch and keeps its part, so the shared generator advances
     alike on every rank and N processes draw exactly what one process draws. Loss and counts stay
     on the device: no host sync per step, only every few steps for the progress bar.
+    `dro` (with `groups`, the group of every row): the loss is group DRO's (one process only).
     """
     device = next(model.parameters()).device
     world = world or World(device=device)
@@ -214,6 +255,7 @@ def train_epoch(
     model.train()
     allowed = allowed.to(device)
     weights = weights.to(device) if weights is not None else None
+    groups = groups.to(device) if groups is not None else None
     total_loss = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
     count = 0
@@ -235,7 +277,10 @@ def train_epoch(
         w = weights[rows] if weights is not None else None
         with autocast(device):
             logits = model(x)
-            loss = partial_label_loss(logits.float(), y, w)
+            if dro is not None:
+                loss = dro.loss(partial_label_nll(logits, y), groups[rows])
+            else:
+                loss = partial_label_loss(logits.float(), y, w)
         if w is not None and world.distributed:
             # DDP averages the ranks' gradients; scaling each rank's weighted mean by its share
             # of the global batch's weight makes that average the global batch's weighted mean.
@@ -299,6 +344,7 @@ def train_model(
         val_allowed = one_hot(val_labels, num_classes)
     strata = np.asarray(train_labels if train_strata is None else train_strata)
     weights = sample_weights(strata) if p.balance == "weighted_loss" else None
+    groups = torch.from_numpy(strata.astype(np.int64)) if p.balance == "group_dro" else None
     steps = max(1, len(train_images) // p.batch_size)
     net = distributed.wrap(model, world, sync_batchnorm=p.sync_batchnorm)
     optimizer = make_optimizer(model, p)
@@ -314,6 +360,11 @@ def train_model(
         log.info("%s: resuming after epoch %d (best so far: epoch %s)", resume.path, loop.epoch,
                  loop.best.epoch if loop.best else "none")  # fmt: skip
     resumed_from, wall_before = loop.epoch, loop.wall_seconds
+    dro = None
+    if groups is not None:
+        dro = GroupDRO.uniform(int(strata.max()) + 1, device)
+        if loop.dro_weights is not None:
+            dro.weights = torch.tensor(loop.dro_weights, dtype=torch.float64, device=device)
     if on_epoch:
         for res in loop.history:
             on_epoch(res)
@@ -322,7 +373,7 @@ def train_model(
     first = p.epochs + 1 if loop.stopped_early else loop.epoch + 1
     for epoch in range(first, p.epochs + 1):
         t0 = time.perf_counter()
-        order = epoch_order(strata, oversample=p.balance == "oversample", generator=generator)
+        order = epoch_order(strata, oversample=p.oversamples, generator=generator)
         # drop_last: a final batch of 1 breaks BatchNorm and adds noise for no gain.
         batches = order[: steps * p.batch_size].view(steps, -1)
         sums = train_epoch(
@@ -337,6 +388,8 @@ def train_model(
             generator=generator,
             world=world,
             desc=f"{p.task} epoch {epoch}/{p.epochs}",
+            dro=dro,
+            groups=groups,
         )
         total_loss, correct, count = distributed.sum_across(list(sums), world)
         distributed.sync_buffers(model, world)
@@ -354,6 +407,8 @@ def train_model(
             images_per_second=count / epoch_train_time,
         )
         loop.epoch, loop.seen = epoch, loop.seen + int(count)
+        if dro is not None:
+            loop.dro_weights = dro.weights.cpu().tolist()
         loop.train_time += epoch_train_time
         loop.history.append(res)
         log.info("%s epoch %d: %s", p.task, epoch, {k: round(v, 4) for k, v in asdict(res).items()})
@@ -387,4 +442,5 @@ def train_model(
         train_images_per_second=loop.seen / loop.train_time if loop.train_time else 0.0,
         stopped_early=loop.stopped_early,
         resumed_from=resumed_from,
+        group_weights=loop.dro_weights,
     )

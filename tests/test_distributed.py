@@ -380,12 +380,14 @@ class Interrupt(Exception):
     pass
 
 
-def resumable_run(resume: ResumeFile, stop_after: int | None = None, epochs: int = 3):
+def resumable_run(resume: ResumeFile, stop_after: int | None = None, epochs: int = 3,
+                  balance: str = "oversample"):  # fmt: skip
     """A deterministic single-process run (1 thread) with augmentation, oversampling and the
-    one-cycle schedule, so every piece of state a resume must restore matters."""
+    one-cycle schedule, so every piece of state a resume must restore matters (with
+    `group_dro`, the group weights too)."""
     torch.set_num_threads(1)
     images, labels = quadrant_set(N_TRAIN)
-    p = params(epochs=epochs, deterministic=True, schedule="onecycle")
+    p = params(epochs=epochs, deterministic=True, schedule="onecycle", balance=balance)
     gen = seed_everything(5, deterministic=True)
     model = build_model("resnet18", 4)
     last: dict[int, dict] = {}
@@ -405,15 +407,18 @@ def same(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_an_interrupted_run_resumes_to_bit_identical_weights(tmp_path):
-    whole, whole_result, whole_last = resumable_run(ResumeFile(tmp_path / "a.pt", "fp"))
+@pytest.mark.parametrize("balance", ["oversample", "group_dro"])
+def test_an_interrupted_run_resumes_to_bit_identical_weights(tmp_path, balance):
+    whole, whole_result, whole_last = resumable_run(ResumeFile(tmp_path / "a.pt", "fp"),
+                                                    balance=balance)  # fmt: skip
     assert whole_result.resumed_from == 0
     resume = ResumeFile(tmp_path / "b.pt", "fp")
     with pytest.raises(Interrupt):
-        resumable_run(resume, stop_after=1)
+        resumable_run(resume, stop_after=1, balance=balance)
     saved = torch.load(resume.path, weights_only=True)  # plain data only
     assert saved["loop"]["epoch"] == 1
-    model, result, last = resumable_run(resume)
+    model, result, last = resumable_run(resume, balance=balance)
+    assert result.group_weights == whole_result.group_weights
     assert result.resumed_from == 1 and len(result.history) == 3
     assert [asdict(h) | {"seconds": 0, "images_per_second": 0} for h in result.history] == [
         asdict(h) | {"seconds": 0, "images_per_second": 0} for h in whole_result.history

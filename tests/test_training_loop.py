@@ -8,7 +8,9 @@ Checked by hand (each bug made in the code, this file went red, then the code wa
 - `patience` ignored: test_patience_stops_early fails; `select_metric: loss` treated as
   macro_f1: test_select_metric_loss_picks_the_lowest_validation_loss fails;
 - weights not passed to the loss under `weighted_loss`: test_weighted_loss_* fails;
-- one parameter group with weight decay: test_no_weight_decay_on_norms_and_biases fails.
+- one parameter group with weight decay: test_no_weight_decay_on_norms_and_biases fails;
+- group DRO's weights not updated, or the plain mean loss used under `group_dro`:
+  test_group_dro_* fail.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from cxr import train as train_module
 from cxr.config import TrainParams
 from cxr.data import augment_batch, seed_everything, to_input
 from cxr.models import build_model
-from cxr.train import make_optimizer, make_scheduler, param_groups, train_model
+from cxr.params import ParamsError
+from cxr.train import GroupDRO, make_optimizer, make_scheduler, param_groups, train_model
 from tests.conftest import augment_params, quadrant_set, repo_params, write_params
 
 PHOTOMETRIC_OFF = {"gamma": 0.0, "contrast": 0.0, "brightness": 0.0, "sharpen": 0.0,
@@ -298,3 +301,33 @@ def test_contrast_draw_changes_contrast():
     out = apply_photometric(x, p)
     spread = out[:, 0, 0, 1] - out[:, 0, 0, 0]
     assert torch.allclose(spread, 0.5 * p["contrast"], atol=1e-5)
+
+
+def test_group_dro_loss_weighs_groups_and_moves_towards_the_worst():
+    dro = GroupDRO.uniform(3, "cpu")
+    nll = torch.tensor([1.0, 3.0, 2.0, 2.0])  # groups 0 and 1: mean 2; group 2: absent (loss 0)
+    loss = dro.loss(nll, torch.tensor([0, 0, 1, 1]))
+    q = torch.exp(torch.tensor([0.02, 0.02, 0.0], dtype=torch.float64))
+    q = q / q.sum()
+    torch.testing.assert_close(dro.weights, q)
+    assert loss.item() == pytest.approx(float(q[0] * 2 + q[1] * 2))
+    for _ in range(200):  # group 1 keeps losing more: its weight grows, the others' shrink
+        dro.loss(torch.tensor([0.1, 5.0]), torch.tensor([0, 1]))
+    assert dro.weights[1] > 0.9 and dro.weights.sum().item() == pytest.approx(1.0)
+
+
+def test_group_dro_trains_otherwise_than_oversample_and_reports_its_weights():
+    images, labels = quadrant_set(40)
+    labels = np.where(np.arange(40) < 30, 0, labels)
+    a, ra = run(params(epochs=1, balance="group_dro"), images, labels, images[:8], labels[:8])
+    b, rb = run(params(epochs=1, balance="oversample"), images, labels, images[:8], labels[:8])
+    assert not same_weights(a.state_dict(), b.state_dict())
+    weights = ra.summary()["group_dro_weights"]
+    assert len(weights) == 4 and sum(weights) == pytest.approx(1.0, abs=1e-3)
+    assert len(set(weights)) > 1  # moved from uniform
+    assert "group_dro_weights" not in rb.summary()  # other runs' metrics unchanged
+
+
+def test_group_dro_needs_one_process():
+    with pytest.raises(ParamsError, match="group_dro runs in one process"):
+        params(balance="group_dro", processes=2, batch_size=8).validate()
