@@ -139,11 +139,16 @@ def test_weighted_loss_passes_inverse_frequency_weights(monkeypatch):
     assert all(w is None for w in seen)
 
 
-def test_weighted_loss_changes_training_versus_none():
+def one_epoch_each(*balances: str) -> list[tuple]:
+    """(model, result) after one epoch with each `balance`, on 40 images with class 0 common."""
     images, labels = quadrant_set(40)
     labels = np.where(np.arange(40) < 30, 0, labels)
-    a, _ = run(params(epochs=1, balance="weighted_loss"), images, labels, images[:8], labels[:8])
-    b, _ = run(params(epochs=1, balance="none"), images, labels, images[:8], labels[:8])
+    return [run(params(epochs=1, balance=b), images, labels, images[:8], labels[:8])
+            for b in balances]  # fmt: skip
+
+
+def test_weighted_loss_changes_training_versus_none():
+    (a, _), (b, _) = one_epoch_each("weighted_loss", "none")
     assert not same_weights(a.state_dict(), b.state_dict())
 
 
@@ -317,10 +322,7 @@ def test_group_dro_loss_weighs_groups_and_moves_towards_the_worst():
 
 
 def test_group_dro_trains_otherwise_than_oversample_and_reports_its_weights():
-    images, labels = quadrant_set(40)
-    labels = np.where(np.arange(40) < 30, 0, labels)
-    a, ra = run(params(epochs=1, balance="group_dro"), images, labels, images[:8], labels[:8])
-    b, rb = run(params(epochs=1, balance="oversample"), images, labels, images[:8], labels[:8])
+    (a, ra), (b, rb) = one_epoch_each("group_dro", "oversample")
     assert not same_weights(a.state_dict(), b.state_dict())
     weights = ra.summary()["group_dro_weights"]
     assert len(weights) == 4 and sum(weights) == pytest.approx(1.0, abs=1e-3)
