@@ -796,6 +796,7 @@ OOS_SEED_RUNS: dict[str, dict[int, str]] = {
     "input96": two_seeds("input96"),  # 20th
     "lr3e-3": two_seeds("lr3e-3"),  # 21st
     "lr3e-4": two_seeds("lr3e-4"),  # 22nd
+    "group_dro": two_seeds("group_dro"),  # 23rd
 }
 
 # The changes compared with the default over two seeds: what each is and its rule, "better"
@@ -821,6 +822,8 @@ TWO_SEED_CANDIDATES: dict[str, tuple[str, str, str]] = {
                "better", "default_xeon"),
     "lr3e-4": ("a binary learning rate of 3e-4 instead of 1e-3 (AdamW, one-cycle peak)",
                "better", "default_xeon"),
+    "group_dro": ("online group DRO over the binary strata (class x age group; Sagawa et al. "
+                  "2020)", "better", "default_xeon"),
 }  # fmt: skip
 
 
