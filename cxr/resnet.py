@@ -117,4 +117,12 @@ def empty_resnet(arch: str, num_classes: int) -> ResNet:
     differ from the evaluate stage's in the last bits."""
     with torch.device("meta"):
         model = ResNet(arch, num_classes)
-    return model.to_empty(device="cpu")
+    # Each tensor made from its shape: `model.to_empty` goes through torch.empty_like on meta
+    # tensors, whose Python decompositions import sympy (0.5 s of a one-film predict's start).
+    for module in model.modules():
+        for name, t in module.named_parameters(recurse=False):
+            fresh = torch.empty(t.shape, dtype=t.dtype)
+            setattr(module, name, nn.Parameter(fresh, requires_grad=t.requires_grad))
+        for name, t in module.named_buffers(recurse=False):
+            module.register_buffer(name, torch.empty(t.shape, dtype=t.dtype))
+    return model

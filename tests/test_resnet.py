@@ -5,7 +5,7 @@ Watched red by hand: with Bottleneck's stride moved from its 3x3 to its first 1x
 original ResNet's placement) the bottleneck archs' outputs differed; with the checkpoint's tensors
 assigned rather than copied, outputs differed in the last bits (the evaluate stage's metrics by
 1e-8); with `import torchvision` (or pydicom) back at the top of its module the import test
-named it.
+named it, and named sympy with `model.to_empty(device="cpu")` back in cxr.resnet.empty_resnet.
 """
 
 from __future__ import annotations
@@ -27,8 +27,9 @@ from tests.test_ood import tiny_segmenter
 from tests.test_predict import THREADS, make_models, radiograph, save
 
 ROOT = Path(__file__).resolve().parents[1]
-# What a one-film predict used to import and never used (docs/performance.md "predict's speed").
-UNUSED_BY_PREDICT = ("torchvision", "pandas", "sklearn", "scipy.stats", "pydicom")
+# What a one-film predict used to import and never used (docs/performance.md "predict's speed");
+# sympy came with materialising the meta-device graph through `Module.to_empty`.
+UNUSED_BY_PREDICT = ("torchvision", "pandas", "sklearn", "scipy.stats", "pydicom", "sympy")
 
 
 @pytest.mark.parametrize("arch", ARCHS)
