@@ -797,6 +797,7 @@ OOS_SEED_RUNS: dict[str, dict[int, str]] = {
     "lr3e-3": two_seeds("lr3e-3"),  # 21st
     "lr3e-4": two_seeds("lr3e-4"),  # 22nd
     "group_dro": two_seeds("group_dro"),  # 23rd
+    "wd5e-2": two_seeds("wd5e-2"),  # 24th
 }
 
 # The changes compared with the default over two seeds: what each is and its rule, "better"
@@ -824,6 +825,7 @@ TWO_SEED_CANDIDATES: dict[str, tuple[str, str, str]] = {
                "better", "default_xeon"),
     "group_dro": ("online group DRO over the binary strata (class x age group; Sagawa et al. "
                   "2020)", "better", "default_xeon"),
+    "wd5e-2": ("a binary AdamW weight decay of 0.05 instead of 1e-4", "better", "default_xeon"),
 }  # fmt: skip
 
 
