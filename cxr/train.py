@@ -82,7 +82,7 @@ class GroupDRO:
         n = len(self.weights)
         sums = torch.zeros(n, dtype=nll.dtype, device=nll.device).index_add(0, group, nll)
         counts = torch.bincount(group, minlength=n).to(nll.dtype)
-        means = sums / counts.clamp_min(1)  # a group absent from the batch: 0, weight unchanged
+        means = sums / counts.clamp_min(1)  # a group absent from the batch: 0, its factor 1
         q = self.weights * torch.exp(self.step * means.detach().double())
         self.weights = q / q.sum()
         return (self.weights.to(nll.dtype) * means).sum()
