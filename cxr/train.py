@@ -69,16 +69,20 @@ class GroupDRO:
     The weights stay on the device: no host sync per step.
     """
 
-    def __init__(self, weights: torch.Tensor, step: float = GROUP_DRO_STEP) -> None:
-        self.weights = weights.double()
+    def __init__(self, groups: torch.Tensor, weights: list[float] | None = None,
+                 step: float = GROUP_DRO_STEP, device: torch.device | str = "cpu") -> None:  # fmt: skip
+        """`groups`: every training row's group; `weights`: saved ones (default: uniform)."""
+        self.groups = groups.to(device)
+        n = int(groups.max()) + 1
+        self.weights = (torch.full((n,), 1.0 / n, dtype=torch.float64, device=device)
+                        if weights is None
+                        else torch.tensor(weights, dtype=torch.float64, device=device))  # fmt: skip
         self.step = step
 
-    @classmethod
-    def uniform(cls, groups: int, device: torch.device | str = "cpu") -> GroupDRO:
-        return cls(torch.full((groups,), 1.0 / groups, dtype=torch.float64, device=device))
-
-    def loss(self, nll: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
-        """The batch's loss from per-row losses `nll` and their groups; updates the weights."""
+    def loss(self, nll: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """The batch's loss from per-row losses `nll` of training rows `rows`; updates the
+        weights."""
+        group = self.groups[rows]
         n = len(self.weights)
         sums = torch.zeros(n, dtype=nll.dtype, device=nll.device).index_add(0, group, nll)
         counts = torch.bincount(group, minlength=n).to(nll.dtype)
@@ -237,7 +241,6 @@ def train_epoch(
     world: World | None = None,
     desc: str = "train",
     dro: GroupDRO | None = None,
-    groups: torch.Tensor | None = None,
 ) -> tuple[float, int, int]:
     """One pass over `batches` (rows of global batch indices); returns this rank's summed loss,
     correct and seen counts.
@@ -247,7 +250,7 @@ def train_epoch(
     augmentation of the whole global batch and keeps its part, so the shared generator advances
     alike on every rank and N processes draw exactly what one process draws. Loss and counts stay
     on the device: no host sync per step, only every few steps for the progress bar.
-    `dro` (with `groups`, the group of every row): the loss is group DRO's (one process only).
+    `dro`: the loss is group DRO's over its groups of the rows (one process only).
     """
     device = next(model.parameters()).device
     world = world or World(device=device)
@@ -255,7 +258,6 @@ def train_epoch(
     model.train()
     allowed = allowed.to(device)
     weights = weights.to(device) if weights is not None else None
-    groups = groups.to(device) if groups is not None else None
     total_loss = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
     count = 0
@@ -278,7 +280,7 @@ def train_epoch(
         with autocast(device):
             logits = model(x)
             if dro is not None:
-                loss = dro.loss(partial_label_nll(logits, y), groups[rows])
+                loss = dro.loss(partial_label_nll(logits, y), rows)
             else:
                 loss = partial_label_loss(logits.float(), y, w)
         if w is not None and world.distributed:
@@ -344,7 +346,6 @@ def train_model(
         val_allowed = one_hot(val_labels, num_classes)
     strata = np.asarray(train_labels if train_strata is None else train_strata)
     weights = sample_weights(strata) if p.balance == "weighted_loss" else None
-    groups = torch.from_numpy(strata.astype(np.int64)) if p.balance == "group_dro" else None
     steps = max(1, len(train_images) // p.batch_size)
     net = distributed.wrap(model, world, sync_batchnorm=p.sync_batchnorm)
     optimizer = make_optimizer(model, p)
@@ -361,10 +362,8 @@ def train_model(
                  loop.best.epoch if loop.best else "none")  # fmt: skip
     resumed_from, wall_before = loop.epoch, loop.wall_seconds
     dro = None
-    if groups is not None:
-        dro = GroupDRO.uniform(int(strata.max()) + 1, device)
-        if loop.dro_weights is not None:
-            dro.weights = torch.tensor(loop.dro_weights, dtype=torch.float64, device=device)
+    if p.balance == "group_dro":  # the groups are the balancing strata
+        dro = GroupDRO(torch.from_numpy(strata.astype(np.int64)), loop.dro_weights, device=device)
     if on_epoch:
         for res in loop.history:
             on_epoch(res)
@@ -389,7 +388,6 @@ def train_model(
             world=world,
             desc=f"{p.task} epoch {epoch}/{p.epochs}",
             dro=dro,
-            groups=groups,
         )
         total_loss, correct, count = distributed.sum_across(list(sums), world)
         distributed.sync_buffers(model, world)

@@ -309,16 +309,18 @@ def test_contrast_draw_changes_contrast():
 
 
 def test_group_dro_loss_weighs_groups_and_moves_towards_the_worst():
-    dro = GroupDRO.uniform(3, "cpu")
-    nll = torch.tensor([1.0, 3.0, 2.0, 2.0])  # groups 0 and 1: mean 2; group 2: absent (loss 0)
-    loss = dro.loss(nll, torch.tensor([0, 0, 1, 1]))
+    dro = GroupDRO(torch.tensor([0, 0, 1, 1, 2]))  # five training rows in three groups
+    nll = torch.tensor([1.0, 3.0, 2.0, 2.0])  # rows 0-3: groups 0 and 1 mean 2; group 2 absent
+    loss = dro.loss(nll, torch.tensor([0, 1, 2, 3]))
     q = torch.exp(torch.tensor([0.02, 0.02, 0.0], dtype=torch.float64))
     q = q / q.sum()
     torch.testing.assert_close(dro.weights, q)
     assert loss.item() == pytest.approx(float(q[0] * 2 + q[1] * 2))
     for _ in range(200):  # group 1 keeps losing more: its weight grows, the others' shrink
-        dro.loss(torch.tensor([0.1, 5.0]), torch.tensor([0, 1]))
+        dro.loss(torch.tensor([0.1, 5.0]), torch.tensor([0, 2]))
     assert dro.weights[1] > 0.9 and dro.weights.sum().item() == pytest.approx(1.0)
+    saved = GroupDRO(torch.tensor([0, 0, 1, 1, 2]), dro.weights.tolist())  # as a resume restores
+    torch.testing.assert_close(saved.weights, dro.weights)
 
 
 def test_group_dro_trains_otherwise_than_oversample_and_reports_its_weights():
