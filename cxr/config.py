@@ -25,6 +25,21 @@ LABELS = [*FOUR_CLASSES, *PARTIAL_LABELS]
 BINARY_CLASSES = ["non_covid", "covid"]
 # Columns `train_*.balance_by` may combine into balancing strata (see cxr.data.strata_for).
 BALANCE_BY = ("class", "age_group", "dataset")
+# Train keys added after recipes were first recorded (reports/oos), with what a recorded
+# recipe without them meant: the network saw the arrays' size, and no adversarial head.
+LATER_TRAIN_KEYS = {"input_size": None, "adversary": 0.0, "adversary_by": "dataset"}
+
+
+def as_recipe(section: str, values: dict[str, Any]) -> dict[str, Any]:
+    """A recorded params section made comparable with today's: a train section gains the keys
+    it predates, with the values their absence meant (LATER_TRAIN_KEYS)."""
+    part = dict(values or {})
+    if section.startswith("train_"):
+        for key, value in LATER_TRAIN_KEYS.items():
+            part.setdefault(key, value)
+    return part
+
+
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 
 
@@ -209,9 +224,15 @@ class TrainParams:
     # The network's input side in px; None = base.image_size (the arrays'). Smaller: the model
     # resizes the arrays itself (cxr.models.CXRNet), so both tasks share one split.
     input_size: int | None
+    # Weight of a class-conditional source-adversarial head (cxr.adversary; 0 = none): within
+    # each class, the features are trained not to tell the `adversary_by` sources apart.
+    adversary: float
+    adversary_by: Literal["dataset", "location", "country"]
 
     def validate(self) -> None:
         name = f"train_{self.task}"
+        require(finite(self.adversary) and self.adversary >= 0, f"{name}.adversary",
+                "a finite number >= 0 (0 = no source-adversarial head)", self.adversary)  # fmt: skip
         require(
             self.input_size is None or 16 <= self.input_size <= 1024,
             f"{name}.input_size",
@@ -267,6 +288,12 @@ class TrainParams:
             raise ParamsError(
                 f"{name}.balance: group_dro runs in one process; set {name}.processes to 1 "
                 f"(got {self.processes})"
+            )
+        if self.adversary > 0 and self.processes > 1:
+            # The head's features come from a hook on this process's forward only.
+            raise ParamsError(
+                f"{name}.adversary: the source-adversarial head runs in one process; set "
+                f"{name}.processes to 1 (got {self.processes})"
             )
         if not self.balance_by or set(self.balance_by) - set(BALANCE_BY):
             raise ParamsError(

@@ -236,6 +236,15 @@ def strata_for(table: pd.DataFrame, task: str, by: list[str]) -> np.ndarray:
     return np.unique(keys, return_inverse=True)[1].astype(np.int64)
 
 
+def adversary_targets(table: pd.DataFrame, task: str, by: str) -> tuple[np.ndarray, np.ndarray]:
+    """Per row, what the source-adversarial head (cxr.adversary) conditions on, its class (a row
+    of unknown type is a class of its own, as in `strata_for`), and what it predicts: its source,
+    the `by` column's value (an empty one is a source of its own)."""
+    sources = table[by].fillna("unknown").astype(str).to_numpy()
+    codes = np.unique(sources, return_inverse=True)[1].astype(np.int64)
+    return strata_for(table, task, ["class"]), codes
+
+
 def sample_weights(strata: np.ndarray) -> torch.Tensor:
     """Per-row loss weights 1/count(stratum), scaled so a balanced set has weight 1 everywhere."""
     counts = np.bincount(strata).astype(np.float64)

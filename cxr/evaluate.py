@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from cxr import metrics
-from cxr.config import BINARY_CLASSES, FOUR_CLASSES, EvaluateParams
+from cxr.config import BINARY_CLASSES, FOUR_CLASSES, EvaluateParams, as_recipe
 from cxr.data import allowed_classes, labels_for
 from cxr.infer import predict_proba
 from cxr.models import CheckpointError
@@ -115,7 +115,7 @@ def load_oos_point(path: Path, params: dict[str, Any]) -> dict[str, Any]:
         )
     point = json.loads(path.read_text())
     # The recipe as cxr.oos_params.recipe recorded it: params sections, with oos.epochs applied.
-    measured = point.get("recipe") or {}
+    measured = {s: as_recipe(s, v) for s, v in (point.get("recipe") or {}).items()}
     differs = [f"{s}.{k}: {measured[s].get(k)!r} there, {params.get(s, {}).get(k)!r} here"
                for s in measured for k in sorted({*measured[s], *params.get(s, {})})
                if measured[s].get(k) != params.get(s, {}).get(k)]  # fmt: skip

@@ -43,6 +43,8 @@ from typing import Any, NamedTuple
 
 import yaml
 
+from cxr.config import as_recipe
+
 ROOT = Path(__file__).resolve().parents[1]
 START = re.compile(r"^(?P<lead>.*?)<!-- metrics:start (?P<name>[a-z0-9-]+) -->\s*$")
 END = "<!-- metrics:end {name} -->"
@@ -233,12 +235,8 @@ OOS_FOUR_CLASS_XEON = "reports/oos/candidates/four_class_xeon"
 
 
 def recipe_part(params: dict, section: str) -> dict:
-    """A params section as a recipe: a train section written before `input_size` existed meant
-    what null means now (the network sees the arrays' size)."""
-    part = dict(params.get(section) or {})
-    if section.startswith("train_"):
-        part.setdefault("input_size", None)
-    return part
+    """A params section as a recipe, with the train keys it predates (cxr.config.as_recipe)."""
+    return as_recipe(section, params.get(section) or {})
 
 
 def oos_four_class(f: Files) -> dict | None:

@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from cxr import distributed
 from cxr import resume as resume_state
+from cxr.adversary import AdversaryRun, SourceAdversary
 from cxr.config import AugmentParams, TrainParams
 from cxr.data import (
     apply_affine,
@@ -102,6 +103,8 @@ class TrainResult:
     stopped_early: bool = False
     resumed_from: int = 0  # the last epoch a resume file had finished (0: a fresh start)
     group_weights: list[float] | None = None  # balance group_dro: the final weight per stratum
+    # adversary > 0: per epoch, the share of scored rows whose source the head told apart
+    adversary_accuracy: list[float | None] | None = None
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -117,7 +120,10 @@ class TrainResult:
             "wall_seconds": round(self.wall_seconds, 1),
             "train_images_per_second": round(self.train_images_per_second, 2),
         } | ({"group_dro_weights": [round(w, 4) for w in self.group_weights]}
-             if self.group_weights is not None else {})  # fmt: skip
+             if self.group_weights is not None else {}) | (
+            {"adversary_source_accuracy": [None if a is None else round(a, 4)
+                                           for a in self.adversary_accuracy]}
+            if self.adversary_accuracy is not None else {})  # fmt: skip
 
 
 @dataclass
@@ -134,6 +140,7 @@ class LoopState:
     train_time: float = 0.0
     wall_seconds: float = 0.0
     dro_weights: list[float] | None = None  # balance group_dro: the group weights so far
+    adversary_accuracy: list[float | None] | None = None  # adversary > 0: per epoch
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data for torch.save (weights_only-loadable)."""
@@ -148,6 +155,7 @@ class LoopState:
             "train_time": self.train_time,
             "wall_seconds": self.wall_seconds,
             "dro_weights": self.dro_weights,
+            "adversary_accuracy": self.adversary_accuracy,
         }
 
     @classmethod
@@ -157,6 +165,7 @@ class LoopState:
         keys = ("epoch", "best_state", "since_best", "stopped_early", "seen", "train_time",
                 "wall_seconds")  # fmt: skip
         return cls(history=history, best=best, dro_weights=d.get("dro_weights"),
+                   adversary_accuracy=d.get("adversary_accuracy"),
                    **{k: d[k] for k in keys})  # fmt: skip
 
 
@@ -241,6 +250,7 @@ def train_epoch(
     world: World | None = None,
     desc: str = "train",
     dro: GroupDRO | None = None,
+    adversary: AdversaryRun | None = None,
 ) -> tuple[float, int, int]:
     """One pass over `batches` (rows of global batch indices); returns this rank's summed loss,
     correct and seen counts.
@@ -251,6 +261,8 @@ def train_epoch(
     alike on every rank and N processes draw exactly what one process draws. Loss and counts stay
     on the device: no host sync per step, only every few steps for the progress bar.
     `dro`: the loss is group DRO's over its groups of the rows (one process only).
+    `adversary`: its head's loss on the batch's pooled features is added (one process only);
+    the returned loss is the task's alone.
     """
     device = next(model.parameters()).device
     world = world or World(device=device)
@@ -283,12 +295,14 @@ def train_epoch(
                 loss = dro.loss(partial_label_nll(logits, y), rows)
             else:
                 loss = partial_label_loss(logits.float(), y, w)
+            # The head learns its loss; the reversal gives the features the opposite.
+            objective = loss + adversary.loss(rows) if adversary is not None else loss
         if w is not None and world.distributed:
             # DDP averages the ranks' gradients; scaling each rank's weighted mean by its share
             # of the global batch's weight makes that average the global batch's weighted mean.
-            loss = loss * (w.sum() * world.size / weights[idx.to(device)].sum())
+            objective = loss = loss * (w.sum() * world.size / weights[idx.to(device)].sum())
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        objective.backward()
         optimizer.step()
         if scheduler is not None:
             scheduler.step()
@@ -324,6 +338,7 @@ def train_model(
     val_allowed: np.ndarray | None = None,
     world: World | None = None,
     resume: ResumeFile | None = None,
+    train_sources: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> TrainResult:
     """Train, select the best epoch on validation, and load those weights back into `model`.
 
@@ -333,6 +348,8 @@ def train_model(
     `world` (default: one process) says which rank this is; `p.batch_size` is the global batch.
     `resume`: save the loop's state there after every epoch and continue from a saved one;
     `on_epoch` then also sees the epochs restored from it, in order, before the new ones.
+    `train_sources` (needed when `p.adversary` > 0): every training row's class and source
+    (cxr.data.adversary_targets), what the source-adversarial head conditions on and predicts.
     The test split is not an argument: training cannot read it.
     """
     world = world or World()
@@ -348,14 +365,22 @@ def train_model(
     weights = sample_weights(strata) if p.balance == "weighted_loss" else None
     steps = max(1, len(train_images) // p.batch_size)
     net = distributed.wrap(model, world, sync_batchnorm=p.sync_batchnorm)
-    optimizer = make_optimizer(model, p)
+    head = None
+    if p.adversary > 0:
+        if train_sources is None:
+            raise ValueError(f"train_{p.task}.adversary > 0 needs every training row's source")
+        head = SourceAdversary(model.backbone.fc.in_features, *train_sources).to(device)
+    # The head trains with the network (same optimizer and schedule) and is saved with it in
+    # the resume file, never in the checkpoint; without one, exactly the network as before.
+    trained = model if head is None else nn.ModuleList([model, head])
+    optimizer = make_optimizer(trained, p)
     scheduler = make_scheduler(optimizer, p, steps)
     aug = p.augmentation()
     allowed_t = torch.from_numpy(np.asarray(train_allowed, dtype=bool))
 
     start = time.perf_counter()
     loop = LoopState()
-    state = resume_state.TrainingState(model, optimizer, scheduler, generator)
+    state = resume_state.TrainingState(trained, optimizer, scheduler, generator)
     if resume is not None and (saved := resume_state.restore_training(resume, world, state)):
         loop = LoopState.from_dict(saved)
         log.info("%s: resuming after epoch %d (best so far: epoch %s)", resume.path, loop.epoch,
@@ -364,6 +389,11 @@ def train_model(
     dro = None
     if p.balance == "group_dro":  # the groups are the balancing strata
         dro = GroupDRO(torch.from_numpy(strata.astype(np.int64)), loop.dro_weights, device=device)
+    adversary = None
+    if head is not None:
+        adversary = AdversaryRun(head, model.backbone.fc, p.adversary, p.epochs * steps,
+                                 step=loop.epoch * steps)  # fmt: skip
+        loop.adversary_accuracy = loop.adversary_accuracy or []
     if on_epoch:
         for res in loop.history:
             on_epoch(res)
@@ -388,6 +418,7 @@ def train_model(
             world=world,
             desc=f"{p.task} epoch {epoch}/{p.epochs}",
             dro=dro,
+            adversary=adversary,
         )
         total_loss, correct, count = distributed.sum_across(list(sums), world)
         distributed.sync_buffers(model, world)
@@ -407,6 +438,8 @@ def train_model(
         loop.epoch, loop.seen = epoch, loop.seen + int(count)
         if dro is not None:
             loop.dro_weights = dro.weights.cpu().tolist()
+        if adversary is not None:
+            loop.adversary_accuracy.append(adversary.epoch_accuracy())
         loop.train_time += epoch_train_time
         loop.history.append(res)
         log.info("%s epoch %d: %s", p.task, epoch, {k: round(v, 4) for k, v in asdict(res).items()})
@@ -429,6 +462,8 @@ def train_model(
         if loop.stopped_early:
             break
 
+    if adversary is not None:
+        adversary.close()
     model.load_state_dict(loop.best_state)
     distributed.plain_batchnorm(model)
     model.to("cpu").eval()
@@ -441,4 +476,5 @@ def train_model(
         stopped_early=loop.stopped_early,
         resumed_from=resumed_from,
         group_weights=loop.dro_weights,
+        adversary_accuracy=loop.adversary_accuracy,
     )

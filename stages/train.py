@@ -34,7 +34,13 @@ from cxr.config import (
     network_input,
     preprocessing,
 )
-from cxr.data import allowed_classes, labels_for, seed_everything, strata_for
+from cxr.data import (
+    adversary_targets,
+    allowed_classes,
+    labels_for,
+    seed_everything,
+    strata_for,
+)
 from cxr.distributed import World
 from cxr.infer import configure_cpu
 from cxr.lungs import crop_inputs, load_lung_masks
@@ -162,6 +168,8 @@ def main(argv: list[str] | None = None) -> None:
                 on_epoch=on_epoch,
                 world=world,
                 resume=resume_file(args.resume, args.data, args.lungs, base, p, world),
+                train_sources=(adversary_targets(train_table, p.task, p.adversary_by)
+                               if p.adversary else None),  # fmt: skip
             )
         if not world.is_main:
             return

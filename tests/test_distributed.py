@@ -381,13 +381,15 @@ class Interrupt(Exception):
 
 
 def resumable_run(resume: ResumeFile, stop_after: int | None = None, epochs: int = 3,
-                  balance: str = "oversample"):  # fmt: skip
+                  balance: str = "oversample", adversary: float = 0.0):  # fmt: skip
     """A deterministic single-process run (1 thread) with augmentation, oversampling and the
     one-cycle schedule, so every piece of state a resume must restore matters (with
-    `group_dro`, the group weights too)."""
+    `group_dro`, the group weights too; with `adversary`, the head and its ramp)."""
     torch.set_num_threads(1)
     images, labels = quadrant_set(N_TRAIN)
-    p = params(epochs=epochs, deterministic=True, schedule="onecycle", balance=balance)
+    p = params(epochs=epochs, deterministic=True, schedule="onecycle", balance=balance,
+               adversary=adversary)  # fmt: skip
+    sources = (labels, np.arange(N_TRAIN) // 4 % 2)  # two sources within each class
     gen = seed_everything(5, deterministic=True)
     model = build_model("resnet18", 4)
     last: dict[int, dict] = {}
@@ -399,7 +401,7 @@ def resumable_run(resume: ResumeFile, stop_after: int | None = None, epochs: int
 
     result = train_model(model, p, train_images=images, train_labels=labels,
                          val_images=images[:16], val_labels=labels[:16], generator=gen,
-                         on_epoch=on_epoch, resume=resume)  # fmt: skip
+                         on_epoch=on_epoch, resume=resume, train_sources=sources)  # fmt: skip
     return model, result, last
 
 
@@ -407,18 +409,20 @@ def same(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("balance", ["oversample", "group_dro"])
-def test_an_interrupted_run_resumes_to_bit_identical_weights(tmp_path, balance):
+@pytest.mark.parametrize("balance, adversary",
+                         [("oversample", 0.0), ("group_dro", 0.0), ("oversample", 1.0)])
+def test_an_interrupted_run_resumes_to_bit_identical_weights(tmp_path, balance, adversary):
     whole, whole_result, whole_last = resumable_run(ResumeFile(tmp_path / "a.pt", "fp"),
-                                                    balance=balance)  # fmt: skip
+                                                    balance=balance, adversary=adversary)  # fmt: skip
     assert whole_result.resumed_from == 0
     resume = ResumeFile(tmp_path / "b.pt", "fp")
     with pytest.raises(Interrupt):
-        resumable_run(resume, stop_after=1, balance=balance)
+        resumable_run(resume, stop_after=1, balance=balance, adversary=adversary)
     saved = torch.load(resume.path, weights_only=True)  # plain data only
     assert saved["loop"]["epoch"] == 1
-    model, result, last = resumable_run(resume, balance=balance)
+    model, result, last = resumable_run(resume, balance=balance, adversary=adversary)
     assert result.group_weights == whole_result.group_weights
+    assert result.adversary_accuracy == whole_result.adversary_accuracy
     assert result.resumed_from == 1 and len(result.history) == 3
     assert [asdict(h) | {"seconds": 0, "images_per_second": 0} for h in result.history] == [
         asdict(h) | {"seconds": 0, "images_per_second": 0} for h in whole_result.history

@@ -1,0 +1,114 @@
+"""The class-conditional source-adversarial head (train_<task>.adversary, cxr.adversary).
+
+Checked by hand (each bug made in the code, this file went red, then the code was restored):
+- the reversal's minus sign dropped (the features then help the head): test_reversal_*;
+- a class with a single source scored anyway: test_head_loss_*;
+- the head's loss not added to the objective: test_adversary_trains_otherwise_*;
+- the head left out of the resume file: the adversary case of
+  tests/test_distributed.py::test_an_interrupted_run_resumes_to_bit_identical_weights.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from cxr.adversary import SourceAdversary, ramp, reverse_grad
+from cxr.config import load_train_params
+from cxr.data import adversary_targets, seed_everything
+from cxr.models import build_model
+from cxr.params import ParamsError
+from cxr.train import train_model
+from tests.conftest import quadrant_set, repo_params, write_params
+
+NO_AUG = {"hflip": False, "degrees": 0.0, "translate": 0.0, "scale": [1.0, 1.0], "gamma": 0.0,
+          "contrast": 0.0, "brightness": 0.0, "sharpen": 0.0, "noise": 0.0, "cutout": 0.0}  # fmt: skip
+
+
+def params(**kw):
+    base = dict(arch="resnet18", epochs=2, batch_size=8, lr=3.0e-3, augment=NO_AUG,
+                schedule="constant", threads=1)  # fmt: skip
+    return repo_params("train_four_class", **(base | kw))
+
+
+def test_reversal_is_the_identity_forward_and_the_scaled_negative_backward():
+    x = torch.tensor([1.0, -2.0, 3.0], requires_grad=True)
+    y = reverse_grad(x, 0.5)
+    assert torch.equal(y, x.detach())
+    (y * torch.tensor([1.0, 2.0, 3.0])).sum().backward()
+    assert torch.equal(x.grad, torch.tensor([-0.5, -1.0, -1.5]))
+
+
+def test_ramp_starts_at_zero_and_rises_to_the_weight():
+    assert ramp(0.0, 0.3) == 0.0
+    assert ramp(0.5, 0.3) == pytest.approx(0.3 * (2 / (1 + math.exp(-5)) - 1))
+    assert 0.2999 < ramp(1.0, 0.3) <= 0.3
+    steps = [ramp(p / 10, 1.0) for p in range(11)]
+    assert steps == sorted(steps)
+
+
+def test_head_loss_is_cross_entropy_over_the_sources_each_class_holds():
+    # Class 0 has sources 0 and 1, class 1 only source 2: it is not scored.
+    head = SourceAdversary(4, conditions=np.array([0, 0, 1, 1]), sources=np.array([0, 1, 2, 2]))
+    features = torch.randn(4, 4)
+    loss, n, right = head.loss(features, torch.arange(4), scale=1.0)
+    assert int(n) == 2
+    logits = head.net(features).view(4, 2, 3)
+    class0 = logits[:2, 0, :2]  # class 0's logits for its own two sources
+    expected = torch.nn.functional.cross_entropy(class0, torch.tensor([0, 1]))
+    torch.testing.assert_close(loss, expected)
+    assert int(right) == int((class0.argmax(1) == torch.tensor([0, 1])).sum())
+    # A batch of the single-source class alone: nothing to learn, a zero loss.
+    loss, n, _ = head.loss(features[2:], torch.tensor([2, 3]), scale=1.0)
+    assert int(n) == 0 and loss.item() == 0.0
+
+
+def test_adversary_targets_condition_on_the_class_and_code_the_source():
+    table = pd.DataFrame({"label": ["covid", "normal", "pneumonia", "normal"],
+                          "dataset": ["a", "b", "b", None]})  # fmt: skip
+    classes, sources = adversary_targets(table, "four_class", "dataset")
+    assert classes[1] == classes[3] != classes[2]  # pneumonia: a class of its own
+    assert list(sources) == [0, 1, 1, 2]  # an empty source is one of its own ("unknown")
+
+
+def run(p, images, labels, sources):
+    torch.set_num_threads(1)
+    gen = seed_everything(0, p.deterministic)
+    model = build_model(p.arch, 4)
+    result = train_model(model, p, train_images=images, train_labels=labels,
+                         val_images=images[:8], val_labels=labels[:8], generator=gen,
+                         train_sources=(labels, sources))  # fmt: skip
+    return model, result
+
+
+def test_adversary_trains_otherwise_and_stays_out_of_the_checkpoint():
+    images, labels = quadrant_set(32)
+    sources = np.arange(32) // 4 % 2  # two sources within every class (labels cycle 0-3)
+    plain, plain_result = run(params(), images, labels, sources)
+    adv, adv_result = run(params(adversary=1.0), images, labels, sources)
+    assert plain.state_dict().keys() == adv.state_dict().keys()  # the head is not saved
+    assert any(not torch.equal(plain.state_dict()[k], v) for k, v in adv.state_dict().items())
+    accuracy = adv_result.summary()["adversary_source_accuracy"]
+    assert len(accuracy) == 2 and all(a is not None and 0.0 <= a <= 1.0 for a in accuracy)
+    assert "adversary_source_accuracy" not in plain_result.summary()
+
+
+def test_adversary_needs_sources_one_process_and_a_sane_weight():
+    images, labels = quadrant_set(16)
+    with pytest.raises(ValueError, match="needs every training row's source"):
+        train_model(build_model("resnet18", 4), params(adversary=1.0, epochs=1),
+                    train_images=images, train_labels=labels, val_images=images[:8],
+                    val_labels=labels[:8], generator=seed_everything(0))  # fmt: skip
+    with pytest.raises(ParamsError, match="head runs in one process"):
+        params(adversary=1.0, processes=2).validate()
+    with pytest.raises(ParamsError, match="adversary"):
+        params(adversary=-1.0).validate()
+
+def test_a_source_column_the_head_cannot_use_is_named(tmp_path):
+    path = write_params(tmp_path / "params.yaml", train_four_class={"adversary_by": "hospital"})
+    with pytest.raises(ParamsError, match="adversary_by"):
+        load_train_params(path, "train_four_class")
