@@ -1,4 +1,4 @@
-"""A class-conditional source-adversarial head (train_<task>.adversary), for training only.
+"""A conditional source-adversarial head (train_<task>.adversary), for training only.
 
 Domain-adversarial training (Ganin & Lempitsky, "Unsupervised Domain Adaptation by
 Backpropagation", ICML 2015; Ganin et al., JMLR 2016): a small head learns to tell the sources
@@ -6,9 +6,10 @@ apart from the network's pooled features, and a gradient-reversal layer hands th
 extractor the opposite of the head's gradient, so the features lose what tells the sources apart.
 Here the sources and the classes are confounded (every COVID-19 film is an adult's, most normals
 are Kermany's children), so an unconditional head would also strip the class; the head is
-therefore conditioned on the class (one set of source logits per class, as in Li et al., "Deep
-Domain Generalization via Conditional Invariant Adversarial Networks", ECCV 2018): within a
-class, a film's source should not show. Classes with a single source teach it nothing and are
+therefore conditioned on a stratum, the class by default (one set of source logits per
+stratum, as in Li et al., "Deep Domain Generalization via Conditional Invariant Adversarial
+Networks", ECCV 2018; `adversary_within` may add the age group or use the finding): within a
+stratum, a film's source should not show. Strata with a single source teach it nothing and are
 left out of its loss.
 
 The head is not part of the saved model: predict, evaluate and Grad-CAM never see it.
@@ -50,7 +51,7 @@ def ramp(progress: float, weight: float) -> float:
 
 
 class SourceAdversary(nn.Module):
-    """The head, with every training row's class (`conditions`) and source (`sources`)."""
+    """The head, with every training row's stratum (`conditions`) and source (`sources`)."""
 
     def __init__(self, features: int, conditions: np.ndarray, sources: np.ndarray) -> None:
         super().__init__()
@@ -70,12 +71,12 @@ class SourceAdversary(nn.Module):
 
     def loss(self, features: torch.Tensor, rows: torch.Tensor, scale: float
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
-        """The head's cross-entropy on training rows `rows`, over the sources its class holds,
+        """The head's cross-entropy on training rows `rows`, over the sources its stratum holds,
         behind a reversal of `scale`; with the number of rows it scored and how many it got
         right (its accuracy says how much source the features still carry)."""
         cond, src = self.conditions[rows], self.sources[rows]
         allowed = self.present[cond]
-        scored = allowed.sum(1) > 1  # a class with one source: nothing to tell apart
+        scored = allowed.sum(1) > 1  # a stratum with one source: nothing to tell apart
         logits = self.net(reverse_grad(features.float(), scale))
         logits = logits.view(len(rows), self.n_cond, self.n_src)
         logits = logits[torch.arange(len(rows), device=logits.device), cond]

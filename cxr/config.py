@@ -25,9 +25,13 @@ LABELS = [*FOUR_CLASSES, *PARTIAL_LABELS]
 BINARY_CLASSES = ["non_covid", "covid"]
 # Columns `train_*.balance_by` may combine into balancing strata (see cxr.data.strata_for).
 BALANCE_BY = ("class", "age_group", "dataset")
+# What the adversarial head conditions on: `label` is sources.csv's finding (covid, normal,
+# pneumonia, viral, bacterial), finer than the binary task's class.
+ADVERSARY_WITHIN = ("class", "age_group", "label")
 # Train keys added after recipes were first recorded (reports/oos), with what a recorded
 # recipe without them meant: the network saw the arrays' size, and no adversarial head.
-LATER_TRAIN_KEYS = {"input_size": None, "adversary": 0.0, "adversary_by": "dataset"}
+LATER_TRAIN_KEYS = {"input_size": None, "adversary": 0.0, "adversary_by": "dataset",
+                    "adversary_within": ["class"]}
 
 
 def as_recipe(section: str, values: dict[str, Any]) -> dict[str, Any]:
@@ -228,6 +232,7 @@ class TrainParams:
     # each class, the features are trained not to tell the `adversary_by` sources apart.
     adversary: float
     adversary_by: Literal["dataset", "location", "country"]
+    adversary_within: list[str]  # the strata it conditions on: some of ADVERSARY_WITHIN
 
     def validate(self) -> None:
         name = f"train_{self.task}"
@@ -294,6 +299,11 @@ class TrainParams:
             raise ParamsError(
                 f"{name}.adversary: the source-adversarial head runs in one process; set "
                 f"{name}.processes to 1 (got {self.processes})"
+            )
+        if not self.adversary_within or set(self.adversary_within) - set(ADVERSARY_WITHIN):
+            raise ParamsError(
+                f"{name}.adversary_within must list some of {list(ADVERSARY_WITHIN)}, "
+                f"got {self.adversary_within}"
             )
         if not self.balance_by or set(self.balance_by) - set(BALANCE_BY):
             raise ParamsError(

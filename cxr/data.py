@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch.utils.data import WeightedRandomSampler
 
 from cxr.config import (
+    ADVERSARY_WITHIN,
     BALANCE_BY,
     BINARY_CLASSES,
     FOUR_CLASSES,
@@ -213,17 +214,19 @@ def apply_photometric(x: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tens
     return x.clamp(0.0, 1.0).contiguous(memory_format=torch.channels_last)
 
 
-def strata_for(table: pd.DataFrame, task: str, by: list[str]) -> np.ndarray:
+def strata_for(table: pd.DataFrame, task: str, by: list[str],
+               allowed: tuple[str, ...] = BALANCE_BY) -> np.ndarray:  # fmt: skip
     """Integer stratum per row for class balancing: the combination of the `by` columns.
 
     `class` is the task's class (binary: covid / non_covid), except that a row of unknown type
     (`pneumonia`) is a stratum of its own in the four-class task: it belongs to no single class.
     With `age_group` added, adult and pediatric images of one class are balanced separately, so
     the few adult non-COVID images are drawn as often as the adult COVID-19 ones (binary).
+    Any other key of `allowed` is a column of the table.
     """
-    unknown = sorted(set(by) - set(BALANCE_BY))
+    unknown = sorted(set(by) - set(allowed))
     if unknown or not by:
-        raise ValueError(f"balance_by must list some of {list(BALANCE_BY)}, got {by}")
+        raise ValueError(f"strata must list some of {list(allowed)}, got {by}")
     columns = []
     for key in by:
         if key == "class":
@@ -236,13 +239,15 @@ def strata_for(table: pd.DataFrame, task: str, by: list[str]) -> np.ndarray:
     return np.unique(keys, return_inverse=True)[1].astype(np.int64)
 
 
-def adversary_targets(table: pd.DataFrame, task: str, by: str) -> tuple[np.ndarray, np.ndarray]:
-    """Per row, what the source-adversarial head (cxr.adversary) conditions on, its class (a row
-    of unknown type is a class of its own, as in `strata_for`), and what it predicts: its source,
-    the `by` column's value (an empty one is a source of its own)."""
+def adversary_targets(table: pd.DataFrame, task: str, by: str, within: list[str]
+                      ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """Per row, what the source-adversarial head (cxr.adversary) conditions on, its stratum of
+    the `within` columns (`class` as in `strata_for`: a row of unknown type is a class of its
+    own), and what it predicts: its source, the `by` column's value (an empty one is a source of
+    its own)."""
     sources = table[by].fillna("unknown").astype(str).to_numpy()
     codes = np.unique(sources, return_inverse=True)[1].astype(np.int64)
-    return strata_for(table, task, ["class"]), codes
+    return strata_for(table, task, within, ADVERSARY_WITHIN), codes
 
 
 def sample_weights(strata: np.ndarray) -> torch.Tensor:

@@ -251,12 +251,20 @@ def step_group_split(work: Path, n: int, args: argparse.Namespace) -> dict[str, 
 def step_train(work: Path, n: int, args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
+    from cxr.adversary import AdversaryRun, SourceAdversary
     from cxr.arrays import load_split
     from cxr.config import load_base, load_train_params, network_input
-    from cxr.data import allowed_classes, epoch_order, sample_weights, seed_everything, strata_for
+    from cxr.data import (
+        adversary_targets,
+        allowed_classes,
+        epoch_order,
+        sample_weights,
+        seed_everything,
+        strata_for,
+    )
     from cxr.infer import configure_cpu, pick_device
     from cxr.models import build_model
-    from cxr.train import make_optimizer, make_scheduler, train_epoch
+    from cxr.train import GroupDRO, make_optimizer, make_scheduler, train_epoch
 
     base, p = load_base(args.params), load_train_params(args.params, "train_binary")
     generator = seed_everything(base.seed, p.deterministic)
@@ -269,11 +277,21 @@ def step_train(work: Path, n: int, args: argparse.Namespace) -> dict[str, Any]:
     model.to(device).to(memory_format=torch.channels_last)
     strata = strata_for(table, p.task, p.balance_by)
     steps = max(1, len(images) // p.batch_size)  # as train_model: drop_last
-    optimizer = make_optimizer(model, p)
+    # The step as train_model takes it: group DRO's loss and the adversarial head when set.
+    head = None
+    if p.adversary > 0:
+        head = SourceAdversary(model.backbone.fc.in_features,
+                               *adversary_targets(table, p.task, p.adversary_by,
+                                                  p.adversary_within)).to(device)  # fmt: skip
+    optimizer = make_optimizer(model if head is None else torch.nn.ModuleList([model, head]), p)
     kwargs = dict(
         weights=sample_weights(strata) if p.balance == "weighted_loss" else None,
         optimizer=optimizer, scheduler=make_scheduler(optimizer, p, steps),
         aug=p.augmentation(), generator=generator,
+        dro=(GroupDRO(torch.from_numpy(strata), device=device)
+             if p.balance == "group_dro" else None),
+        adversary=(AdversaryRun(head, model.backbone.fc, p.adversary, p.epochs * steps)
+                   if head is not None else None),
     )  # fmt: skip
     allowed = torch.from_numpy(allowed_classes(table, p.task))
     start = time.perf_counter()
@@ -299,7 +317,10 @@ def step_train(work: Path, n: int, args: argparse.Namespace) -> dict[str, Any]:
         "train_epoch_min": (order_s + steps * p.batch_size / rate) / 60,
         "train_threads": threads,
         "train_device": where,
-        "train_model": f"{p.arch} {network_input(base, p)} px batch {p.batch_size}",
+        "train_model": f"{p.arch} {network_input(base, p)} px batch {p.batch_size}" + "".join(
+            f", {name}" for name, on in (("group DRO", kwargs["dro"]),
+                                         (f"adversary {p.adversary:g}", kwargs["adversary"]))
+            if on is not None),  # fmt: skip
     }
 
 

@@ -110,7 +110,8 @@ def fit(
         train_allowed=allowed_classes(tr, p.task), train_strata=strata_for(tr, p.task, p.balance_by),
         val_images=images[val], val_labels=labels_for(va, p.task),
         val_allowed=allowed_classes(va, p.task), generator=generator,
-        train_sources=adversary_targets(tr, p.task, p.adversary_by) if p.adversary else None,
+        train_sources=(adversary_targets(tr, p.task, p.adversary_by, p.adversary_within)
+                       if p.adversary else None),
     )  # fmt: skip
     summary = result.summary() | {"train_images": len(tr), "val_images": len(va),
                                   "wall_seconds": round(time.perf_counter() - start, 1)}  # fmt: skip

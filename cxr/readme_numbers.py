@@ -232,6 +232,8 @@ OOS_FOUR_CLASS = "reports/oos/four_class"  # the four-class folds (oos.tasks [fo
 # The same fold and recipe trained on the Intel Xeon instead of the AMD EPYC Zen 1 (the eleventh
 # amendment's "128 px" run, 112 px after all: RULE.md thirteenth amendment).
 OOS_FOUR_CLASS_XEON = "reports/oos/candidates/four_class_xeon"
+# The same fold on the Xeon with the source-adversarial head (RULE.md twenty-sixth amendment).
+OOS_FOUR_CLASS_ADVERSARY = "reports/oos/candidates/adversary_four_class"
 
 
 def recipe_part(params: dict, section: str) -> dict:
@@ -796,6 +798,7 @@ OOS_SEED_RUNS: dict[str, dict[int, str]] = {
     "lr3e-4": two_seeds("lr3e-4"),  # 22nd
     "group_dro": two_seeds("group_dro"),  # 23rd
     "wd5e-2": two_seeds("wd5e-2"),  # 24th
+    "adversary": two_seeds("adversary"),  # 25th
 }
 
 # The changes compared with the default over two seeds: what each is and its rule, "better"
@@ -824,6 +827,8 @@ TWO_SEED_CANDIDATES: dict[str, tuple[str, str, str]] = {
     "group_dro": ("online group DRO over the binary strata (class x age group; Sagawa et al. "
                   "2020)", "better", "default_xeon"),
     "wd5e-2": ("a binary AdamW weight decay of 0.05 instead of 1e-4", "better", "default_xeon"),
+    "adversary": ("a class-conditional source-adversarial head (binary, weight 1; Ganin et al. "
+                  "2016)", "better", "default_xeon"),
 }  # fmt: skip
 
 
@@ -1138,7 +1143,7 @@ def oos_four_class_calls(f: Files) -> list[str]:
     """docs/validation.md: the four-class fold's calls on held-out adult films: the 112 px fold
     model (AMD EPYC Zen 1) alone and with each set of test-time views
     (reports/oos/four_class/[tta/<name>/]results.json), and the same recipe trained on the Intel
-    Xeon (OOS_FOUR_CLASS_XEON)."""
+    Xeon (OOS_FOUR_CLASS_XEON), without and with the adversarial head (OOS_FOUR_CLASS_ADVERSARY)."""
     runs = [("plain film, Zen 1", f"{OOS_FOUR_CLASS}/results.json")]
     runs += [(f"+ TTA `{name}`, Zen 1", f"{OOS_FOUR_CLASS}/tta/{name}/results.json")
              for name in OOS_TTA
@@ -1146,6 +1151,9 @@ def oos_four_class_calls(f: Files) -> list[str]:
     if (f.root / OOS_FOUR_CLASS_XEON / "results.json").exists():
         runs.append(("plain film, Xeon (RULE.md eleventh, thirteenth amendments)",
                      f"{OOS_FOUR_CLASS_XEON}/results.json"))  # fmt: skip
+    if (f.root / OOS_FOUR_CLASS_ADVERSARY / "results.json").exists():
+        runs.append(("+ source-adversarial head, Xeon (twenty-sixth amendment)",
+                     f"{OOS_FOUR_CLASS_ADVERSARY}/results.json"))  # fmt: skip
     rows = []
     for label, path in runs:
         for key, r in f.load(path)["pooled"]["four_class"].items():

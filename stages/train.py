@@ -168,7 +168,8 @@ def main(argv: list[str] | None = None) -> None:
                 on_epoch=on_epoch,
                 world=world,
                 resume=resume_file(args.resume, args.data, args.lungs, base, p, world),
-                train_sources=(adversary_targets(train_table, p.task, p.adversary_by)
+                train_sources=(adversary_targets(train_table, p.task, p.adversary_by,
+                                                 p.adversary_within)
                                if p.adversary else None),  # fmt: skip
             )
         if not world.is_main:

@@ -1,7 +1,8 @@
 """The class-conditional source-adversarial head (train_<task>.adversary, cxr.adversary).
 
 Checked by hand (each bug made in the code, this file went red, then the code was restored):
-- the reversal's minus sign dropped (the features then help the head): test_reversal_*;
+- the reversal's minus sign dropped (the features then help the head): test_reversal_is_*
+  and test_the_reversal_takes_* (the head reads the marker);
 - a class with a single source scored anyway: test_head_loss_*;
 - the head's loss not added to the objective: test_adversary_trains_otherwise_*;
 - the head left out of the resume file: the adversary case of
@@ -67,12 +68,16 @@ def test_head_loss_is_cross_entropy_over_the_sources_each_class_holds():
     assert int(n) == 0 and loss.item() == 0.0
 
 
-def test_adversary_targets_condition_on_the_class_and_code_the_source():
-    table = pd.DataFrame({"label": ["covid", "normal", "pneumonia", "normal"],
-                          "dataset": ["a", "b", "b", None]})  # fmt: skip
-    classes, sources = adversary_targets(table, "four_class", "dataset")
-    assert classes[1] == classes[3] != classes[2]  # pneumonia: a class of its own
-    assert list(sources) == [0, 1, 1, 2]  # an empty source is one of its own ("unknown")
+def test_adversary_targets_condition_on_the_strata_and_code_the_source():
+    table = pd.DataFrame({"label": ["covid", "normal", "pneumonia", "normal", "normal"],
+                          "age_group": ["adult", "adult", "adult", "adult", "pediatric"],
+                          "dataset": ["a", "b", "b", None, "c"]})  # fmt: skip
+    classes, sources = adversary_targets(table, "four_class", "dataset", ["class"])
+    assert classes[1] == classes[3] == classes[4] != classes[2]  # pneumonia: a class of its own
+    assert list(sources) == [0, 1, 1, 3, 2]  # an empty source is one of its own ("unknown")
+    strata, _ = adversary_targets(table, "binary", "dataset", ["label", "age_group"])
+    assert strata[1] == strata[3] != strata[4]  # adult and pediatric normals apart
+    assert len({strata[0], strata[1], strata[2]}) == 3  # binary classes split by finding
 
 
 def run(p, images, labels, sources):
@@ -108,7 +113,23 @@ def test_adversary_needs_sources_one_process_and_a_sane_weight():
     with pytest.raises(ParamsError, match="adversary"):
         params(adversary=-1.0).validate()
 
-def test_a_source_column_the_head_cannot_use_is_named(tmp_path):
-    path = write_params(tmp_path / "params.yaml", train_four_class={"adversary_by": "hospital"})
-    with pytest.raises(ParamsError, match="adversary_by"):
+@pytest.mark.parametrize("key, value", [("adversary_by", "hospital"),
+                                        ("adversary_within", ["class", "dataset"]),
+                                        ("adversary_within", [])])
+def test_a_source_or_stratum_the_head_cannot_use_is_named(tmp_path, key, value):
+    path = write_params(tmp_path / "params.yaml", train_four_class={key: value})
+    with pytest.raises(ParamsError, match=key):
         load_train_params(path, "train_four_class")
+
+
+def test_the_reversal_takes_a_source_marker_out_of_the_features():
+    # Half of each class carries a bright corner, its source's mark. With a reversal too weak
+    # to matter the head learns to read it; at weight 1 the features stop carrying it.
+    images, labels = quadrant_set(64)
+    sources = np.arange(64) // 4 % 2
+    images[sources == 1, :4, :4] = 255
+    p = dict(epochs=6, schedule="onecycle")
+    _, free = run(params(adversary=1e-6, **p), images, labels, sources)
+    _, reversed_ = run(params(adversary=1.0, **p), images, labels, sources)
+    assert free.adversary_accuracy[-1] > 0.8
+    assert reversed_.adversary_accuracy[-1] < 0.6

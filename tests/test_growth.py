@@ -73,9 +73,11 @@ def test_a_smaller_size_is_the_first_rows_of_a_larger_one() -> None:
 def test_report_has_every_number_for_every_size(tmp_path: Path) -> None:
     """End to end at two tiny sizes (32 px model, batch 8): every step runs in its own process
     and the JSON and the Markdown table hold a positive number in every column for every size.
-    Watched red (session 17): with the per-size arrays left behind (growth's rmtree skipped)."""
+    Watched red (session 17): with the per-size arrays left behind (growth's rmtree skipped);
+    (session 20) with group DRO and the adversarial head left out of the timed step."""
     params = write_params(tmp_path / "params.yaml", base={"image_size": 32},
-                          train_binary={"batch_size": 8, "threads": 1})  # fmt: skip
+                          train_binary={"batch_size": 8, "threads": 1, "balance": "group_dro",
+                                        "adversary": 0.5})  # fmt: skip
     out = tmp_path / "reports" / "growth.json"
     growth.main(["--sizes", "40,64", "--out", str(out), "--params", str(params),
                  "--px", str(PX), "--train-batches", "2", "--warmup-batches", "1",
@@ -89,6 +91,9 @@ def test_report_has_every_number_for_every_size(tmp_path: Path) -> None:
             assert size[key] > 0, (size["n"], key)
         assert size["pairs_found"] == size["pairs_planted"] == 2
         assert size["train_timed_batches"] == 2 and size["predict_films"] == 4
+        # the step trains as train_model would with these params (session 20: it used to
+        # time the plain loss whatever `balance` said)
+        assert size["train_model"].endswith("batch 8, group DRO, adversary 0.5")
     assert report["cpu"]["model"] and report["cpu"]["cores"] >= 1
     assert "--sizes 40,64" in report["command"]
     lines = out.with_suffix(".md").read_text().splitlines()
