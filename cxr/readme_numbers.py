@@ -225,7 +225,8 @@ def oos_is_committed_recipe(f: Files) -> bool:
     """Whether the committed OOS folds were trained with params.yaml's recipe: the one
     recorded beside their operating point (cxr/oos_params.py recipe), as evaluate checks it."""
     recipe, params = f.load("reports/oos/operating_point.json").get("recipe"), f.load("params.yaml")
-    return bool(recipe) and all(recipe[name] == params.get(name) for name in recipe)
+    return bool(recipe) and all(recipe_part(recipe, name) == recipe_part(params, name)
+                                for name in recipe)  # fmt: skip
 
 
 OOS_FOUR_CLASS = "reports/oos/four_class"  # the four-class folds (oos.tasks [four_class])
@@ -799,6 +800,7 @@ OOS_SEED_RUNS: dict[str, dict[int, str]] = {
     "group_dro": two_seeds("group_dro"),  # 23rd
     "wd5e-2": two_seeds("wd5e-2"),  # 24th
     "adversary": two_seeds("adversary"),  # 25th
+    "adversary_place": two_seeds("adversary_place"),  # 27th
 }
 
 # The changes compared with the default over two seeds: what each is and its rule, "better"
@@ -829,6 +831,8 @@ TWO_SEED_CANDIDATES: dict[str, tuple[str, str, str]] = {
     "wd5e-2": ("a binary AdamW weight decay of 0.05 instead of 1e-4", "better", "default_xeon"),
     "adversary": ("a class-conditional source-adversarial head (binary, weight 1; Ganin et al. "
                   "2016)", "better", "default_xeon"),
+    "adversary_place": ("the same head asked only the place, within one finding and age group",
+                        "better", "default_xeon"),
 }  # fmt: skip
 
 

@@ -348,7 +348,7 @@ def train_model(
     `world` (default: one process) says which rank this is; `p.batch_size` is the global batch.
     `resume`: save the loop's state there after every epoch and continue from a saved one;
     `on_epoch` then also sees the epochs restored from it, in order, before the new ones.
-    `train_sources` (needed when `p.adversary` > 0): every training row's class and source
+    `train_sources` (needed when `p.adversary` > 0): every training row's stratum and source
     (cxr.data.adversary_targets), what the source-adversarial head conditions on and predicts.
     The test split is not an argument: training cannot read it.
     """

@@ -444,20 +444,25 @@ def test_pooled_auc_splits_into_same_place_and_cross_place_pairs(tmp_path):
 
 def test_four_class_calls_add_the_xeon_run_when_it_exists(tmp_path):
     """docs/validation.md's four-class table: the Xeon run of the 112 px recipe (RULE.md
-    eleventh and thirteenth amendments) is a row pair of its own, from its own results. Watched
-    red with the row read from the Zen 1 run's results."""
+    eleventh and thirteenth amendments) is a row pair of its own, from its own results, and so
+    is the run with the adversarial head (twenty-sixth). Watched red with the row read from the
+    Zen 1 run's results."""
     root = copy_committed_files(tmp_path)
-    folder = root / rn.OOS_FOUR_CLASS_XEON
+    folder, adversary = root / rn.OOS_FOUR_CLASS_XEON, root / rn.OOS_FOUR_CLASS_ADVERSARY
     shutil.rmtree(folder, ignore_errors=True)
+    shutil.rmtree(adversary, ignore_errors=True)
     lines = rn.oos_four_class_calls(rn.Files(root))[2:]
     assert not any("Xeon" in line.split(" | ")[0] for line in lines)
-    calls = {"adult_normal": {"n": 642, "covid": 0.01, "viral": 0.2, "bacterial": 0.09,
-                              "normal": 0.7}}  # fmt: skip
-    folder.mkdir(parents=True)
-    (folder / "results.json").write_text(json.dumps({"pooled": {"four_class": calls}}))
+    for where, normal in ((folder, 0.7), (adversary, 0.5)):
+        calls = {"adult_normal": {"n": 642, "covid": 0.01, "viral": 0.2, "bacterial": 0.09,
+                                  "normal": normal}}  # fmt: skip
+        where.mkdir(parents=True)
+        (where / "results.json").write_text(json.dumps({"pooled": {"four_class": calls}}))
     rows = [r for r in rn.oos_four_class_calls(rn.Files(root)) if "Xeon" in r]
     assert rows == ["| plain film, Xeon (RULE.md eleventh, thirteenth amendments) | adult normal "
-                    "(642) | 70.0% | 20.0% | 9.0% | 1.0% |"]  # fmt: skip
+                    "(642) | 70.0% | 20.0% | 9.0% | 1.0% |",
+                    "| + source-adversarial head, Xeon (twenty-sixth amendment) | adult normal "
+                    "(642) | 50.0% | 20.0% | 9.0% | 1.0% |"]  # fmt: skip
 
 
 def test_lung_limits_text_says_whether_the_false_flags_are_under_the_1_percent(tmp_path):
