@@ -614,3 +614,24 @@ def test_stage_takes_an_ensemble_manifest_wherever_a_checkpoint_goes(workdir):
     accuracy = float(np.mean(prob.argmax(1) == y))
     assert got["test"]["accuracy"] == pytest.approx(accuracy)
     assert (workdir / "metrics" / "binary.json").read_text() != single
+
+
+def test_an_oos_recipe_recorded_before_later_train_keys_still_matches(tmp_path):
+    """A recorded recipe without the train keys added since (input_size, adversary*) meant
+    their defaults: accepted for today's params; a changed value is refused. Watched red
+    (session 20) with the recorded sections compared as they are."""
+    from cxr.evaluate import load_oos_point
+    from cxr.params import ParamsError
+    from tests.conftest import PARAMS
+
+    params = yaml.safe_load(PARAMS.read_text())
+    recipe = {s: dict(params[s]) for s in ("base", "split", "train_binary")}
+    for key in ("input_size", "adversary", "adversary_by", "adversary_within"):
+        recipe["train_binary"].pop(key)
+    path = tmp_path / "operating_point.json"
+    path.write_text(json.dumps({"threshold": 0.5, "recipe": recipe}))
+    assert load_oos_point(path, params)["threshold"] == 0.5
+    recipe["train_binary"]["adversary"] = 1.0  # a head the params do not have
+    path.write_text(json.dumps({"threshold": 0.5, "recipe": recipe}))
+    with pytest.raises(ParamsError, match="train_binary.adversary"):
+        load_oos_point(path, params)

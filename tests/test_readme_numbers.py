@@ -529,3 +529,19 @@ def test_ensemble_row_pools_the_ensemble_and_each_member_on_every_fold(tmp_path)
     row = rn.ensemble_xeon_row(files, rn.two_seed_pooled(files)[1]["default_xeon"])
     assert row[2] == "1.000 vs 0.750 (seed 42) and 0.750 (seed 43)"
     assert row[3].startswith("better by the rule (+0.250")
+
+
+def test_a_recipe_recorded_before_a_train_key_existed_is_still_the_committed_one(tmp_path):
+    """The operating point's recipe predates some train keys (input_size, adversary*): absent,
+    they meant today's defaults, as evaluate reads them; a changed value is another recipe.
+    Watched red (session 20) with the sections compared as recorded."""
+    root = copy_committed_files(tmp_path)
+    path = root / "reports" / "oos" / "operating_point.json"
+    point = json.loads(path.read_text())
+    for key in ("input_size", "adversary", "adversary_by", "adversary_within"):
+        point["recipe"]["train_binary"].pop(key)
+    path.write_text(json.dumps(point))
+    assert rn.oos_is_committed_recipe(rn.Files(root))
+    point["recipe"]["train_binary"]["epochs"] += 1
+    path.write_text(json.dumps(point))
+    assert not rn.oos_is_committed_recipe(rn.Files(root))
