@@ -228,8 +228,9 @@ class TrainParams:
     # The network's input side in px; None = base.image_size (the arrays'). Smaller: the model
     # resizes the arrays itself (cxr.models.CXRNet), so both tasks share one split.
     input_size: int | None
-    # Weight of a class-conditional source-adversarial head (cxr.adversary; 0 = none): within
-    # each class, the features are trained not to tell the `adversary_by` sources apart.
+    # Weight of a conditional source-adversarial head (cxr.adversary; 0 = none): within each
+    # `adversary_within` stratum, the features are trained not to tell the `adversary_by`
+    # sources apart.
     adversary: float
     adversary_by: Literal["dataset", "location", "country"]
     adversary_within: list[str]  # the strata it conditions on: some of ADVERSARY_WITHIN
