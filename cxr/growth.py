@@ -251,7 +251,7 @@ def step_group_split(work: Path, n: int, args: argparse.Namespace) -> dict[str, 
 def step_train(work: Path, n: int, args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from cxr.adversary import AdversaryRun, SourceAdversary
+    from cxr.adversary import AdversaryRun
     from cxr.arrays import load_split
     from cxr.config import load_base, load_train_params, network_input
     from cxr.data import (
@@ -264,7 +264,14 @@ def step_train(work: Path, n: int, args: argparse.Namespace) -> dict[str, Any]:
     )
     from cxr.infer import configure_cpu, pick_device
     from cxr.models import build_model
-    from cxr.train import GroupDRO, make_optimizer, make_scheduler, train_epoch
+    from cxr.train import (
+        GroupDRO,
+        adversary_head,
+        make_optimizer,
+        make_scheduler,
+        train_epoch,
+        trained_modules,
+    )
 
     base, p = load_base(args.params), load_train_params(args.params, "train_binary")
     generator = seed_everything(base.seed, p.deterministic)
@@ -278,12 +285,10 @@ def step_train(work: Path, n: int, args: argparse.Namespace) -> dict[str, Any]:
     strata = strata_for(table, p.task, p.balance_by)
     steps = max(1, len(images) // p.batch_size)  # as train_model: drop_last
     # The step as train_model takes it: group DRO's loss and the adversarial head when set.
-    head = None
-    if p.adversary > 0:
-        head = SourceAdversary(model.backbone.fc.in_features,
-                               *adversary_targets(table, p.task, p.adversary_by,
-                                                  p.adversary_within)).to(device)  # fmt: skip
-    optimizer = make_optimizer(model if head is None else torch.nn.ModuleList([model, head]), p)
+    sources = (adversary_targets(table, p.task, p.adversary_by, p.adversary_within)
+               if p.adversary else None)  # fmt: skip
+    head = adversary_head(model, p, sources, device)
+    optimizer = make_optimizer(trained_modules(model, head), p)
     kwargs = dict(
         weights=sample_weights(strata) if p.balance == "weighted_loss" else None,
         optimizer=optimizer, scheduler=make_scheduler(optimizer, p, steps),

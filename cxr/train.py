@@ -195,6 +195,24 @@ def make_optimizer(model: nn.Module, p: TrainParams) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=p.lr, fused=True)
 
 
+def adversary_head(model: CXRNet, p: TrainParams,
+                   sources: tuple[np.ndarray, np.ndarray] | None,
+                   device: torch.device | str) -> SourceAdversary | None:  # fmt: skip
+    """The source-adversarial head `p` asks for, on `device` (None when `p.adversary` is 0);
+    `sources`: every training row's stratum and source (cxr.data.adversary_targets)."""
+    if p.adversary == 0:
+        return None
+    if sources is None:
+        raise ValueError(f"train_{p.task}.adversary > 0 needs every training row's source")
+    return SourceAdversary(model.backbone.fc.in_features, *sources).to(device)
+
+
+def trained_modules(model: nn.Module, head: SourceAdversary | None) -> nn.Module:
+    """What the optimizer and the resume file hold: the network, and the head beside it (it
+    trains with the same optimizer and schedule, and never goes into the checkpoint)."""
+    return model if head is None else nn.ModuleList([model, head])
+
+
 def make_scheduler(
     optimizer: torch.optim.Optimizer, p: TrainParams, steps_per_epoch: int
 ) -> torch.optim.lr_scheduler.LRScheduler:
@@ -365,14 +383,8 @@ def train_model(
     weights = sample_weights(strata) if p.balance == "weighted_loss" else None
     steps = max(1, len(train_images) // p.batch_size)
     net = distributed.wrap(model, world, sync_batchnorm=p.sync_batchnorm)
-    head = None
-    if p.adversary > 0:
-        if train_sources is None:
-            raise ValueError(f"train_{p.task}.adversary > 0 needs every training row's source")
-        head = SourceAdversary(model.backbone.fc.in_features, *train_sources).to(device)
-    # The head trains with the network (same optimizer and schedule) and is saved with it in
-    # the resume file, never in the checkpoint; without one, exactly the network as before.
-    trained = model if head is None else nn.ModuleList([model, head])
+    head = adversary_head(model, p, train_sources, device)
+    trained = trained_modules(model, head)  # without a head, exactly the network as before
     optimizer = make_optimizer(trained, p)
     scheduler = make_scheduler(optimizer, p, steps)
     aug = p.augmentation()
