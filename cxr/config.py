@@ -10,7 +10,7 @@ missing from it is an error (cxr.params.from_section), never a silent second def
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -30,8 +30,21 @@ BALANCE_BY = ("class", "age_group", "dataset")
 ADVERSARY_WITHIN = ("class", "age_group", "label")
 # Train keys added after recipes were first recorded (reports/oos), with what a recorded
 # recipe without them meant: the network saw the arrays' size, and no adversarial head.
+# Train keys that a run records (checkpoint, resume file) only when they are switched on: added
+# after the committed default models were trained, they leave a run that does not use them what
+# it was, its checkpoint's bytes included.
+RECORDED_WHEN_ON = {"average_epochs": 0}
 LATER_TRAIN_KEYS = {"input_size": None, "adversary": 0.0, "adversary_by": "dataset",
-                    "adversary_within": ["class"]}
+                    "adversary_within": ["class"], **RECORDED_WHEN_ON}
+
+
+def recorded_params(p: Any) -> dict[str, Any]:
+    """A TrainParams as a run records it: its fields, less those of RECORDED_WHEN_ON left off."""
+    values = asdict(p)
+    for key, off in RECORDED_WHEN_ON.items():
+        if values.get(key) == off:
+            del values[key]
+    return values
 
 
 def as_recipe(section: str, values: dict[str, Any]) -> dict[str, Any]:
@@ -234,9 +247,15 @@ class TrainParams:
     adversary: float
     adversary_by: Literal["dataset", "location", "country"]
     adversary_within: list[str]  # the strata it conditions on: some of ADVERSARY_WITHIN
+    # Weights averaged over every step of the last this-many epochs (cxr.train; SWA, Izmailov et
+    # al. 2018, densely as SWAD, Cha et al. 2021); those epochs are scored and kept averaged.
+    average_epochs: int
 
     def validate(self) -> None:
         name = f"train_{self.task}"
+        require(0 <= self.average_epochs <= self.epochs, f"{name}.average_epochs",
+                f"an integer in 0..epochs ({self.epochs}; 0 = no weight averaging)",
+                self.average_epochs)  # fmt: skip
         require(finite(self.adversary) and self.adversary >= 0, f"{name}.adversary",
                 "a finite number >= 0 (0 = no source-adversarial head)", self.adversary)  # fmt: skip
         require(

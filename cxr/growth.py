@@ -271,6 +271,7 @@ def step_train(work: Path, n: int, args: argparse.Namespace) -> dict[str, Any]:
         make_scheduler,
         train_epoch,
         trained_modules,
+        weight_average,
     )
 
     base, p = load_base(args.params), load_train_params(args.params, "train_binary")
@@ -284,11 +285,13 @@ def step_train(work: Path, n: int, args: argparse.Namespace) -> dict[str, Any]:
     model.to(device).to(memory_format=torch.channels_last)
     strata = strata_for(table, p.task, p.balance_by)
     steps = max(1, len(images) // p.batch_size)  # as train_model: drop_last
-    # The step as train_model takes it: group DRO's loss and the adversarial head when set.
+    # The step as train_model takes it: group DRO's loss, the adversarial head and the weight
+    # average's update when set (the average as in its epochs: after every step).
     sources = (adversary_targets(table, p.task, p.adversary_by, p.adversary_within)
                if p.adversary else None)  # fmt: skip
     head = adversary_head(model, p, sources, device)
     optimizer = make_optimizer(trained_modules(model, head), p)
+    averaged = weight_average(model, p)
     kwargs = dict(
         weights=sample_weights(strata) if p.balance == "weighted_loss" else None,
         optimizer=optimizer, scheduler=make_scheduler(optimizer, p, steps),
@@ -297,6 +300,7 @@ def step_train(work: Path, n: int, args: argparse.Namespace) -> dict[str, Any]:
              if p.balance == "group_dro" else None),
         adversary=(AdversaryRun(head, model.backbone.fc, p.adversary, p.epochs * steps)
                    if head is not None else None),
+        average=(lambda: averaged.update_parameters(model)) if averaged is not None else None,
     )  # fmt: skip
     allowed = torch.from_numpy(allowed_classes(table, p.task))
     start = time.perf_counter()
@@ -324,7 +328,8 @@ def step_train(work: Path, n: int, args: argparse.Namespace) -> dict[str, Any]:
         "train_device": where,
         "train_model": f"{p.arch} {network_input(base, p)} px batch {p.batch_size}" + "".join(
             f", {name}" for name, on in (("group DRO", kwargs["dro"]),
-                                         (f"adversary {p.adversary:g}", kwargs["adversary"]))
+                                         (f"adversary {p.adversary:g}", kwargs["adversary"]),
+                                         ("weight average", kwargs["average"]))
             if on is not None),  # fmt: skip
     }
 

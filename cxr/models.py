@@ -8,7 +8,6 @@ gradcam, predict) feeds the same arrays and both travel with the weights.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import pickle
 from pathlib import Path
@@ -18,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cxr.config import ARCHS
+from cxr.config import ARCHS, recorded_params
 from cxr.resnet import empty_resnet
 
 log = logging.getLogger(__name__)
@@ -233,7 +232,7 @@ def classifier_meta(
             "std": float(model.std),
             "input": "uint8/255, 1 channel",
         },
-        "params": dataclasses.asdict(p),
+        "params": recorded_params(p),  # (a key left off since is not recorded)
         "seed": seed,
         "training": training,
     }

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from sklearn.metrics import f1_score
 from torch import nn
+from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
 from cxr import distributed
@@ -213,6 +214,17 @@ def trained_modules(model: nn.Module, head: SourceAdversary | None) -> nn.Module
     return model if head is None else nn.ModuleList([model, head])
 
 
+def weight_average(model: nn.Module, p: TrainParams) -> AveragedModel | None:
+    """The running mean of the weights `p` asks for (None when `p.average_epochs` is 0), taken
+    after every step of the last `average_epochs` epochs: stochastic weight averaging (Izmailov
+    et al., UAI 2018), densely, every step, as SWAD does against domain shift (Cha et al.,
+    NeurIPS 2021). BatchNorm's running statistics are averaged beside the weights (use_buffers)
+    instead of being recomputed by a pass over the training set."""
+    if p.average_epochs == 0:
+        return None
+    return AveragedModel(model, use_buffers=True)
+
+
 def make_scheduler(
     optimizer: torch.optim.Optimizer, p: TrainParams, steps_per_epoch: int
 ) -> torch.optim.lr_scheduler.LRScheduler:
@@ -269,6 +281,7 @@ def train_epoch(
     desc: str = "train",
     dro: GroupDRO | None = None,
     adversary: AdversaryRun | None = None,
+    average: Callable[[], None] | None = None,
 ) -> tuple[float, int, int]:
     """One pass over `batches` (rows of global batch indices); returns this rank's summed loss,
     correct and seen counts.
@@ -281,6 +294,7 @@ def train_epoch(
     `dro`: the loss is group DRO's over its groups of the rows (one process only).
     `adversary`: its head's loss on the batch's pooled features is added (one process only);
     the returned loss is the task's alone.
+    `average`: called after every optimizer step (the weight average's update).
     """
     device = next(model.parameters()).device
     world = world or World(device=device)
@@ -324,6 +338,8 @@ def train_epoch(
         optimizer.step()
         if scheduler is not None:
             scheduler.step()
+        if average is not None:
+            average()
         total_loss += loss.detach().double() * len(mine)
         # correct = the top class is one the label allows
         correct += y.gather(1, logits.detach().argmax(1, keepdim=True)).sum()
@@ -375,6 +391,7 @@ def train_model(
     distributed.check_batch(p.batch_size, world, f"train_{p.task}.batch_size")
     num_classes = model.backbone.fc.out_features
     model.to(device).to(memory_format=torch.channels_last)
+    averaged = weight_average(model, p)  # a copy of plain modules, before any wrapping
     if train_allowed is None:
         train_allowed = one_hot(train_labels, num_classes)
     if val_allowed is None:
@@ -392,7 +409,9 @@ def train_model(
 
     start = time.perf_counter()
     loop = LoopState()
-    state = resume_state.TrainingState(trained, optimizer, scheduler, generator)
+    # The average travels in the resume file beside what trains (without one: as before).
+    saved_modules = trained if averaged is None else nn.ModuleList([trained, averaged])
+    state = resume_state.TrainingState(saved_modules, optimizer, scheduler, generator)
     if resume is not None and (saved := resume_state.restore_training(resume, world, state)):
         loop = LoopState.from_dict(saved)
         log.info("%s: resuming after epoch %d (best so far: epoch %s)", resume.path, loop.epoch,
@@ -417,6 +436,9 @@ def train_model(
         order = epoch_order(strata, oversample=p.oversamples, generator=generator)
         # drop_last: a final batch of 1 breaks BatchNorm and adds noise for no gain.
         batches = order[: steps * p.batch_size].view(steps, -1)
+        # In the averaging epochs the average is what is scored on validation and kept.
+        averaging = averaged is not None and epoch > p.epochs - p.average_epochs
+        scored = averaged.module if averaging else model
         sums = train_epoch(
             net,
             batches,
@@ -431,11 +453,12 @@ def train_model(
             desc=f"{p.task} epoch {epoch}/{p.epochs}",
             dro=dro,
             adversary=adversary,
+            average=(lambda: averaged.update_parameters(model)) if averaging else None,
         )
         total_loss, correct, count = distributed.sum_across(list(sums), world)
         distributed.sync_buffers(model, world)
         epoch_train_time = time.perf_counter() - t0
-        val = _evaluate(model, val_images, val_allowed, 32) if world.is_main else (0.0,) * 3
+        val = _evaluate(scored, val_images, val_allowed, 32) if world.is_main else (0.0,) * 3
         val_loss, val_acc, val_f1 = distributed.from_main(list(val), world)
         res = EpochResult(
             epoch=epoch,
@@ -458,7 +481,7 @@ def train_model(
         if _is_better(res, loop.best, p.select_metric):
             loop.best, loop.since_best = res, 0
             loop.best_state = copy.deepcopy(
-                {k: v.detach().cpu() for k, v in model.state_dict().items()}
+                {k: v.detach().cpu() for k, v in scored.state_dict().items()}
             )
         else:
             loop.since_best += 1

@@ -33,6 +33,7 @@ from cxr.config import (
     load_train_params,
     network_input,
     preprocessing,
+    recorded_params,
 )
 from cxr.data import (
     adversary_targets,
@@ -105,7 +106,7 @@ def resume_file(path: Path | None, data: Path, lungs: Path, base: BaseParams, p:
     files = [f / f"{n}.{ext}" for f in folders for n in ("train", "val") for ext in ("npy", "csv")]
     if p.weights not in ("none", "imagenet"):
         files.append(Path(p.weights))
-    config = {"params": asdict(p), "base": asdict(base), "processes": world.size}
+    config = {"params": recorded_params(p), "base": asdict(base), "processes": world.size}
     return resume.ResumeFile(path, resume.fingerprint(config, files))
 
 

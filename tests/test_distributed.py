@@ -28,6 +28,7 @@ Checked by hand (each bug made in the code, this file went red, then the code wa
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -381,14 +382,16 @@ class Interrupt(Exception):
 
 
 def resumable_run(resume: ResumeFile, stop_after: int | None = None, epochs: int = 3,
-                  balance: str = "oversample", adversary: float = 0.0):  # fmt: skip
+                  balance: str = "oversample", adversary: float = 0.0,
+                  average_epochs: int = 0):  # fmt: skip
     """A deterministic single-process run (1 thread) with augmentation, oversampling and the
     one-cycle schedule, so every piece of state a resume must restore matters (with
-    `group_dro`, the group weights too; with `adversary`, the head and its ramp)."""
+    `group_dro`, the group weights too; with `adversary`, the head and its ramp; with
+    `average_epochs`, the weight average so far)."""
     torch.set_num_threads(1)
     images, labels = quadrant_set(N_TRAIN)
     p = params(epochs=epochs, deterministic=True, schedule="onecycle", balance=balance,
-               adversary=adversary)  # fmt: skip
+               adversary=adversary, average_epochs=average_epochs)  # fmt: skip
     sources = (labels, np.arange(N_TRAIN) // 4 % 2)  # two sources within each class
     gen = seed_everything(5, deterministic=True)
     model = build_model("resnet18", 4)
@@ -409,18 +412,21 @@ def same(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("balance, adversary",
-                         [("oversample", 0.0), ("group_dro", 0.0), ("oversample", 1.0)])
-def test_an_interrupted_run_resumes_to_bit_identical_weights(tmp_path, balance, adversary):
-    whole, whole_result, whole_last = resumable_run(ResumeFile(tmp_path / "a.pt", "fp"),
-                                                    balance=balance, adversary=adversary)  # fmt: skip
+@pytest.mark.parametrize("balance, adversary, average_epochs",
+                         [("oversample", 0.0, 0), ("group_dro", 0.0, 0), ("oversample", 1.0, 0),
+                          ("oversample", 0.0, 3)])  # fmt: skip
+def test_an_interrupted_run_resumes_to_bit_identical_weights(tmp_path, balance, adversary,
+                                                             average_epochs):  # fmt: skip
+    run = functools.partial(resumable_run, balance=balance, adversary=adversary,
+                            average_epochs=average_epochs)  # fmt: skip
+    whole, whole_result, whole_last = run(ResumeFile(tmp_path / "a.pt", "fp"))
     assert whole_result.resumed_from == 0
     resume = ResumeFile(tmp_path / "b.pt", "fp")
     with pytest.raises(Interrupt):
-        resumable_run(resume, stop_after=1, balance=balance, adversary=adversary)
+        run(resume, stop_after=1)
     saved = torch.load(resume.path, weights_only=True)  # plain data only
     assert saved["loop"]["epoch"] == 1
-    model, result, last = resumable_run(resume, balance=balance, adversary=adversary)
+    model, result, last = run(resume)
     assert result.group_weights == whole_result.group_weights
     assert result.adversary_accuracy == whole_result.adversary_accuracy
     assert result.resumed_from == 1 and len(result.history) == 3
