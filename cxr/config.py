@@ -33,7 +33,7 @@ ADVERSARY_WITHIN = ("class", "age_group", "label")
 # Train keys that a run records (checkpoint, resume file) only when they are switched on: added
 # after the committed default models were trained, they leave a run that does not use them what
 # it was, its checkpoint's bytes included.
-RECORDED_WHEN_ON = {"average_epochs": 0}
+RECORDED_WHEN_ON = {"average_epochs": 0, "mixstyle": 0.0}
 LATER_TRAIN_KEYS = {"input_size": None, "adversary": 0.0, "adversary_by": "dataset",
                     "adversary_within": ["class"], **RECORDED_WHEN_ON}
 
@@ -250,12 +250,17 @@ class TrainParams:
     # Weights averaged over every step of the last this-many epochs (cxr.train; SWA, Izmailov et
     # al. 2018, densely as SWAD, Cha et al. 2021); those epochs are scored and kept averaged.
     average_epochs: int
+    # Probability per early stage and batch of mixing two films' feature statistics (cxr.mixstyle;
+    # Zhou et al. 2021); 0 = off.
+    mixstyle: float
 
     def validate(self) -> None:
         name = f"train_{self.task}"
         require(0 <= self.average_epochs <= self.epochs, f"{name}.average_epochs",
                 f"an integer in 0..epochs ({self.epochs}; 0 = no weight averaging)",
                 self.average_epochs)  # fmt: skip
+        require(finite(self.mixstyle) and 0 <= self.mixstyle <= 1, f"{name}.mixstyle",
+                "a probability in [0, 1] (0 = no MixStyle)", self.mixstyle)  # fmt: skip
         require(finite(self.adversary) and self.adversary >= 0, f"{name}.adversary",
                 "a finite number >= 0 (0 = no source-adversarial head)", self.adversary)  # fmt: skip
         require(
@@ -319,6 +324,12 @@ class TrainParams:
             raise ParamsError(
                 f"{name}.adversary: the source-adversarial head runs in one process; set "
                 f"{name}.processes to 1 (got {self.processes})"
+            )
+        if self.mixstyle > 0 and self.processes > 1:
+            # Each process would mix within its own part of the batch: not one process's run.
+            raise ParamsError(
+                f"{name}.mixstyle: MixStyle runs in one process; set {name}.processes to 1 "
+                f"(got {self.processes})"
             )
         if not self.adversary_within or set(self.adversary_within) - set(ADVERSARY_WITHIN):
             raise ParamsError(

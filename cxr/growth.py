@@ -263,6 +263,7 @@ def step_train(work: Path, n: int, args: argparse.Namespace) -> dict[str, Any]:
         strata_for,
     )
     from cxr.infer import configure_cpu, pick_device
+    from cxr.mixstyle import MixStyle
     from cxr.models import build_model
     from cxr.train import (
         GroupDRO,
@@ -285,13 +286,14 @@ def step_train(work: Path, n: int, args: argparse.Namespace) -> dict[str, Any]:
     model.to(device).to(memory_format=torch.channels_last)
     strata = strata_for(table, p.task, p.balance_by)
     steps = max(1, len(images) // p.batch_size)  # as train_model: drop_last
-    # The step as train_model takes it: group DRO's loss, the adversarial head and the weight
-    # average's update when set (the average as in its epochs: after every step).
+    # The step as train_model takes it: group DRO's loss, the adversarial head, the weight
+    # average's update (as in its epochs: after every step) and MixStyle's hooks when set.
     sources = (adversary_targets(table, p.task, p.adversary_by, p.adversary_within)
                if p.adversary else None)  # fmt: skip
     head = adversary_head(model, p, sources, device)
     optimizer = make_optimizer(trained_modules(model, head), p)
     averaged = weight_average(model, p)
+    mix = MixStyle(model, p.mixstyle) if p.mixstyle > 0 else None
     kwargs = dict(
         weights=sample_weights(strata) if p.balance == "weighted_loss" else None,
         optimizer=optimizer, scheduler=make_scheduler(optimizer, p, steps),
@@ -329,7 +331,8 @@ def step_train(work: Path, n: int, args: argparse.Namespace) -> dict[str, Any]:
         "train_model": f"{p.arch} {network_input(base, p)} px batch {p.batch_size}" + "".join(
             f", {name}" for name, on in (("group DRO", kwargs["dro"]),
                                          (f"adversary {p.adversary:g}", kwargs["adversary"]),
-                                         ("weight average", kwargs["average"]))
+                                         ("weight average", kwargs["average"]),
+                                         (f"MixStyle {p.mixstyle:g}", mix))
             if on is not None),  # fmt: skip
     }
 

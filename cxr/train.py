@@ -40,6 +40,7 @@ from cxr.data import (
 )
 from cxr.distributed import World
 from cxr.infer import autocast, predict_proba
+from cxr.mixstyle import MixStyle
 from cxr.models import CXRNet
 from cxr.resume import ResumeFile
 
@@ -402,6 +403,7 @@ def train_model(
     net = distributed.wrap(model, world, sync_batchnorm=p.sync_batchnorm)
     head = adversary_head(model, p, train_sources, device)
     trained = trained_modules(model, head)  # without a head, exactly the network as before
+    mix = MixStyle(model, p.mixstyle) if p.mixstyle > 0 else None
     optimizer = make_optimizer(trained, p)
     scheduler = make_scheduler(optimizer, p, steps)
     aug = p.augmentation()
@@ -499,6 +501,8 @@ def train_model(
 
     if adversary is not None:
         adversary.close()
+    if mix is not None:
+        mix.close()
     model.load_state_dict(loop.best_state)
     distributed.plain_batchnorm(model)
     model.to("cpu").eval()
