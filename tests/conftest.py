@@ -87,6 +87,19 @@ def repo_params(section: str, **changes: Any) -> Any:
     return dataclasses.replace(params, **changes)
 
 
+PHOTOMETRIC_OFF = {"gamma": 0.0, "contrast": 0.0, "brightness": 0.0, "sharpen": 0.0,
+                   "noise": 0.0, "cutout": 0.0}  # fmt: skip
+NO_AUG = {"hflip": False, "degrees": 0.0, "translate": 0.0, "scale": [1.0, 1.0]} | PHOTOMETRIC_OFF
+
+
+def toy_params(**changes: Any) -> Any:
+    """The four-class train params the training tests start from: a ResNet-18 on quadrant_set
+    images, 2 epochs of batch 8 at a constant 3e-3, no augmentation, one thread."""
+    toy = dict(arch="resnet18", epochs=2, batch_size=8, lr=3.0e-3, augment=NO_AUG,
+               schedule="constant", threads=1)  # fmt: skip
+    return repo_params("train_four_class", **(toy | changes))
+
+
 def write_params(path: Path, **sections: dict[str, Any]) -> Path:
     """The repository's params.yaml with the keys of `sections` changed, written to `path`
     (a nested dict, e.g. `augment`, is merged key by key). A changed base.image_size makes

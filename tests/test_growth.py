@@ -95,8 +95,9 @@ def test_report_has_every_number_for_every_size(tmp_path: Path) -> None:
         assert size["train_timed_batches"] == 2 and size["predict_films"] == 4
         # the step trains as train_model would with these params (session 20: it used to
         # time the plain loss whatever `balance` said)
-        assert size["train_model"].endswith("batch 8, group DRO, adversary 0.5, weight average, "
-                                             "MixStyle 0.5")
+        assert size["train_model"].endswith(
+            "batch 8, group DRO, adversary 0.5, weight average, MixStyle 0.5"
+        )
     assert report["cpu"]["model"] and report["cpu"]["cores"] >= 1
     assert "--sizes 40,64" in report["command"]
     lines = out.with_suffix(".md").read_text().splitlines()

@@ -22,8 +22,9 @@ from cxr.mixstyle import MixStyle, mix_styles
 from cxr.models import build_model
 from cxr.params import ParamsError
 from cxr.train import train_model
-from tests.conftest import quadrant_set, repo_params
-from tests.test_weight_average import params
+from tests.conftest import quadrant_set, repo_params, toy_params
+
+params = toy_params
 
 
 def stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -29,17 +29,18 @@ from cxr.data import augment_batch, seed_everything, to_input
 from cxr.models import build_model
 from cxr.params import ParamsError
 from cxr.train import GroupDRO, make_optimizer, make_scheduler, param_groups, train_model
-from tests.conftest import augment_params, quadrant_set, repo_params, write_params
-
-PHOTOMETRIC_OFF = {"gamma": 0.0, "contrast": 0.0, "brightness": 0.0, "sharpen": 0.0,
-                   "noise": 0.0, "cutout": 0.0}  # fmt: skip
-NO_AUG = {"hflip": False, "degrees": 0.0, "translate": 0.0, "scale": [1.0, 1.0]} | PHOTOMETRIC_OFF
+from tests.conftest import (
+    NO_AUG,
+    PHOTOMETRIC_OFF,
+    augment_params,
+    quadrant_set,
+    toy_params,
+    write_params,
+)
 
 
 def params(**kw) -> TrainParams:
-    base = dict(arch="resnet18", epochs=3, batch_size=8, lr=3.0e-3, augment=NO_AUG,
-                schedule="constant", threads=1)  # fmt: skip
-    return repo_params("train_four_class", **(base | kw))
+    return toy_params(**({"epochs": 3} | kw))
 
 
 def run(p: TrainParams, images, labels, val_images, val_labels, seed=0, snapshots=None):

@@ -22,16 +22,9 @@ from cxr.data import seed_everything
 from cxr.models import build_model
 from cxr.params import ParamsError
 from cxr.train import train_model
-from tests.conftest import quadrant_set, repo_params
+from tests.conftest import quadrant_set, toy_params
 
-NO_AUG = {"hflip": False, "degrees": 0.0, "translate": 0.0, "scale": [1.0, 1.0], "gamma": 0.0,
-          "contrast": 0.0, "brightness": 0.0, "sharpen": 0.0, "noise": 0.0, "cutout": 0.0}  # fmt: skip
-
-
-def params(**kw):
-    base = dict(arch="resnet18", epochs=2, batch_size=8, lr=3.0e-3, augment=NO_AUG,
-                schedule="constant", threads=1)  # fmt: skip
-    return repo_params("train_four_class", **(base | kw))
+params = toy_params
 
 
 def run(p, n: int = 32):
