@@ -385,6 +385,8 @@ def train_model(
     `on_epoch` then also sees the epochs restored from it, in order, before the new ones.
     `train_sources` (needed when `p.adversary` > 0): every training row's stratum and source
     (cxr.data.adversary_targets), what the source-adversarial head conditions on and predicts.
+    `p.average_epochs` > 0: in those last epochs the weight average is what validation scores
+    and what is kept (weight_average); `p.mixstyle` > 0: MixStyle's hooks while it trains.
     The test split is not an argument: training cannot read it.
     """
     world = world or World()
