@@ -801,6 +801,8 @@ OOS_SEED_RUNS: dict[str, dict[int, str]] = {
     "wd5e-2": two_seeds("wd5e-2"),  # 24th
     "adversary": two_seeds("adversary"),  # 25th
     "adversary_place": two_seeds("adversary_place"),  # 27th
+    "default_zen5": two_seeds("default_zen5"),  # 28th: the default on the AMD EPYC Zen 5
+    "swa": two_seeds("swa"),  # 28th
 }
 
 # The changes compared with the default over two seeds: what each is and its rule, "better"
@@ -833,6 +835,8 @@ TWO_SEED_CANDIDATES: dict[str, tuple[str, str, str]] = {
                   "2016)", "better", "default_xeon"),
     "adversary_place": ("the same head asked only the place, within one finding and age group",
                         "better", "default_xeon"),
+    "swa": ("binary weights averaged over every step of the last 4 of 8 epochs (SWA/SWAD; "
+            "Izmailov et al. 2018, Cha et al. 2021)", "better", "default_zen5"),  # Zen 5 vs Zen 5
 }  # fmt: skip
 
 
