@@ -7,7 +7,9 @@ the models' probabilities), so stages/oos_report.py pools it like a trained fold
 those a fold kept (`stages/oos.py --models`), or an ensemble / test-time-augmentation manifest of
 them (`python -m cxr ensemble`): this is how TTA and ensembles are compared on held-out places
 without training again. A model trained on the fold's films would be scored on what it saw, so
-use only a fold's own models with its name.
+use only a fold's own models with its name. `--adapt-bn`: each checkpoint's BatchNorm statistics
+re-estimated on the fold's held-out films before they are scored (cxr.adapt; no labels used);
+its internal-validation films are scored by the checkpoint as it is.
 """
 
 from __future__ import annotations
@@ -17,14 +19,19 @@ import logging
 import sys
 from pathlib import Path
 
+import numpy as np
+from torch import nn
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
+from cxr.adapt import adapt_batchnorm
 from cxr.cli import setup_logging, user_errors
 from cxr.config import load_base, load_split_params, preprocessing
 from cxr.ensemble import load_model
 from cxr.errors import InputError
 from cxr.infer import configure_cpu, predict_proba
 from cxr.lungs import crop_inputs
+from cxr.models import CXRNet
 from cxr.oos import fold_rows, pool_masks, pool_table, scored_frame
 from cxr.oos_params import load_oos_params
 from cxr.params import ParamsError
@@ -45,10 +52,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--four-class", type=Path, help="four-class checkpoint or ensemble manifest"
     )
     parser.add_argument("--out", type=Path, required=True, help="writes <out>/<fold>.csv")
+    parser.add_argument("--adapt-bn", action="store_true",
+                        help="re-estimate BatchNorm statistics on the held-out films first")  # fmt: skip
     args = parser.parse_args(argv)
     if args.binary is None and args.four_class is None:
         parser.error("give --binary, --four-class or both")
     return args
+
+
+def score(model: nn.Module, images: np.ndarray, out: np.ndarray, val: np.ndarray,
+          adapt: bool) -> np.ndarray:  # fmt: skip
+    """Probabilities of the films `out | val` selects, in their order; with `adapt`, the
+    held-out films (`out`) by the model adapted to them (cxr.adapt), the others by the model."""
+    rows = np.flatnonzero(out | val)
+    if not adapt:
+        return predict_proba(model, images[rows], batch_size=32)
+    if not isinstance(model, CXRNet):
+        raise InputError("--adapt-bn adapts one checkpoint, not an ensemble or TTA manifest")
+    held = out[rows]
+    probs = np.empty((len(rows), model.backbone.fc.out_features), dtype=np.float32)
+    probs[held] = predict_proba(adapt_batchnorm(model, images[rows[held]]), images[rows[held]])
+    probs[~held] = predict_proba(model, images[rows[~held]], batch_size=32)
+    return probs
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -69,8 +94,7 @@ def main(argv: list[str] | None = None) -> None:
         images, table = pool_table(args.data, spec["image_size"])
         images = crop_inputs(images, lambda: pool_masks(args.lungs, table), spec)
         _, val, out = fold_rows(table, folds[args.fold])
-        scored = out | val
-        probs = {task: predict_proba(model, images[scored], batch_size=32)
+        probs = {task: score(model, images, out, val, args.adapt_bn)
                  for task, (model, _) in models.items()}  # fmt: skip
         names = models["four_class"][1]["class_names"] if "four_class" in models else []
         frame = scored_frame(table, out, val, probs, names, args.fold)

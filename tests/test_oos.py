@@ -237,6 +237,16 @@ def test_saved_models_are_scored_on_a_folds_films_like_a_trained_fold(tmp_path, 
     want = predict_proba(model.eval(), x)
     np.testing.assert_allclose(frame[[f"p4_{c}" for c in names]].to_numpy(), want, atol=1e-5)
     assert frame["call4"].tolist() == [names[k] for k in want.argmax(1)]
+    # --adapt-bn: the held-out films by the model adapted to them alone, the others as they were
+    from cxr.adapt import adapt_batchnorm
+
+    oos_score.main([*argv[:-2], "--out", str(tmp_path / "adapted"), "--adapt-bn"])
+    adapted = pd.read_csv(tmp_path / "adapted" / "r.csv")[[f"p4_{c}" for c in names]].to_numpy()
+    held = (frame["scored_as"] == "held_out").to_numpy()
+    np.testing.assert_allclose(adapted[held], predict_proba(adapt_batchnorm(model, x[held]), x[held]),
+                               atol=1e-5)  # fmt: skip
+    np.testing.assert_allclose(adapted[~held], want[~held], atol=1e-5)
+    assert not np.allclose(adapted[held], want[held], atol=1e-3)
 
     other = write_params(tmp_path / "p2.yaml", base={"image_size": 32, "crop": "none"},
                          split={"jpeg_quality": 90}, oos={"folds": [{"name": "r", "datasets": ["rsna"]}]})  # fmt: skip
