@@ -803,6 +803,7 @@ OOS_SEED_RUNS: dict[str, dict[int, str]] = {
     "adversary_place": two_seeds("adversary_place"),  # 27th
     "default_zen5": two_seeds("default_zen5"),  # 28th: the default on the AMD EPYC Zen 5
     "swa": two_seeds("swa"),  # 28th
+    "mixstyle": two_seeds("mixstyle"),  # 29th
 }
 
 # The changes compared with the default over two seeds: what each is and its rule, "better"
@@ -837,6 +838,8 @@ TWO_SEED_CANDIDATES: dict[str, tuple[str, str, str]] = {
                         "better", "default_xeon"),
     "swa": ("binary weights averaged over every step of the last 4 of 8 epochs (SWA/SWAD; "
             "Izmailov et al. 2018, Cha et al. 2021)", "better", "default_zen5"),  # Zen 5 vs Zen 5
+    "mixstyle": ("MixStyle in the binary network's first two stages, p 0.5 (Zhou et al. 2021)",
+                 "better", "default_zen5"),
 }  # fmt: skip
 
 
