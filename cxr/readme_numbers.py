@@ -235,6 +235,10 @@ OOS_FOUR_CLASS = "reports/oos/four_class"  # the four-class folds (oos.tasks [fo
 OOS_FOUR_CLASS_XEON = "reports/oos/candidates/four_class_xeon"
 # The same fold on the Xeon with the source-adversarial head (RULE.md twenty-sixth amendment).
 OOS_FOUR_CLASS_ADVERSARY = "reports/oos/candidates/adversary_four_class"
+# The same fold on the AMD EPYC Zen 5, without and with class x age group balancing (RULE.md
+# thirty-first amendment).
+OOS_FOUR_CLASS_ZEN5 = "reports/oos/candidates/four_class_zen5"
+OOS_FOUR_CLASS_AGE = "reports/oos/candidates/four_class_age"
 
 
 def recipe_part(params: dict, section: str) -> dict:
@@ -1154,7 +1158,8 @@ def oos_four_class_calls(f: Files) -> list[str]:
     """docs/validation.md: the four-class fold's calls on held-out adult films: the 112 px fold
     model (AMD EPYC Zen 1) alone and with each set of test-time views
     (reports/oos/four_class/[tta/<name>/]results.json), and the same recipe trained on the Intel
-    Xeon (OOS_FOUR_CLASS_XEON), without and with the adversarial head (OOS_FOUR_CLASS_ADVERSARY)."""
+    Xeon (OOS_FOUR_CLASS_XEON), without and with the adversarial head (OOS_FOUR_CLASS_ADVERSARY),
+    and on the AMD EPYC Zen 5, without and with class x age group balancing."""
     runs = [("plain film, Zen 1", f"{OOS_FOUR_CLASS}/results.json")]
     runs += [(f"+ TTA `{name}`, Zen 1", f"{OOS_FOUR_CLASS}/tta/{name}/results.json")
              for name in OOS_TTA
@@ -1165,6 +1170,11 @@ def oos_four_class_calls(f: Files) -> list[str]:
     if (f.root / OOS_FOUR_CLASS_ADVERSARY / "results.json").exists():
         runs.append(("+ source-adversarial head, Xeon (twenty-sixth amendment)",
                      f"{OOS_FOUR_CLASS_ADVERSARY}/results.json"))  # fmt: skip
+    for label, folder in (("plain film, Zen 5 (thirty-first amendment)", OOS_FOUR_CLASS_ZEN5),
+                          ("balanced by class x age group, Zen 5 (thirty-first)",
+                           OOS_FOUR_CLASS_AGE)):  # fmt: skip
+        if (f.root / folder / "results.json").exists():
+            runs.append((label, f"{folder}/results.json"))
     rows = []
     for label, path in runs:
         for key, r in f.load(path)["pooled"]["four_class"].items():
