@@ -28,12 +28,13 @@ BALANCE_BY = ("class", "age_group", "dataset")
 # What the adversarial head conditions on: `label` is sources.csv's finding (covid, normal,
 # pneumonia, viral, bacterial), finer than the binary task's class.
 ADVERSARY_WITHIN = ("class", "age_group", "label")
-# Train keys added after recipes were first recorded (reports/oos), with what a recorded
-# recipe without them meant: the network saw the arrays' size, and no adversarial head.
 # Train keys that a run records (checkpoint, resume file) only when they are switched on: added
 # after the committed default models were trained, they leave a run that does not use them what
 # it was, its checkpoint's bytes included.
 RECORDED_WHEN_ON = {"average_epochs": 0, "mixstyle": 0.0}
+# Train keys added after recipes were first recorded (reports/oos), with what a recorded
+# recipe without them meant: the network saw the arrays' size; no adversarial head, weight
+# average or MixStyle.
 LATER_TRAIN_KEYS = {"input_size": None, "adversary": 0.0, "adversary_by": "dataset",
                     "adversary_within": ["class"], **RECORDED_WHEN_ON}
 
