@@ -263,13 +263,13 @@ def step_train(work: Path, n: int, args: argparse.Namespace) -> dict[str, Any]:
         strata_for,
     )
     from cxr.infer import configure_cpu, pick_device
-    from cxr.mixstyle import MixStyle
     from cxr.models import build_model
     from cxr.train import (
         GroupDRO,
         adversary_head,
         make_optimizer,
         make_scheduler,
+        style_mixing,
         train_epoch,
         trained_modules,
         weight_average,
@@ -293,7 +293,7 @@ def step_train(work: Path, n: int, args: argparse.Namespace) -> dict[str, Any]:
     head = adversary_head(model, p, sources, device)
     optimizer = make_optimizer(trained_modules(model, head), p)
     averaged = weight_average(model, p)
-    mix = MixStyle(model, p.mixstyle) if p.mixstyle > 0 else None
+    mix = style_mixing(model, p)
     kwargs = dict(
         weights=sample_weights(strata) if p.balance == "weighted_loss" else None,
         optimizer=optimizer, scheduler=make_scheduler(optimizer, p, steps),

@@ -226,6 +226,11 @@ def weight_average(model: nn.Module, p: TrainParams) -> AveragedModel | None:
     return AveragedModel(model, use_buffers=True)
 
 
+def style_mixing(model: nn.Module, p: TrainParams) -> MixStyle | None:
+    """MixStyle's hooks on `model` as `p` asks (None when `p.mixstyle` is 0); close them after."""
+    return MixStyle(model, p.mixstyle) if p.mixstyle > 0 else None
+
+
 def make_scheduler(
     optimizer: torch.optim.Optimizer, p: TrainParams, steps_per_epoch: int
 ) -> torch.optim.lr_scheduler.LRScheduler:
@@ -405,7 +410,7 @@ def train_model(
     net = distributed.wrap(model, world, sync_batchnorm=p.sync_batchnorm)
     head = adversary_head(model, p, train_sources, device)
     trained = trained_modules(model, head)  # without a head, exactly the network as before
-    mix = MixStyle(model, p.mixstyle) if p.mixstyle > 0 else None
+    mix = style_mixing(model, p)
     optimizer = make_optimizer(trained, p)
     scheduler = make_scheduler(optimizer, p, steps)
     aug = p.augmentation()
