@@ -31,10 +31,10 @@ ADVERSARY_WITHIN = ("class", "age_group", "label")
 # Train keys that a run records (checkpoint, resume file) only when they are switched on: added
 # after the committed default models were trained, they leave a run that does not use them what
 # it was, its checkpoint's bytes included.
-RECORDED_WHEN_ON = {"average_epochs": 0, "mixstyle": 0.0}
+RECORDED_WHEN_ON = {"average_epochs": 0, "mixstyle": 0.0, "mixup": 0.0}
 # Train keys added after recipes were first recorded (reports/oos), with what a recorded
 # recipe without them meant: the network saw the arrays' size; no adversarial head, weight
-# average or MixStyle.
+# average, MixStyle or mixup.
 LATER_TRAIN_KEYS = {"input_size": None, "adversary": 0.0, "adversary_by": "dataset",
                     "adversary_within": ["class"], **RECORDED_WHEN_ON}
 
@@ -254,6 +254,9 @@ class TrainParams:
     # Probability per early stage and batch of mixing two films' feature statistics (cxr.mixstyle;
     # Zhou et al. 2021); 0 = off.
     mixstyle: float
+    # Beta(alpha, alpha) of mixup's weight (cxr.train.mix_batch; Zhang et al. 2018): each batch
+    # trained on a blend of its films and their labels with a shuffled copy; 0 = off.
+    mixup: float
 
     def validate(self) -> None:
         name = f"train_{self.task}"
@@ -262,6 +265,9 @@ class TrainParams:
                 self.average_epochs)  # fmt: skip
         require(finite(self.mixstyle) and 0 <= self.mixstyle <= 1, f"{name}.mixstyle",
                 "a probability in [0, 1] (0 = no MixStyle)", self.mixstyle)  # fmt: skip
+        require(finite(self.mixup) and self.mixup >= 0, f"{name}.mixup",
+                "a finite number >= 0, the Beta(alpha, alpha) of its weights (0 = no mixup)",
+                self.mixup)  # fmt: skip
         require(finite(self.adversary) and self.adversary >= 0, f"{name}.adversary",
                 "a finite number >= 0 (0 = no source-adversarial head)", self.adversary)  # fmt: skip
         require(
@@ -330,6 +336,12 @@ class TrainParams:
             # Each process would mix within its own part of the batch: not one process's run.
             raise ParamsError(
                 f"{name}.mixstyle: MixStyle runs in one process; set {name}.processes to 1 "
+                f"(got {self.processes})"
+            )
+        if self.mixup > 0 and self.processes > 1:
+            # Each process would blend within its own part of the batch: not one process's run.
+            raise ParamsError(
+                f"{name}.mixup: mixup runs in one process; set {name}.processes to 1 "
                 f"(got {self.processes})"
             )
         if not self.adversary_within or set(self.adversary_within) - set(ADVERSARY_WITHIN):

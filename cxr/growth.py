@@ -287,7 +287,7 @@ def step_train(work: Path, n: int, args: argparse.Namespace) -> dict[str, Any]:
     strata = strata_for(table, p.task, p.balance_by)
     steps = max(1, len(images) // p.batch_size)  # as train_model: drop_last
     # The step as train_model takes it: group DRO's loss, the adversarial head, the weight
-    # average's update (as in its epochs: after every step) and MixStyle's hooks when set.
+    # average's update (as in its epochs: after every step), MixStyle's hooks and mixup when set.
     sources = (adversary_targets(table, p.task, p.adversary_by, p.adversary_within)
                if p.adversary else None)  # fmt: skip
     head = adversary_head(model, p, sources, device)
@@ -303,6 +303,7 @@ def step_train(work: Path, n: int, args: argparse.Namespace) -> dict[str, Any]:
         adversary=(AdversaryRun(head, model.backbone.fc, p.adversary, p.epochs * steps)
                    if head is not None else None),
         average=(lambda: averaged.update_parameters(model)) if averaged is not None else None,
+        mixup=p.mixup,
     )  # fmt: skip
     allowed = torch.from_numpy(allowed_classes(table, p.task))
     start = time.perf_counter()
@@ -332,7 +333,8 @@ def step_train(work: Path, n: int, args: argparse.Namespace) -> dict[str, Any]:
             f", {name}" for name, on in (("group DRO", kwargs["dro"]),
                                          (f"adversary {p.adversary:g}", kwargs["adversary"]),
                                          ("weight average", kwargs["average"]),
-                                         (f"MixStyle {p.mixstyle:g}", mix))
+                                         (f"MixStyle {p.mixstyle:g}", mix),
+                                         (f"mixup {p.mixup:g}", p.mixup or None))
             if on is not None),  # fmt: skip
     }
 

@@ -231,6 +231,26 @@ def style_mixing(model: nn.Module, p: TrainParams) -> MixStyle | None:
     return MixStyle(model, p.mixstyle) if p.mixstyle > 0 else None
 
 
+def mix_batch(x: torch.Tensor, alpha: float) -> tuple[torch.Tensor, float, torch.Tensor]:
+    """mixup (Zhang, Cisse, Dauphin & Lopez-Paz, ICLR 2018): the batch blended with a shuffled
+    copy of itself, lam * x + (1 - lam) * x[partner], one lam ~ Beta(alpha, alpha) per batch;
+    returns the blend, lam and the partners. train_epoch blends the loss the same way, so a film
+    counts lam towards its own label and 1 - lam towards its partner's. A batch mixes the
+    sources, so most blends are films no one place took. Drawn from torch's global generator
+    (as MixStyle's), which the resume file restores."""
+    lam = float(torch.distributions.Beta(alpha, alpha).sample())
+    partner = torch.randperm(len(x)).to(x.device)
+    return lam * x + (1 - lam) * x[partner], lam, partner
+
+
+def mixed_nll(logits: torch.Tensor, allowed: torch.Tensor, lam: float,
+              partner: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """Per row of a mixup batch: lam times the partial-label NLL of the row's own label plus
+    1 - lam times that of its partner's."""
+    own = partial_label_nll(logits, allowed)
+    return lam * own + (1 - lam) * partial_label_nll(logits, allowed[partner])
+
+
 def make_scheduler(
     optimizer: torch.optim.Optimizer, p: TrainParams, steps_per_epoch: int
 ) -> torch.optim.lr_scheduler.LRScheduler:
@@ -288,6 +308,7 @@ def train_epoch(
     dro: GroupDRO | None = None,
     adversary: AdversaryRun | None = None,
     average: Callable[[], None] | None = None,
+    mixup: float = 0.0,
 ) -> tuple[float, int, int]:
     """One pass over `batches` (rows of global batch indices); returns this rank's summed loss,
     correct and seen counts.
@@ -301,6 +322,9 @@ def train_epoch(
     `adversary`: its head's loss on the batch's pooled features is added (one process only);
     the returned loss is the task's alone.
     `average`: called after every optimizer step (the weight average's update).
+    `mixup` > 0: every batch blended with a shuffled copy (mix_batch; one process only); the
+    loss and weights blended alike, group DRO's rows kept in their own groups. The training
+    accuracy then counts each blend's top class against its own film's label.
     """
     device = next(model.parameters()).device
     world = world or World(device=device)
@@ -327,9 +351,18 @@ def train_epoch(
         rows = mine.to(device, non_blocking=True)
         y = allowed[rows]
         w = weights[rows] if weights is not None else None
+        blend = None
+        if mixup > 0:
+            x, lam, partner = mix_batch(x, mixup)
+            blend = (lam, partner)
+            w = lam * w + (1 - lam) * w[partner] if w is not None else None
         with autocast(device):
             logits = model(x)
-            if dro is not None:
+            if blend is not None:
+                nll = mixed_nll(logits, y, *blend)
+                loss = dro.loss(nll, rows) if dro is not None else (
+                    nll.mean() if w is None else (nll * w).sum() / w.sum())
+            elif dro is not None:
                 loss = dro.loss(partial_label_nll(logits, y), rows)
             else:
                 loss = partial_label_loss(logits.float(), y, w)
@@ -391,7 +424,8 @@ def train_model(
     `train_sources` (needed when `p.adversary` > 0): every training row's stratum and source
     (cxr.data.adversary_targets), what the source-adversarial head conditions on and predicts.
     `p.average_epochs` > 0: in those last epochs the weight average is what validation scores
-    and what is kept (weight_average); `p.mixstyle` > 0: MixStyle's hooks while it trains.
+    and what is kept (weight_average); `p.mixstyle` > 0: MixStyle's hooks while it trains;
+    `p.mixup` > 0: every batch blended (mix_batch).
     The test split is not an argument: training cannot read it.
     """
     world = world or World()
@@ -463,6 +497,7 @@ def train_model(
             dro=dro,
             adversary=adversary,
             average=(lambda: averaged.update_parameters(model)) if averaging else None,
+            mixup=p.mixup,
         )
         total_loss, correct, count = distributed.sum_across(list(sums), world)
         distributed.sync_buffers(model, world)
