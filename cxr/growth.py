@@ -334,7 +334,7 @@ def step_train(work: Path, n: int, args: argparse.Namespace) -> dict[str, Any]:
                                          (f"adversary {p.adversary:g}", kwargs["adversary"]),
                                          ("weight average", kwargs["average"]),
                                          (f"MixStyle {p.mixstyle:g}", mix),
-                                         (f"mixup {p.mixup:g}", p.mixup or None))
+                                         (f"mixup {p.mixup:g}", kwargs["mixup"] or None))
             if on is not None),  # fmt: skip
     }
 

@@ -382,16 +382,14 @@ class Interrupt(Exception):
 
 
 def resumable_run(resume: ResumeFile, stop_after: int | None = None, epochs: int = 3,
-                  balance: str = "oversample", adversary: float = 0.0,
-                  average_epochs: int = 0, mixstyle: float = 0.0):  # fmt: skip
+                  **train: object):  # fmt: skip
     """A deterministic single-process run (1 thread) with augmentation, oversampling and the
-    one-cycle schedule, so every piece of state a resume must restore matters (with
-    `group_dro`, the group weights too; with `adversary`, the head and its ramp; with
-    `average_epochs`, the weight average so far; with `mixstyle`, its draws)."""
+    one-cycle schedule, so every piece of state a resume must restore matters. `train`: other
+    train keys (balance `group_dro`: the group weights too; `adversary`: the head and its ramp;
+    `average_epochs`: the weight average so far; `mixstyle`, `mixup`: their draws)."""
     torch.set_num_threads(1)
     images, labels = quadrant_set(N_TRAIN)
-    p = params(epochs=epochs, deterministic=True, schedule="onecycle", balance=balance,
-               adversary=adversary, average_epochs=average_epochs, mixstyle=mixstyle)  # fmt: skip
+    p = params(epochs=epochs, deterministic=True, schedule="onecycle", **train)
     sources = (labels, np.arange(N_TRAIN) // 4 % 2)  # two sources within each class
     gen = seed_everything(5, deterministic=True)
     model = build_model("resnet18", 4)
@@ -412,14 +410,11 @@ def same(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("balance, adversary, average_epochs, mixstyle",
-                         [("oversample", 0.0, 0, 0.0), ("group_dro", 0.0, 0, 0.0),
-                          ("oversample", 1.0, 0, 0.0), ("oversample", 0.0, 3, 0.0),
-                          ("oversample", 0.0, 0, 0.5)])  # fmt: skip
-def test_an_interrupted_run_resumes_to_bit_identical_weights(tmp_path, balance, adversary,
-                                                             average_epochs, mixstyle):  # fmt: skip
-    run = functools.partial(resumable_run, balance=balance, adversary=adversary,
-                            average_epochs=average_epochs, mixstyle=mixstyle)  # fmt: skip
+@pytest.mark.parametrize("train", [{}, {"balance": "group_dro"}, {"adversary": 1.0},
+                                   {"average_epochs": 3}, {"mixstyle": 0.5}, {"mixup": 0.2}],
+                         ids=lambda train: ",".join(train) or "default")  # fmt: skip
+def test_an_interrupted_run_resumes_to_bit_identical_weights(tmp_path, train):
+    run = functools.partial(resumable_run, **train)
     whole, whole_result, whole_last = run(ResumeFile(tmp_path / "a.pt", "fp"))
     assert whole_result.resumed_from == 0
     resume = ResumeFile(tmp_path / "b.pt", "fp")
