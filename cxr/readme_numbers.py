@@ -808,6 +808,7 @@ OOS_SEED_RUNS: dict[str, dict[int, str]] = {
     "default_zen5": two_seeds("default_zen5"),  # 28th: the default on the AMD EPYC Zen 5
     "swa": two_seeds("swa"),  # 28th
     "mixstyle": two_seeds("mixstyle"),  # 29th
+    "mixup": two_seeds("mixup"),  # 32nd
 }
 
 # The changes compared with the default over two seeds: what each is and its rule, "better"
@@ -844,6 +845,8 @@ TWO_SEED_CANDIDATES: dict[str, tuple[str, str, str]] = {
             "Izmailov et al. 2018, Cha et al. 2021)", "better", "default_zen5"),  # Zen 5 vs Zen 5
     "mixstyle": ("MixStyle in the binary network's first two stages, p 0.5 (Zhou et al. 2021)",
                  "better", "default_zen5"),
+    "mixup": ("mixup: each binary batch blended with a shuffled copy, alpha 0.2 (Zhang et al. 2018)",
+              "better", "default_zen5"),
 }  # fmt: skip
 
 
