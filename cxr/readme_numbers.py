@@ -809,6 +809,7 @@ OOS_SEED_RUNS: dict[str, dict[int, str]] = {
     "swa": two_seeds("swa"),  # 28th
     "mixstyle": two_seeds("mixstyle"),  # 29th
     "mixup": two_seeds("mixup"),  # 32nd
+    "intensity_none": two_seeds("intensity_none"),  # 33rd: its own arrays
 }
 
 # The changes compared with the default over two seeds: what each is and its rule, "better"
@@ -847,6 +848,8 @@ TWO_SEED_CANDIDATES: dict[str, tuple[str, str, str]] = {
                  "better", "default_zen5"),
     "mixup": ("mixup: each binary batch blended with a shuffled copy, alpha 0.2 (Zhang et al. 2018)",
               "better", "default_zen5"),
+    "intensity_none": ("no tone equalisation (split.intensity none; a default chosen on internal "
+                       "validation)", "better", "default_zen5"),
 }  # fmt: skip
 
 
