@@ -16,6 +16,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +32,7 @@ from cxr.models import CXRNet, build_model
 from cxr.oos_params import Fold
 from cxr.params import ParamsError
 from cxr.splits import close_over_groups
-from cxr.train import train_model
+from cxr.train import EpochResult, train_model
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +94,10 @@ def fit(
     val: np.ndarray,
     p: TrainParams,
     base: BaseParams,
+    on_epoch: Callable[[CXRNet, EpochResult], None] | None = None,
 ) -> tuple[CXRNet, dict]:
-    """Train one task on rows `train`, choosing the epoch on rows `val` (as the train stage does)."""
+    """Train one task on rows `train`, choosing the epoch on rows `val` (as the train stage does).
+    `on_epoch(model, result)` sees the model after every epoch (cxr.oos_trajectory)."""
     generator = seed_everything(base.seed, p.deterministic)
     tr, va = table[train].reset_index(drop=True), table[val].reset_index(drop=True)
     if not p.partial_labels and p.task != "binary":
@@ -112,6 +115,7 @@ def fit(
         val_allowed=allowed_classes(va, p.task), generator=generator,
         train_sources=(adversary_targets(tr, p.task, p.adversary_by, p.adversary_within)
                        if p.adversary else None),
+        on_epoch=(lambda res: on_epoch(model, res)) if on_epoch is not None else None,
     )  # fmt: skip
     summary = result.summary() | {"train_images": len(tr), "val_images": len(va),
                                   "wall_seconds": round(time.perf_counter() - start, 1)}  # fmt: skip
@@ -161,9 +165,11 @@ def run_fold(
     tasks: dict[str, TrainParams],
     base: BaseParams,
     on_model: Callable[[str, CXRNet, dict], None] | None = None,
+    on_epoch: Callable[[str, CXRNet, EpochResult], None] | None = None,
 ) -> tuple[pd.DataFrame, dict]:
     """Train both tasks without the fold's films; their predictions on those films + a summary.
-    `on_model(task, model, summary)` receives each trained model (to keep it: stages/oos.py --models)."""
+    `on_model(task, model, summary)` receives each trained model (to keep it: stages/oos.py --models);
+    `on_epoch(task, model, result)` each model after every epoch (cxr.oos_trajectory)."""
     train, val, out = fold_rows(table, fold)
     log.info("fold %s: %d held out, training on %d, epoch chosen on %d", fold.name, out.sum(),
              train.sum(), val.sum())  # fmt: skip
@@ -173,7 +179,8 @@ def run_fold(
     # report shows the in-distribution estimate beside the out-of-source one, same models.
     scored = out | val
     for task, p in tasks.items():
-        model, summary[task] = fit(images, table, train, val, p, base)
+        traced = partial(on_epoch, task) if on_epoch is not None else None
+        model, summary[task] = fit(images, table, train, val, p, base, on_epoch=traced)
         if on_model is not None:
             on_model(task, model, summary[task])
         probs[task] = predict_proba(model, images[scored], batch_size=64)

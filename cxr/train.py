@@ -360,8 +360,10 @@ def train_epoch(
             logits = model(x)
             if blend is not None:
                 nll = mixed_nll(logits, y, *blend)
-                loss = dro.loss(nll, rows) if dro is not None else (
-                    nll.mean() if w is None else (nll * w).sum() / w.sum())
+                if dro is not None:
+                    loss = dro.loss(nll, rows)
+                else:
+                    loss = nll.mean() if w is None else (nll * w).sum() / w.sum()
             elif dro is not None:
                 loss = dro.loss(partial_label_nll(logits, y), rows)
             else:

@@ -87,8 +87,10 @@ def test_mixup_trains_otherwise_and_adds_nothing_to_the_checkpoint(monkeypatch):
                         lambda x, alpha: (x, 1.0, torch.arange(len(x))))  # fmt: skip
     kept, kept_result = run(params(mixup=0.2))
     assert kept_result.history[0].train_loss == plain_result.history[0].train_loss
-    assert all(torch.equal(a, b) for a, b in zip(kept.state_dict().values(),
-                                                 plain.state_dict().values(), strict=True))
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(kept.state_dict().values(), plain.state_dict().values(), strict=True)
+    )
 
 
 @pytest.mark.parametrize("value", [-0.1, float("inf"), float("nan")])
