@@ -810,6 +810,7 @@ OOS_SEED_RUNS: dict[str, dict[int, str]] = {
     "mixstyle": two_seeds("mixstyle"),  # 29th
     "mixup": two_seeds("mixup"),  # 32nd
     "intensity_none": two_seeds("intensity_none"),  # 33rd: its own arrays
+    "select_loss": two_seeds("select_loss"),  # 34th
 }
 
 # The changes compared with the default over two seeds: what each is and its rule, "better"
@@ -850,6 +851,8 @@ TWO_SEED_CANDIDATES: dict[str, tuple[str, str, str]] = {
               "better", "default_zen5"),
     "intensity_none": ("no tone equalisation (split.intensity none; a default chosen on internal "
                        "validation)", "better", "default_zen5"),
+    "select_loss": ("the binary epoch kept by validation loss instead of macro-F1 (same training)",
+                    "better", "default_zen5"),
 }  # fmt: skip
 
 
