@@ -20,6 +20,7 @@ from cxr.config import (
     LABELS,
     PARTIAL_LABELS,
     AugmentParams,
+    TrainParams,
 )
 
 if TYPE_CHECKING:  # annotations only: pandas is imported where a table is read
@@ -248,6 +249,14 @@ def adversary_targets(table: pd.DataFrame, task: str, by: str, within: list[str]
     sources = table[by].fillna("unknown").astype(str).to_numpy()
     codes = np.unique(sources, return_inverse=True)[1].astype(np.int64)
     return strata_for(table, task, within, ADVERSARY_WITHIN), codes
+
+
+def head_targets(table: pd.DataFrame, p: TrainParams) -> tuple[np.ndarray, np.ndarray] | None:
+    """adversary_targets as `p` asks for them, for train_model's `train_sources`: None when `p`
+    trains no source-adversarial head."""
+    if not p.adversary:
+        return None
+    return adversary_targets(table, p.task, p.adversary_by, p.adversary_within)
 
 
 def sample_weights(strata: np.ndarray) -> torch.Tensor:

@@ -255,9 +255,9 @@ def step_train(work: Path, n: int, args: argparse.Namespace) -> dict[str, Any]:
     from cxr.arrays import load_split
     from cxr.config import load_base, load_train_params, network_input
     from cxr.data import (
-        adversary_targets,
         allowed_classes,
         epoch_order,
+        head_targets,
         sample_weights,
         seed_everything,
         strata_for,
@@ -267,6 +267,7 @@ def step_train(work: Path, n: int, args: argparse.Namespace) -> dict[str, Any]:
     from cxr.train import (
         GroupDRO,
         adversary_head,
+        average_step,
         make_optimizer,
         make_scheduler,
         style_mixing,
@@ -288,9 +289,7 @@ def step_train(work: Path, n: int, args: argparse.Namespace) -> dict[str, Any]:
     steps = max(1, len(images) // p.batch_size)  # as train_model: drop_last
     # The step as train_model takes it: group DRO's loss, the adversarial head, the weight
     # average's update (as in its epochs: after every step), MixStyle's hooks and mixup when set.
-    sources = (adversary_targets(table, p.task, p.adversary_by, p.adversary_within)
-               if p.adversary else None)  # fmt: skip
-    head = adversary_head(model, p, sources, device)
+    head = adversary_head(model, p, head_targets(table, p), device)
     optimizer = make_optimizer(trained_modules(model, head), p)
     averaged = weight_average(model, p)
     mix = style_mixing(model, p)
@@ -302,7 +301,7 @@ def step_train(work: Path, n: int, args: argparse.Namespace) -> dict[str, Any]:
              if p.balance == "group_dro" else None),
         adversary=(AdversaryRun(head, model.backbone.fc, p.adversary, p.epochs * steps)
                    if head is not None else None),
-        average=(lambda: averaged.update_parameters(model)) if averaged is not None else None,
+        average=average_step(averaged, model),
         mixup=p.mixup,
     )  # fmt: skip
     allowed = torch.from_numpy(allowed_classes(table, p.task))

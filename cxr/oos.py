@@ -24,7 +24,7 @@ import pandas as pd
 
 from cxr.arrays import load_split
 from cxr.config import BaseParams, TrainParams, network_input
-from cxr.data import adversary_targets, allowed_classes, labels_for, seed_everything, strata_for
+from cxr.data import allowed_classes, head_targets, labels_for, seed_everything, strata_for
 from cxr.errors import InputError
 from cxr.infer import predict_proba
 from cxr.lungs import load_lung_masks
@@ -113,8 +113,7 @@ def fit(
         train_allowed=allowed_classes(tr, p.task), train_strata=strata_for(tr, p.task, p.balance_by),
         val_images=images[val], val_labels=labels_for(va, p.task),
         val_allowed=allowed_classes(va, p.task), generator=generator,
-        train_sources=(adversary_targets(tr, p.task, p.adversary_by, p.adversary_within)
-                       if p.adversary else None),
+        train_sources=head_targets(tr, p),
         on_epoch=(lambda res: on_epoch(model, res)) if on_epoch is not None else None,
     )  # fmt: skip
     summary = result.summary() | {"train_images": len(tr), "val_images": len(va),

@@ -226,6 +226,12 @@ def weight_average(model: nn.Module, p: TrainParams) -> AveragedModel | None:
     return AveragedModel(model, use_buffers=True)
 
 
+def average_step(averaged: AveragedModel | None, model: nn.Module) -> Callable[[], None] | None:
+    """What train_epoch calls after every step to take `model`'s weights into the running mean
+    `averaged` (None without one)."""
+    return None if averaged is None else (lambda: averaged.update_parameters(model))
+
+
 def style_mixing(model: nn.Module, p: TrainParams) -> MixStyle | None:
     """MixStyle's hooks on `model` as `p` asks (None when `p.mixstyle` is 0); close them after."""
     return MixStyle(model, p.mixstyle) if p.mixstyle > 0 else None
@@ -498,7 +504,7 @@ def train_model(
             desc=f"{p.task} epoch {epoch}/{p.epochs}",
             dro=dro,
             adversary=adversary,
-            average=(lambda: averaged.update_parameters(model)) if averaging else None,
+            average=average_step(averaged, model) if averaging else None,
             mixup=p.mixup,
         )
         total_loss, correct, count = distributed.sum_across(list(sums), world)

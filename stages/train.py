@@ -36,8 +36,8 @@ from cxr.config import (
     recorded_params,
 )
 from cxr.data import (
-    adversary_targets,
     allowed_classes,
+    head_targets,
     labels_for,
     seed_everything,
     strata_for,
@@ -169,9 +169,7 @@ def main(argv: list[str] | None = None) -> None:
                 on_epoch=on_epoch,
                 world=world,
                 resume=resume_file(args.resume, args.data, args.lungs, base, p, world),
-                train_sources=(adversary_targets(train_table, p.task, p.adversary_by,
-                                                 p.adversary_within)
-                               if p.adversary else None),  # fmt: skip
+                train_sources=head_targets(train_table, p),
             )
         if not world.is_main:
             return
