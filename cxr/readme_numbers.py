@@ -1231,6 +1231,31 @@ def oos_normal_cutoff(f: Files) -> list[str]:
                  out)  # fmt: skip
 
 
+# The default's fold runs traced epoch by epoch (stages/oos_trajectory.py, RULE.md 35th).
+OOS_TRAJECTORY = "reports/oos/candidates/default_zen5/trajectory/trajectory.json"
+
+
+def oos_trajectory(f: Files) -> list[str]:
+    """docs/validation.md: each fold's held-out adult AUC after every epoch of the default's
+    training, pooled per epoch, and the pooled AUC of the epochs each rule keeps."""
+    from cxr.oos_trajectory import RULES
+
+    t = f.load(OOS_TRAJECTORY)
+    folds = list(t["kept"])
+
+    def cell(v: float | None) -> str:
+        return "-" if v is None or math.isnan(v) else f3(v)
+
+    epochs = [[str(r["epoch"]), *(cell(r["folds"][k]) for k in folds), cell(r["pooled"])]
+              for r in t["per_epoch"]]  # fmt: skip
+    rules = [[RULES[name], *(f"{cell(r['folds'][k])} ({r['epochs'][k]})" for k in folds),
+              cell(r["pooled"])] for name, r in t["rules"].items()]  # fmt: skip
+    header = [*(f"fold {k}" for k in folds), "pooled"]
+    return [*table(["epoch", *header], epochs), "",
+            "Each fold's epoch as a rule keeps it (in brackets):", "",
+            *table(["kept by", *header], rules)]  # fmt: skip
+
+
 OOS_SEEDS = "reports/oos/seeds"  # binary seed ensembles on held-out places (oos/seeds.sh)
 
 
@@ -1407,6 +1432,7 @@ BLOCKS: dict[str, Callable[[Files], list[str]]] = {
     "oos-four-class": oos_four_class_calls,
     "oos-seeds": oos_seeds,
     "oos-normal-cutoff": oos_normal_cutoff,
+    "oos-trajectory": oos_trajectory,
     "headline": headline,
     "targets": targets,
     "new-hospital-targets": new_hospital_targets,

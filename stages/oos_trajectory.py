@@ -3,8 +3,8 @@
     python stages/oos_trajectory.py --params reports/oos/candidates/NAME/params.yaml
 
 Trains every fold's binary model as stages/oos.py does and scores its held-out and
-internal-validation films after each epoch. Writes `<out>/<fold>.csv` (one row per film and
-epoch), `<out>/<fold>.json` (the fold's summary with each epoch's validation loss and macro-F1)
+internal-validation films after each epoch. Writes `<out>/<fold>.csv` (one row per held-out
+film and epoch), `<out>/<fold>.json` (the fold's summary with each epoch's validation loss and macro-F1)
 and `<out>/trajectory.{json,md}`; `<out>` defaults to `trajectory/` beside the params file. A
 fold whose two files exist is not trained again, so an interrupted run goes on where it stopped.
 It never chooses anything: choosing an epoch on held-out films would train on them.

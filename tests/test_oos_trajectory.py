@@ -74,12 +74,13 @@ def test_a_traced_fold_scores_every_epoch_and_trains_as_the_fold_stage(tmp_path,
     kept = plain["binary"]["best_epoch"]
     assert f'"best_epoch": {kept}' in summary  # tracing changed nothing the training saw
     at = {e: g.reset_index(drop=True) for e, g in traced.groupby("epoch")}
-    assert at[kept]["path"].tolist() == frame["path"].tolist()
-    assert at[kept]["scored_as"].tolist() == frame["scored_as"].tolist()
-    np.testing.assert_allclose(at[kept]["p_covid"], frame["p_covid"], atol=1e-5)
+    held = frame[frame["scored_as"] == "held_out"].reset_index(drop=True)
+    assert len(held) == 8 and (traced["scored_as"] == "held_out").all()
+    assert at[kept]["path"].tolist() == held["path"].tolist()
+    np.testing.assert_allclose(at[kept]["p_covid"], held["p_covid"], atol=1e-5)
     # ... and the other epochs were scored by their own weights, not the kept ones.
     for e in {1, 2, 3} - {kept}:
-        assert not np.allclose(at[e]["p_covid"], frame["p_covid"], atol=1e-4)
+        assert not np.allclose(at[e]["p_covid"], held["p_covid"], atol=1e-4)
     report = (out / "trajectory.md").read_text()
     assert "| 3 |" in report and "lowest validation loss" in report
     # A second call finds the fold traced and only rewrites the report.
