@@ -2,8 +2,8 @@
 amendment; stages/oos_trajectory.py).
 
 Each fold's binary model trains exactly as stages/oos.py trains it (same params, seed and draws:
-scoring in evaluation mode changes nothing the training sees), and after every epoch the fold's
-held-out and internal-validation films are scored. The table says how far the out-of-source AUC
+scoring in evaluation mode changes nothing the training sees), and after every epoch the films
+the fold stage scores are scored and its held-out films' scores kept. The table says how far the out-of-source AUC
 moves from one epoch to the next, and whether the in-distribution criteria (validation macro-F1,
 the default; validation loss; the last epoch) keep epochs that travel. It is never a way to
 choose: an epoch chosen on the held-out films would make them part of training.

@@ -2,12 +2,14 @@
 
     python stages/oos_trajectory.py --params reports/oos/candidates/NAME/params.yaml
 
-Trains every fold's binary model as stages/oos.py does and scores its held-out and
-internal-validation films after each epoch. Writes `<out>/<fold>.csv` (one row per held-out
-film and epoch), `<out>/<fold>.json` (the fold's summary with each epoch's validation loss and macro-F1)
-and `<out>/trajectory.{json,md}`; `<out>` defaults to `trajectory/` beside the params file. A
-fold whose two files exist is not trained again, so an interrupted run goes on where it stopped.
-It never chooses anything: choosing an epoch on held-out films would train on them.
+Trains every fold's binary model as stages/oos.py does and scores the fold's films after each
+epoch. Writes `<out>/<fold>.csv` (one row per held-out film and epoch), `<out>/<fold>.json` (the
+fold's summary with each epoch's validation loss and macro-F1) and `<out>/trajectory.{json,md}`;
+`<out>` defaults to `trajectory/` beside the params file. A fold whose two files exist is not
+trained again, so an interrupted run goes on where it stopped (delete `<out>` to trace other
+params into it). It never chooses anything: choosing an epoch on held-out films would train on
+them. Weight averaging (`average_epochs`) is refused: its epochs keep the average, which the
+trace would not score.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from cxr.lungs import crop_inputs
 from cxr.oos import pool_masks, pool_table, with_epochs
 from cxr.oos_params import load_oos_params
 from cxr.oos_trajectory import trace_fold, write_report
+from cxr.params import ParamsError
 
 log = logging.getLogger("oos_trajectory")
 
@@ -52,6 +55,11 @@ def main(argv: list[str] | None = None) -> None:
         base = load_base(args.params)
         spec = preprocessing(base, load_split_params(args.params))
         p = with_epochs(load_train_params(args.params, "train_binary"), oos.epochs)
+        if p.average_epochs:
+            raise ParamsError(
+                "train_binary.average_epochs: a trace scores each epoch's own weights, but the "
+                "averaging epochs keep the average; trace a recipe without it (0)"
+            )
         configure_cpu(p.threads)
         images, table = pool_table(args.data, spec.image_size)
         images = crop_inputs(images, lambda: pool_masks(args.lungs, table), spec.to_dict())

@@ -4,7 +4,8 @@ Checked by hand (each bug made in the code, this file went red, then the code wa
 - every epoch scored with the kept model (scores taken after training): test_a_traced_fold_*;
 - the callback not passed on by cxr.oos.fit (nothing traced): test_a_traced_fold_*;
 - the loss rule keeping the highest loss: test_each_rule_keeps_its_epoch_*;
-- a traced fold trained again on a second call: test_a_traced_fold_*.
+- a traced fold trained again on a second call: test_a_traced_fold_*;
+- a weight-averaged recipe traced (its plain weights scored): test_a_weight_averaged_*.
 """
 
 from __future__ import annotations
@@ -88,6 +89,16 @@ def test_a_traced_fold_scores_every_epoch_and_trains_as_the_fold_stage(tmp_path,
     (out / "trajectory.md").unlink()
     oos_trajectory.main(argv)
     assert (out / "trajectory.md").read_text() == report
+
+
+def test_a_weight_averaged_recipe_is_refused_by_name(tmp_path, capsys):
+    from stages import oos_trajectory
+
+    params = write_params(tmp_path / "params.yaml", train_binary={"average_epochs": 2})
+    with pytest.raises(SystemExit):
+        oos_trajectory.main(["--params", str(params), "--out", str(tmp_path / "out")])
+    assert "train_binary.average_epochs" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_each_rule_keeps_its_epoch_and_pools_the_folds_at_it():
