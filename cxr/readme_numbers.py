@@ -811,6 +811,7 @@ OOS_SEED_RUNS: dict[str, dict[int, str]] = {
     "mixup": two_seeds("mixup"),  # 32nd
     "intensity_none": two_seeds("intensity_none"),  # 33rd: its own arrays
     "select_loss": two_seeds("select_loss"),  # 34th
+    "balance_class": two_seeds("balance_class"),  # 36th
 }
 
 # The changes compared with the default over two seeds: what each is and its rule, "better"
@@ -853,6 +854,8 @@ TWO_SEED_CANDIDATES: dict[str, tuple[str, str, str]] = {
                        "validation)", "better", "default_zen5"),
     "select_loss": ("the binary epoch kept by validation loss instead of macro-F1 (same training)",
                     "better", "default_zen5"),
+    "balance_class": ("binary draws balanced by class alone instead of class x age group",
+                      "better", "default_zen5"),
 }  # fmt: skip
 
 
