@@ -812,6 +812,7 @@ OOS_SEED_RUNS: dict[str, dict[int, str]] = {
     "intensity_none": two_seeds("intensity_none"),  # 33rd: its own arrays
     "select_loss": two_seeds("select_loss"),  # 34th
     "balance_class": two_seeds("balance_class"),  # 36th
+    "harmonise_off": two_seeds("harmonise_off"),  # 37th: its own arrays
 }
 
 # The changes compared with the default over two seeds: what each is and its rule, "better"
@@ -856,6 +857,8 @@ TWO_SEED_CANDIDATES: dict[str, tuple[str, str, str]] = {
                     "better", "default_zen5"),
     "balance_class": ("binary draws balanced by class alone instead of class x age group",
                       "better", "default_zen5"),
+    "harmonise_off": ("no harmonising (split.harmonise false: films at their own size and "
+                      "compression, not Kermany's 224 px JPEG round trip)", "better", "default_zen5"),
 }  # fmt: skip
 
 
