@@ -62,6 +62,33 @@ def trace_fold(images: np.ndarray, table: pd.DataFrame, fold: Fold, p: TrainPara
     return pd.concat(rows, ignore_index=True), summary
 
 
+EPOCH_COLUMN = "p_covid_epoch"
+
+
+def write_fold_csv(frame: pd.DataFrame, path: Path) -> None:
+    """The long table as one row per film and one `p_covid_epochN` column per epoch: the film's
+    path, label and group written once, not once per epoch (a fold's file is a fifth the size)."""
+    epochs = sorted(frame["epoch"].unique())
+    blocks = [frame[frame["epoch"] == e].reset_index(drop=True) for e in epochs]
+    films = blocks[0].drop(columns=["epoch", "p_covid"])
+    for e, block in zip(epochs, blocks, strict=True):
+        # trace_fold scores the same films in the same order after every epoch
+        if not block["path"].equals(films["path"]):
+            raise ValueError(f"epoch {e} scored other films than epoch {epochs[0]}")
+        films[f"{EPOCH_COLUMN}{e}"] = block["p_covid"]
+    films.to_csv(path, index=False, float_format="%.6f")
+
+
+def read_fold_csv(path: Path) -> pd.DataFrame:
+    """write_fold_csv's file as the long table trace_fold returned (rows epoch by epoch)."""
+    wide = pd.read_csv(path)
+    scores = [c for c in wide.columns if c.startswith(EPOCH_COLUMN)]
+    long = wide.melt(id_vars=[c for c in wide.columns if c not in scores], value_vars=scores,
+                     var_name="epoch", value_name="p_covid")  # fmt: skip
+    long["epoch"] = long["epoch"].str.removeprefix(EPOCH_COLUMN).astype(int)
+    return long
+
+
 def held_out_auc(frame: pd.DataFrame) -> float:
     """Adult ROC AUC of held-out films (COVID-19 vs adult non-COVID), as cxr.oos_report's."""
     adult = adult_binary(frame[frame["scored_as"] == "held_out"])
@@ -130,7 +157,7 @@ def markdown(result: dict[str, Any], params: str) -> str:
 
 def write_report(out: Path, names: list[str], params: str) -> dict[str, Any]:
     """trajectory.{json,md} from the files of folds `names` in `out`."""
-    frames = {f: pd.read_csv(out / f"{f}.csv") for f in names}
+    frames = {f: read_fold_csv(out / f"{f}.csv") for f in names}
     summaries = {f: json.loads((out / f"{f}.json").read_text()) for f in names}
     result = summarise(frames, summaries)
     (out / "trajectory.json").write_text(json.dumps(result, indent=2) + "\n")

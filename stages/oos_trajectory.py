@@ -3,13 +3,13 @@
     python stages/oos_trajectory.py --params reports/oos/candidates/NAME/params.yaml
 
 Trains every fold's binary model as stages/oos.py does and scores the fold's films after each
-epoch. Writes `<out>/<fold>.csv` (one row per held-out film and epoch), `<out>/<fold>.json` (the
-fold's summary with each epoch's validation loss and macro-F1) and `<out>/trajectory.{json,md}`;
-`<out>` defaults to `trajectory/` beside the params file. A fold whose two files exist is not
-trained again, so an interrupted run goes on where it stopped (delete `<out>` to trace other
-params into it). It never chooses anything: choosing an epoch on held-out films would train on
-them. Weight averaging (`average_epochs`) is refused: its epochs keep the average, which the
-trace would not score.
+epoch. Writes `<out>/<fold>.csv` (one row per held-out film, one score column per epoch),
+`<out>/<fold>.json` (the fold's summary with each epoch's validation loss and macro-F1) and
+`<out>/trajectory.{json,md}`; `<out>` defaults to `trajectory/` beside the params file. A fold
+whose two files exist is not trained again, so an interrupted run goes on where it stopped
+(delete `<out>` to trace other params into it). It never chooses anything: choosing an epoch on
+held-out films would train on them. Weight averaging (`average_epochs`) is refused: its epochs
+keep the average, which the trace would not score.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from cxr.infer import configure_cpu
 from cxr.lungs import crop_inputs
 from cxr.oos import pool_masks, pool_table, with_epochs
 from cxr.oos_params import load_oos_params
-from cxr.oos_trajectory import trace_fold, write_report
+from cxr.oos_trajectory import trace_fold, write_fold_csv, write_report
 from cxr.params import ParamsError
 
 log = logging.getLogger("oos_trajectory")
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
                 continue
             frame, result = trace_fold(images, table, fold, p, base)
             # The summary last: a fold counts as done only when both files are whole.
-            frame.to_csv(csv, index=False, float_format="%.6f")
+            write_fold_csv(frame, csv)
             summary.write_text(json.dumps(result, indent=2) + "\n")
             log.info("fold %s: %d epochs traced -> %s", fold.name, len(result["epochs"]), out)
         write_report(out, [f.name for f in oos.folds], str(args.params))

@@ -18,7 +18,7 @@ from cxr.arrays import save_split
 from cxr.config import load_base, load_train_params
 from cxr.oos import pool_table, run_fold
 from cxr.oos_params import load_oos_params
-from cxr.oos_trajectory import summarise
+from cxr.oos_trajectory import read_fold_csv, summarise, write_fold_csv
 from tests.conftest import write_params
 
 ROWS = [  # label, age group, dataset, location, country
@@ -64,7 +64,10 @@ def test_a_traced_fold_scores_every_epoch_and_trains_as_the_fold_stage(tmp_path,
         str(out),
     ]
     oos_trajectory.main(argv)
-    traced = pd.read_csv(out / "r.csv")
+    traced = read_fold_csv(out / "r.csv")
+    wide = pd.read_csv(out / "r.csv")  # one row per film, one score column per epoch
+    assert len(wide) == 8 and [c for c in wide if c.startswith("p_covid")] == [
+        "p_covid_epoch1", "p_covid_epoch2", "p_covid_epoch3"]  # fmt: skip
     summary = (out / "r.json").read_text()
     assert sorted(traced["epoch"].unique()) == [1, 2, 3]
     # The fold stage's own run, untraced: the same films, and the kept epoch's scores are its.
@@ -165,3 +168,18 @@ def test_each_rule_keeps_its_epoch_and_pools_the_folds_at_it():
     # val_loss: fold a at epoch 3 (its positives 0.1, 0.2 lowest), fold b at epoch 1:
     # positives 0.1 0.2 0.6 0.7 against negatives 0.9 0.8 0.3 0.4 -> 4 of 16 pairs right.
     assert rules["val_loss"]["pooled"] == pytest.approx(4 / 16)
+
+
+def test_a_fold_file_keeps_each_epochs_scores_and_refuses_other_films(tmp_path):
+    films = pd.DataFrame({"path": ["a.png", "b.png"], "label": ["covid", "normal"],
+                          "age_group": "adult", "group_id": ["g1", "g2"], "scored_as": "held_out"})  # fmt: skip
+    long = pd.concat([films.assign(epoch=e, p_covid=[0.1 * e, 0.2 * e]) for e in (1, 2, 3)],
+                     ignore_index=True)  # fmt: skip
+    write_fold_csv(long, tmp_path / "f.csv")
+    back = read_fold_csv(tmp_path / "f.csv")
+    pd.testing.assert_frame_equal(back, long[back.columns], check_exact=False, atol=1e-6)
+    # Epoch 2 scored the films in another order: its scores would land on the wrong films.
+    swapped = long.copy()
+    swapped.loc[[2, 3], "path"] = ["b.png", "a.png"]
+    with pytest.raises(ValueError, match="epoch 2"):
+        write_fold_csv(swapped, tmp_path / "g.csv")
