@@ -129,7 +129,8 @@ def summarise(frames: dict[str, pd.DataFrame], summaries: dict[str, dict]) -> di
             "kept": {f: summaries[f]["binary"]["best_epoch"] for f in folds}}  # fmt: skip
 
 
-def _auc(v: float | None) -> str:
+def auc_cell(v: float | None) -> str:
+    """An AUC as a table shows it: three decimals, "-" where a fold had no AUC at that epoch."""
     return "-" if v is None or math.isnan(v) else f"{v:.3f}"
 
 
@@ -145,13 +146,13 @@ def markdown(result: dict[str, Any], params: str) -> str:
         head.format("epoch"), "|---" * (len(folds) + 2) + "|",
     ]  # fmt: skip
     for row in result["per_epoch"]:
-        cells = [_auc(row["folds"][f]) for f in folds] + [_auc(row["pooled"])]
+        cells = [auc_cell(row["folds"][f]) for f in folds] + [auc_cell(row["pooled"])]
         lines.append(f"| {row['epoch']} | " + " | ".join(cells) + " |")
     lines += ["", "Each fold's epoch as a rule would keep it (the epoch in brackets):", "",
               head.format("kept by"), "|---" * (len(folds) + 2) + "|"]  # fmt: skip
     for rule, r in result["rules"].items():
-        cells = [f"{_auc(r['folds'][f])} ({r['epochs'][f]})" for f in folds]
-        lines.append(f"| {RULES[rule]} | " + " | ".join(cells) + f" | {_auc(r['pooled'])} |")
+        cells = [f"{auc_cell(r['folds'][f])} ({r['epochs'][f]})" for f in folds]
+        lines.append(f"| {RULES[rule]} | " + " | ".join(cells) + f" | {auc_cell(r['pooled'])} |")
     return "\n".join(lines) + "\n"
 
 

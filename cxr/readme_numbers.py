@@ -1245,13 +1245,10 @@ def oos_trajectory(f: Files) -> list[str]:
     """docs/validation.md: each fold's held-out adult AUC after every epoch of the default's
     training, pooled per epoch, and the pooled AUC of the epochs each rule keeps."""
     from cxr.oos_trajectory import RULES
+    from cxr.oos_trajectory import auc_cell as cell
 
     t = f.load(OOS_TRAJECTORY)
     folds = list(t["kept"])
-
-    def cell(v: float | None) -> str:
-        return "-" if v is None or math.isnan(v) else f3(v)
-
     epochs = [[str(r["epoch"]), *(cell(r["folds"][k]) for k in folds), cell(r["pooled"])]
               for r in t["per_epoch"]]  # fmt: skip
     rules = [[RULES[name], *(f"{cell(r['folds'][k])} ({r['epochs'][k]})" for k in folds),
