@@ -9,6 +9,7 @@ missing from it is an error (cxr.params.from_section), never a silent second def
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,31 +31,49 @@ BALANCE_BY = ("class", "age_group", "dataset")
 ADVERSARY_WITHIN = ("class", "age_group", "label")
 # Train keys that a run records (checkpoint, resume file) only when they are switched on: added
 # after the committed default models were trained, they leave a run that does not use them what
-# it was, its checkpoint's bytes included.
-RECORDED_WHEN_ON = {"average_epochs": 0, "mixstyle": 0.0, "mixup": 0.0}
+# it was, its checkpoint's bytes included. A dotted key is one inside a mapping (augment).
+RECORDED_WHEN_ON = {"average_epochs": 0, "mixstyle": 0.0, "mixup": 0.0, "augment.jpeg": 0.0}
 # Train keys added after recipes were first recorded (reports/oos), with what a recorded
 # recipe without them meant: the network saw the arrays' size; no adversarial head, weight
-# average, MixStyle or mixup.
-LATER_TRAIN_KEYS = {"input_size": None, "adversary": 0.0, "adversary_by": "dataset",
-                    "adversary_within": ["class"], **RECORDED_WHEN_ON}
+# average, MixStyle, mixup or JPEG round trip.
+LATER_TRAIN_KEYS = {
+    "input_size": None,
+    "adversary": 0.0,
+    "adversary_by": "dataset",
+    "adversary_within": ["class"],
+    **RECORDED_WHEN_ON,
+}
+
+
+def _parent(values: dict[str, Any], key: str) -> tuple[dict[str, Any] | None, str]:
+    """The mapping that holds dotted `key` in `values` (None if there is none) and its last part."""
+    *path, last = key.split(".")
+    for part in path:
+        values = values.get(part)
+        if not isinstance(values, dict):
+            return None, last
+    return values, last
 
 
 def recorded_params(p: Any) -> dict[str, Any]:
     """A TrainParams as a run records it: its fields, less those of RECORDED_WHEN_ON left off."""
-    values = asdict(p)
+    values = asdict(p)  # a deep copy: the mappings inside are the record's own
     for key, off in RECORDED_WHEN_ON.items():
-        if values.get(key) == off:
-            del values[key]
+        parent, last = _parent(values, key)
+        if parent is not None and last in parent and parent[last] == off:
+            del parent[last]
     return values
 
 
 def as_recipe(section: str, values: dict[str, Any]) -> dict[str, Any]:
     """A recorded params section made comparable with today's: a train section gains the keys
     it predates, with the values their absence meant (LATER_TRAIN_KEYS)."""
-    part = dict(values or {})
+    part = copy.deepcopy(dict(values or {}))
     if section.startswith("train_"):
         for key, value in LATER_TRAIN_KEYS.items():
-            part.setdefault(key, value)
+            parent, last = _parent(part, key)
+            if parent is not None:
+                parent.setdefault(last, value)
     return part
 
 
@@ -167,6 +186,9 @@ class AugmentParams:
     sharpen: float  # unsharp-mask amount in [-sharpen, sharpen] (negative blurs)
     noise: float  # Gaussian noise sd drawn in [0, noise]
     cutout: float  # probability of one random box (5-20% of the side) of random grey
+    # Probability of a JPEG round trip of the film, quality drawn in JPEG_QUALITY (cxr.data.
+    # draw_jpeg): another source's compression, before any other augmentation.
+    jpeg: float
 
     def check(self, where: str = "augment") -> None:
         """Range checks, naming keys `<where>.<key>` (TrainParams.augmentation passes
@@ -194,7 +216,8 @@ class AugmentParams:
             self.scale,
         )
         for key, high in (("gamma", 2.0), ("contrast", 0.9), ("brightness", 0.5),
-                          ("sharpen", 2.0), ("noise", 0.5), ("cutout", 1.0)):  # fmt: skip
+                          ("sharpen", 2.0), ("noise", 0.5), ("cutout", 1.0),
+                          ("jpeg", 1.0)):  # fmt: skip
             value = getattr(self, key)
             require(finite(value) and 0 <= value <= high, f"{where}.{key}",
                     f"a number in [0, {high}]", value)  # fmt: skip

@@ -22,6 +22,7 @@ from cxr.config import (
     AugmentParams,
     TrainParams,
 )
+from cxr.images import jpeg_round_trip
 
 if TYPE_CHECKING:  # annotations only: pandas is imported where a table is read
     import pandas as pd
@@ -182,6 +183,33 @@ def draw_photometric(
         "box": box,  # centre x, centre y, width, height in [0, 1) before scaling
         "grey": torch.rand(n, generator=generator),
     }
+
+
+# Qualities another source may have saved its films at: from figures compressed hard for a
+# paper (about 20) to near-lossless exports (95); Kermany's films are q75 (split.jpeg_quality).
+JPEG_QUALITY = (20, 95)
+
+
+def draw_jpeg(n: int, aug: AugmentParams, generator: torch.Generator) -> torch.Tensor:
+    """Per image, the quality of its JPEG round trip (0: none), drawn on the CPU from
+    `generator` in a fixed order: whether (probability `aug.jpeg`), then the quality."""
+    on = torch.rand(n, generator=generator) < aug.jpeg
+    quality = torch.randint(JPEG_QUALITY[0], JPEG_QUALITY[1] + 1, (n,), generator=generator)
+    return torch.where(on, quality, 0)
+
+
+def apply_jpeg(batch: torch.Tensor, quality: torch.Tensor) -> torch.Tensor:
+    """A uint8 batch N x H x W with image i sent through a JPEG round trip at `quality[i]` (0:
+    left as it is). Applied to the stored film, before the flips, warps and tone changes, as a
+    source's compression came before everything else; PIL encodes on the host, so a batch on a
+    GPU goes there and back."""
+    rows = torch.nonzero(quality > 0).flatten().tolist()
+    if not rows:
+        return batch
+    host = batch.cpu().numpy().copy()
+    for i in rows:
+        host[i] = jpeg_round_trip(host[i], int(quality[i]))
+    return torch.from_numpy(host).to(batch.device)
 
 
 def _blur(x: torch.Tensor) -> torch.Tensor:

@@ -328,13 +328,18 @@ def step_train(work: Path, n: int, args: argparse.Namespace) -> dict[str, Any]:
         "train_epoch_min": (order_s + steps * p.batch_size / rate) / 60,
         "train_threads": threads,
         "train_device": where,
-        "train_model": f"{p.arch} {network_input(base, p)} px batch {p.batch_size}" + "".join(
-            f", {name}" for name, on in (("group DRO", kwargs["dro"]),
-                                         (f"adversary {p.adversary:g}", kwargs["adversary"]),
-                                         ("weight average", kwargs["average"]),
-                                         (f"MixStyle {p.mixstyle:g}", mix),
-                                         (f"mixup {p.mixup:g}", kwargs["mixup"] or None))
-            if on is not None),  # fmt: skip
+        "train_model": f"{p.arch} {network_input(base, p)} px batch {p.batch_size}"
+        + "".join(
+            f", {name}"
+            for name, on in (
+                ("group DRO", kwargs["dro"]),
+                (f"adversary {p.adversary:g}", kwargs["adversary"]),
+                ("weight average", kwargs["average"]),
+                (f"MixStyle {p.mixstyle:g}", mix),
+                (f"mixup {p.mixup:g}", kwargs["mixup"] or None),
+            )
+            if on is not None
+        ),
     }
 
 

@@ -135,13 +135,18 @@ def to_grayscale(img: Image.Image) -> np.ndarray:
     return np.asarray(gray, dtype=np.uint8)
 
 
+def jpeg_round_trip(gray: np.ndarray, quality: int) -> np.ndarray:
+    """Save a uint8 grayscale image as JPEG at `quality` and read it back."""
+    buf = io.BytesIO()
+    Image.fromarray(gray, mode="L").save(buf, format="JPEG", quality=quality)
+    buf.seek(0)
+    return np.asarray(Image.open(buf).convert("L"), dtype=np.uint8)
+
+
 def harmonise(gray: np.ndarray, size: int = 224, quality: int = 75) -> np.ndarray:
     """Squash-resize to size x size and round-trip through JPEG at `quality`, as Kermany's were."""
     img = Image.fromarray(gray, mode="L").resize((size, size), Image.Resampling.BILINEAR)
-    buf = io.BytesIO()
-    img.save(buf, format="JPEG", quality=quality)
-    buf.seek(0)
-    return np.asarray(Image.open(buf).convert("L"), dtype=np.uint8)
+    return jpeg_round_trip(np.asarray(img), quality)
 
 
 INTENSITY = ("none", "equalize")

@@ -28,8 +28,10 @@ from cxr.adversary import AdversaryRun, SourceAdversary
 from cxr.config import AugmentParams, TrainParams
 from cxr.data import (
     apply_affine,
+    apply_jpeg,
     apply_photometric,
     draw_affine,
+    draw_jpeg,
     draw_photometric,
     epoch_order,
     gather,
@@ -344,12 +346,15 @@ def train_epoch(
     bar = tqdm(batches, desc=desc, unit="batch", leave=False, disable=not world.is_main)
     for step, idx in enumerate(bar, 1):
         theta = draw_affine(len(idx), aug, generator)[part] if aug is not None else None
-        photo = None
+        photo = quality = None
         if aug is not None and aug.photometric:  # drawn for the global batch, like theta
             photo = draw_photometric(len(idx), images.shape[-1], aug, generator)
             photo = {k: v[part] for k, v in photo.items()}
+        if aug is not None and aug.jpeg:  # after the others: their draws stay what they were
+            quality = draw_jpeg(len(idx), aug, generator)[part]
         mine = idx[part]
-        x = to_input(gather(images, mine, device))
+        batch = gather(images, mine, device)
+        x = to_input(apply_jpeg(batch, quality) if quality is not None else batch)
         if theta is not None:
             x = apply_affine(x, theta)
         if photo is not None:

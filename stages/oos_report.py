@@ -32,8 +32,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--folds", type=Path, default=Path("reports/oos/folds"))
     parser.add_argument("--out", type=Path, default=Path("reports/oos"))
-    parser.add_argument("--sources", type=Path, default=Path("data/sources/sources.csv"),
-                        help="for each held-out film's finding (the by-finding table)")
+    parser.add_argument(
+        "--sources",
+        type=Path,
+        default=Path("data/sources/sources.csv"),
+        help="for each held-out film's finding (the by-finding table)",
+    )
     return parser.parse_args(argv)
 
 
@@ -64,8 +68,9 @@ def main(argv: list[str] | None = None) -> None:
         result = report(frame, oos.specificity, oos.bootstrap, load_base(args.params).seed)
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
-        (args.out / "results.md").write_text(markdown(result, {"tasks": oos.tasks,
-                                                               "epochs": oos.epochs}))
+        (args.out / "results.md").write_text(
+            markdown(result, {"tasks": oos.tasks, "epochs": oos.epochs})
+        )
         if result["operating_point"] is None:  # four-class folds only: no COVID-19 threshold
             log.info("four-class calls on held-out adult films: %s", result["pooled"]["four_class"])
             return

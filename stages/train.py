@@ -48,7 +48,8 @@ from cxr.lungs import crop_inputs, load_lung_masks
 from cxr.models import build_model, classifier_meta, save_checkpoint
 from cxr.train import EpochResult, train_model
 
-RUN_ONLY = ("wall_seconds", "train_images_per_second", "resumed_from_epoch")  # metrics, not checkpoint
+# Metrics of this run only, not recorded in the checkpoint.
+RUN_ONLY = ("wall_seconds", "train_images_per_second", "resumed_from_epoch")
 
 log = logging.getLogger("train")
 

@@ -89,7 +89,8 @@ def repo_params(section: str, **changes: Any) -> Any:
 
 PHOTOMETRIC_OFF = {"gamma": 0.0, "contrast": 0.0, "brightness": 0.0, "sharpen": 0.0,
                    "noise": 0.0, "cutout": 0.0}  # fmt: skip
-NO_AUG = {"hflip": False, "degrees": 0.0, "translate": 0.0, "scale": [1.0, 1.0]} | PHOTOMETRIC_OFF
+NO_AUG = {"hflip": False, "degrees": 0.0, "translate": 0.0, "scale": [1.0, 1.0],
+          "jpeg": 0.0} | PHOTOMETRIC_OFF  # fmt: skip
 
 
 def toy_params(**changes: Any) -> Any:

@@ -106,9 +106,15 @@ def test_adversary_needs_sources_one_process_and_a_sane_weight():
     with pytest.raises(ParamsError, match="adversary"):
         params(adversary=-1.0).validate()
 
-@pytest.mark.parametrize("key, value", [("adversary_by", "hospital"),
-                                        ("adversary_within", ["class", "dataset"]),
-                                        ("adversary_within", [])])
+
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("adversary_by", "hospital"),
+        ("adversary_within", ["class", "dataset"]),
+        ("adversary_within", []),
+    ],
+)
 def test_a_source_or_stratum_the_head_cannot_use_is_named(tmp_path, key, value):
     path = write_params(tmp_path / "params.yaml", train_four_class={key: value})
     with pytest.raises(ParamsError, match=key):
