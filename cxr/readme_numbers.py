@@ -813,6 +813,7 @@ OOS_SEED_RUNS: dict[str, dict[int, str]] = {
     "select_loss": two_seeds("select_loss"),  # 34th
     "balance_class": two_seeds("balance_class"),  # 36th
     "harmonise_off": two_seeds("harmonise_off"),  # 37th: its own arrays
+    "jpeg": two_seeds("jpeg"),  # 38th
 }
 
 # The changes compared with the default over two seeds: what each is and its rule, "better"
@@ -859,6 +860,8 @@ TWO_SEED_CANDIDATES: dict[str, tuple[str, str, str]] = {
                       "better", "default_zen5"),
     "harmonise_off": ("no harmonising (split.harmonise false: films at their own size and "
                       "compression, not Kermany's 224 px JPEG round trip)", "better", "default_zen5"),
+    "jpeg": ("a JPEG round trip at a quality drawn in 20-95 for half the binary draws "
+             "(augment.jpeg 0.5)", "better", "default_zen5"),
 }  # fmt: skip
 
 
