@@ -724,7 +724,7 @@ OOS_DEFAULT_RECIPE_CANDIDATES = ("robust_default",)
 
 
 def oos_candidates_default_recipe(f: Files) -> list[str]:
-    """docs/validation.md: each default-recipe candidate beside the 112 px run it was measured
+    """docs/candidates.md: each default-recipe candidate beside the 112 px run it was measured
     against, per fold it finished (in the order it ran them) and pooled; the rule's verdict only
     with every fold."""
     committed = f.load(f"{OOS_ZEN1}/results.json")
@@ -870,7 +870,7 @@ def oos_fold_names(f: Files) -> list[str]:
 
 
 def oos_pooled_noise(f: Files) -> list[str]:
-    """docs/validation.md: how far one fold model's seed moves the pooled AUC, beside the
+    """docs/candidates.md: how far one fold model's seed moves the pooled AUC, beside the
     default-recipe candidate's gain: the pooled AUC mixes fold models, so it also measures how
     well their scores line up, which a seed changes. One row per fold that has a seed-43 model
     of the default configuration (each swapped in alone)."""
@@ -1009,7 +1009,7 @@ def pair_split(f: Files, fold_csvs: list[str]) -> PairSplit:
 
 
 def oos_pairs(f: Files) -> list[str]:
-    """docs/validation.md: each two-seed run's pooled AUC split into same-place and
+    """docs/candidates.md: each two-seed run's pooled AUC split into same-place and
     cross-place pairs (pair_split), to read a pooled gain by where it comes from."""
     folds = oos_fold_names(f)
     rows, counts = [], None
@@ -1037,7 +1037,7 @@ def oos_pairs(f: Files) -> list[str]:
 
 
 def oos_two_seeds(f: Files) -> list[str]:
-    """docs/validation.md: the seventh amendment's comparison, each configuration and seed fold
+    """docs/candidates.md: the seventh amendment's comparison, each configuration and seed fold
     by fold and pooled over its own folds, then the rule's verdict (only with every fold)."""
     folds = oos_fold_names(f)
     rows, pooled = two_seed_pooled(f)
@@ -1245,7 +1245,7 @@ OOS_TRAJECTORY = "reports/oos/candidates/default_zen5/trajectory/trajectory.json
 
 
 def oos_trajectory(f: Files) -> list[str]:
-    """docs/validation.md: each fold's held-out adult AUC after every epoch of the default's
+    """docs/candidates.md: each fold's held-out adult AUC after every epoch of the default's
     training, pooled per epoch, and the pooled AUC of the epochs each rule keeps."""
     from cxr.oos_trajectory import RULES
     from cxr.oos_trajectory import auc_cell as cell
