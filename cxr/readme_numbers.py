@@ -814,6 +814,7 @@ OOS_SEED_RUNS: dict[str, dict[int, str]] = {
     "balance_class": two_seeds("balance_class"),  # 36th
     "harmonise_off": two_seeds("harmonise_off"),  # 37th: its own arrays
     "jpeg": two_seeds("jpeg"),  # 38th
+    "hflip_off": two_seeds("hflip_off"),  # 39th
 }
 
 # The changes compared with the default over two seeds: what each is and its rule, "better"
@@ -862,6 +863,8 @@ TWO_SEED_CANDIDATES: dict[str, tuple[str, str, str]] = {
                       "compression, not Kermany's 224 px JPEG round trip)", "better", "default_zen5"),
     "jpeg": ("a JPEG round trip at a quality drawn in 20-95 for half the binary draws "
              "(augment.jpeg 0.5)", "better", "default_zen5"),
+    "hflip_off": ("no left-right flips in the binary augmentation (the study's, kept until now)",
+                  "better", "default_zen5"),
 }  # fmt: skip
 
 
