@@ -9,12 +9,23 @@ held-out non-COVID films down by finding, and writes reports/oos/results.md.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 
 from cxr.metrics import bootstrap_ci
 
 # --- pooled metrics --------------------------------------------------------------------------
+
+
+def fold_file(folder: Path, fold: str) -> Path:
+    """A fold's predictions in `folder`: `<fold>.csv`, or `<fold>.csv.gz` where only that one is
+    kept (oos/candidate.sh packs committed runs' fold files so: a twentieth of the bytes, the
+    same rows); the plain name when neither exists."""
+    plain = folder / f"{fold}.csv"
+    packed = folder / f"{fold}.csv.gz"
+    return packed if not plain.exists() and packed.exists() else plain
 
 
 def adult_binary(frame: pd.DataFrame) -> pd.DataFrame:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import csv
 import difflib
+import gzip
 import io
 import json
 import math
@@ -78,9 +79,27 @@ class Files:
         self.root = root
         self._read: dict[str, Any] = {}
 
+    def resolve(self, relative: str) -> str:
+        """`relative`, or its gzipped twin `<relative>.gz` where only that one is committed
+        (run folders keep their fold files so: oos/candidate.sh)."""
+        packed = relative + ".gz"
+        if not (self.root / relative).exists() and (self.root / packed).exists():
+            return packed
+        return relative
+
+    def exists(self, relative: str) -> bool:
+        return (self.root / self.resolve(relative)).exists()
+
+    def fold_names(self, folder: str) -> list[str]:
+        """The folds with a prediction file in `folder` (`<fold>.csv` or `<fold>.csv.gz`)."""
+        files = [*(self.root / folder).glob("*.csv"), *(self.root / folder).glob("*.csv.gz")]
+        return sorted({path.name.split(".")[0] for path in files})
+
     def load(self, relative: str) -> Any:
         if relative not in self._read:
-            text = (self.root / relative).read_text()
+            path = self.root / self.resolve(relative)
+            text = (gzip.decompress(path.read_bytes()).decode() if path.suffix == ".gz"
+                    else path.read_text())  # fmt: skip
             if relative.endswith(".csv"):  # rows as dicts of strings
                 self._read[relative] = list(csv.DictReader(io.StringIO(text)))
             elif relative.endswith(".yaml"):
@@ -882,12 +901,12 @@ def oos_pooled_noise(f: Files) -> list[str]:
     runs = [("default run, Zen 1 (seed 42 in every fold)", committed)]
     for fold in folds:
         swap = f"{OOS_SEED_RUNS['default_zen1'][43]}/folds/{fold}.csv"
-        if (f.root / swap).exists():
+        if f.exists(swap):
             runs.append((f"the same, fold {fold}'s model trained with seed 43",
                          committed | {fold: swap}))  # fmt: skip
     for name in OOS_DEFAULT_RECIPE_CANDIDATES:
         folder = f"reports/oos/candidates/{name}/folds"
-        if all((f.root / folder / f"{fold}.csv").exists() for fold in folds):
+        if all(f.exists(f"{folder}/{fold}.csv") for fold in folds):
             runs.append((f"{name} (seed 42 in every fold)",
                          {fold: f"{folder}/{fold}.csv" for fold in folds}))  # fmt: skip
     base = pooled_auc(f, list(committed.values()))
@@ -959,7 +978,7 @@ def two_seed_pooled(f: Files) -> tuple[list[list[str]], dict[str, dict[int, floa
     for config, seeds in OOS_SEED_RUNS.items():
         for seed, folder in seeds.items():
             csvs = [f"{folder}/folds/{fold}.csv" for fold in folds]
-            have = [(f.root / csv).exists() for csv in csvs]
+            have = [f.exists(csv) for csv in csvs]
             if not any(have):
                 continue
             cells = [
@@ -1019,7 +1038,7 @@ def oos_pairs(f: Files) -> list[str]:
     for config, seeds in OOS_SEED_RUNS.items():
         for seed, folder in seeds.items():
             csvs = [f"{folder}/folds/{fold}.csv" for fold in folds]
-            if not all((f.root / csv).exists() for csv in csvs):
+            if not all(f.exists(csv) for csv in csvs):
                 continue
             split = pair_split(f, csvs)
             counts = counts or (split.n_within, split.n_across)
@@ -1074,8 +1093,7 @@ def two_seed_cells(f: Files, config: str, pooled: dict[str, dict[int, float]]) -
     for seed, folder in OOS_SEED_RUNS[config].items():
         theirs = OOS_SEED_RUNS[baseline][seed]
         for fold in oos_fold_names(f):
-            theirs_csv = f.root / theirs / "folds" / f"{fold}.csv"
-            if (f.root / folder / "folds" / f"{fold}.csv").exists() and theirs_csv.exists():
+            if f.exists(f"{folder}/folds/{fold}.csv") and f.exists(f"{theirs}/folds/{fold}.csv"):
                 done.append((fold, seed, pooled_auc(f, [f"{folder}/folds/{fold}.csv"]),
                              pooled_auc(f, [f"{theirs}/folds/{fold}.csv"])))  # fmt: skip
     if not done:
@@ -1103,7 +1121,7 @@ def oos_choices(f: Files) -> list[str]:
                  f"{robust2['roc_auc']['point']:.3f} vs {budget:.3f}",
                  "adopt by the rule" if delta >= 0.01 else "keep default"])  # fmt: skip
     folder = "reports/oos/candidates/source_balanced/folds"
-    done = sorted(path.stem for path in (f.root / folder).glob("*.csv"))
+    done = f.fold_names(folder)
     pairs = [(pooled_auc(f, [f"{folder}/{fold}.csv"]), pooled_auc(f, [f"{OOS_BUDGET}/folds/{fold}.csv"]))
              for fold in done]  # fmt: skip
     below = all(ours < theirs for ours, theirs in pairs)
@@ -1141,7 +1159,7 @@ def ensemble_xeon_row(f: Files, members: dict[int, float]) -> list[str] | None:
     (`members`: default_xeon's pooled AUC by seed, as two_seed_pooled gives it); None before
     that run."""
     folds = oos_fold_names(f)
-    if not all((f.root / OOS_ENSEMBLE_XEON / "folds" / f"{fold}.csv").exists() for fold in folds):
+    if not all(f.exists(f"{OOS_ENSEMBLE_XEON}/folds/{fold}.csv") for fold in folds):
         return None
     ens = pooled_auc(f, [f"{OOS_ENSEMBLE_XEON}/folds/{fold}.csv" for fold in folds])
     return ["ensemble of the Xeon's seeds 42 + 43 (twice the binary training)",
@@ -1216,8 +1234,8 @@ def oos_normal_cutoff(f: Files) -> list[str]:
     (reports/oos/four_class/folds/*.csv). The cut-off calling a share q of the normals normal is
     the ceil(q n)-th largest p(normal) among them; set on the films it is scored on, so it draws
     the trade-off and chooses nothing."""
-    rows = [r for path in sorted((f.root / OOS_FOUR_CLASS / "folds").glob("*.csv"))
-            for r in f.load(str(path.relative_to(f.root)))
+    folder = f"{OOS_FOUR_CLASS}/folds"
+    rows = [r for fold in f.fold_names(folder) for r in f.load(f"{folder}/{fold}.csv")
             if r["scored_as"] == "held_out" and r["age_group"] == "adult"]  # fmt: skip
     groups = {
         "normal": [r for r in rows if r["label"] == "normal"],

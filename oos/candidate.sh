@@ -17,3 +17,6 @@ for fold in ${folds//,/ }; do
     --models "$dir/models"
 done
 python stages/oos_report.py --params "$dir/params.yaml" --folds "$dir/folds" --out "$dir"
+# Committed runs keep their fold files gzipped (-n: the same bytes on every run); every reader
+# takes <fold>.csv.gz where <fold>.csv is missing (cxr.oos_report.fold_file).
+gzip -n -f "$dir"/folds/*.csv

@@ -21,7 +21,7 @@ from cxr.cli import setup_logging, user_errors
 from cxr.config import load_base
 from cxr.errors import InputError
 from cxr.oos_params import load_oos_params, recipe
-from cxr.oos_report import markdown, report
+from cxr.oos_report import fold_file, markdown, report
 from cxr.params import load_params
 
 log = logging.getLogger("oos_report")
@@ -58,12 +58,13 @@ def main(argv: list[str] | None = None) -> None:
     with user_errors():
         oos = load_oos_params(args.params)
         folds = oos.folds
-        missing = [f.name for f in folds if not (args.folds / f"{f.name}.csv").exists()]
+        files = [fold_file(args.folds, f.name) for f in folds]
+        missing = [f.name for f, path in zip(folds, files, strict=True) if not path.exists()]
         if missing:
             raise FileNotFoundError(f"{args.folds}: no predictions for fold(s) {missing}; "
                                     "run `dvc repro oos/dvc.yaml`")  # fmt: skip
-        frame = pd.concat([pd.read_csv(args.folds / f"{f.name}.csv", keep_default_na=False)
-                           for f in folds], ignore_index=True)  # fmt: skip
+        frame = pd.concat([pd.read_csv(path, keep_default_na=False) for path in files],
+                          ignore_index=True)  # fmt: skip
         frame = with_findings(frame, args.sources)
         result = report(frame, oos.specificity, oos.bootstrap, load_base(args.params).seed)
         args.out.mkdir(parents=True, exist_ok=True)

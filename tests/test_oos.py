@@ -305,3 +305,51 @@ def test_a_split_of_another_size_than_the_params_is_refused(tmp_path):
     )
     with pytest.raises(InputError, match="train.npy holds 32 px arrays but base.image_size is 48"):
         pool_table(tmp_path, 48)
+
+
+def test_the_report_reads_a_committed_runs_packed_fold_files(tmp_path):
+    """Committed runs keep `<fold>.csv.gz` (oos/candidate.sh); the report stage reads them as
+    the plain files it was made from: hflip_off's committed results, to float noise. Watched
+    red with fold_file returning the plain name only."""
+    import json
+    from pathlib import Path
+
+    from stages import oos_report
+
+    run = Path("reports/oos/candidates/hflip_off")
+    assert not list((run / "folds").glob("*.csv")) and list((run / "folds").glob("*.csv.gz"))
+    oos_report.main(["--params", str(run / "params.yaml"), "--folds", str(run / "folds"),
+                     "--out", str(tmp_path)])  # fmt: skip
+    ours = json.loads((tmp_path / "results.json").read_text())
+    committed = json.loads((run / "results.json").read_text())
+
+    def numbers(tree, path=""):
+        if isinstance(tree, dict):
+            return {
+                k: v for key, sub in tree.items() for k, v in numbers(sub, f"{path}.{key}").items()
+            }
+        if isinstance(tree, list):
+            return {
+                k: v for i, sub in enumerate(tree) for k, v in numbers(sub, f"{path}[{i}]").items()
+            }
+        return {path: tree}
+
+    a, b = numbers(ours), numbers(committed)
+    assert a.keys() == b.keys()
+    for key in a:
+        if isinstance(a[key], float) and isinstance(b[key], float):
+            assert a[key] == pytest.approx(b[key], rel=1e-9, abs=1e-12), key
+        else:
+            assert a[key] == b[key], key
+
+
+def test_a_missing_fold_file_is_named(tmp_path, capsys):
+    from pathlib import Path
+
+    from stages import oos_report
+
+    run = Path("reports/oos/candidates/hflip_off")
+    with pytest.raises(SystemExit):
+        oos_report.main(["--params", str(run / "params.yaml"), "--folds", str(tmp_path),
+                         "--out", str(tmp_path / "out")])  # fmt: skip
+    assert "no predictions for fold(s)" in capsys.readouterr().err
