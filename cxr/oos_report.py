@@ -19,13 +19,17 @@ from cxr.metrics import bootstrap_ci
 # --- pooled metrics --------------------------------------------------------------------------
 
 
+def plain_or_packed(path: Path) -> Path:
+    """`path`, or its gzipped twin `<path>.gz` where only that one is kept (oos/candidate.sh packs
+    committed runs' fold files so: a twentieth of the bytes, the same rows); `path` when
+    neither exists."""
+    packed = path.with_name(path.name + ".gz")
+    return packed if not path.exists() and packed.exists() else path
+
+
 def fold_file(folder: Path, fold: str) -> Path:
-    """A fold's predictions in `folder`: `<fold>.csv`, or `<fold>.csv.gz` where only that one is
-    kept (oos/candidate.sh packs committed runs' fold files so: a twentieth of the bytes, the
-    same rows); the plain name when neither exists."""
-    plain = folder / f"{fold}.csv"
-    packed = folder / f"{fold}.csv.gz"
-    return packed if not plain.exists() and packed.exists() else plain
+    """A fold's predictions in `folder`: `<fold>.csv` or its packed twin (plain_or_packed)."""
+    return plain_or_packed(folder / f"{fold}.csv")
 
 
 def adult_binary(frame: pd.DataFrame) -> pd.DataFrame:

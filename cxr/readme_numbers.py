@@ -80,12 +80,11 @@ class Files:
         self._read: dict[str, Any] = {}
 
     def resolve(self, relative: str) -> str:
-        """`relative`, or its gzipped twin `<relative>.gz` where only that one is committed
-        (run folders keep their fold files so: oos/candidate.sh)."""
-        packed = relative + ".gz"
-        if not (self.root / relative).exists() and (self.root / packed).exists():
-            return packed
-        return relative
+        """`relative`, or its gzipped twin where only that one is committed (run folders keep
+        their fold files so: cxr.oos_report.plain_or_packed)."""
+        from cxr.oos_report import plain_or_packed  # pandas and sklearn: only when a block asks
+
+        return str(plain_or_packed(self.root / relative).relative_to(self.root))
 
     def exists(self, relative: str) -> bool:
         return (self.root / self.resolve(relative)).exists()
