@@ -9,6 +9,8 @@ held-out non-COVID films down by finding, and writes reports/oos/results.md.
 
 from __future__ import annotations
 
+import gzip
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +27,16 @@ def plain_or_packed(path: Path) -> Path:
     neither exists."""
     packed = path.with_name(path.name + ".gz")
     return packed if not path.exists() and packed.exists() else path
+
+
+def pack(path: Path) -> Path:
+    """Replace the plain file `path` by its gzipped twin (no time in the header: the same
+    bytes on every run) and return the twin's path."""
+    packed = path.with_name(path.name + ".gz")
+    with open(path, "rb") as src, gzip.GzipFile(packed, "wb", compresslevel=9, mtime=0) as dst:
+        shutil.copyfileobj(src, dst)
+    path.unlink()
+    return packed
 
 
 def fold_file(folder: Path, fold: str) -> Path:

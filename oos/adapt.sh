@@ -17,7 +17,4 @@ for fold in ${folds//,/ }; do
   python stages/oos_score.py --fold "$fold" --params "$dir/params.yaml" --out "$out/folds" \
     --adapt-bn "${models[@]}"
 done
-python stages/oos_report.py --params "$dir/params.yaml" --folds "$out/folds" --out "$out"
-# Committed runs keep their fold files gzipped (-n: the same bytes on every run); every reader
-# takes <fold>.csv.gz where <fold>.csv is missing (cxr.oos_report.fold_file).
-gzip -n -f "$out"/folds/*.csv
+python stages/oos_report.py --params "$dir/params.yaml" --folds "$out/folds" --out "$out" --pack

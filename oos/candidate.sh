@@ -4,8 +4,9 @@
 # SPLIT (default data/split) must have been made with the candidate's base and split params: a
 # candidate that changes them needs its own (python stages/split.py --params NAME/params.yaml
 # --raw data/raw --out SPLIT --metrics NAME/data.json); stages/oos.py refuses arrays of another size.
-# Writes NAME/folds/*.csv|json and NAME/results.{json,md}, like `dvc repro oos/dvc.yaml` does for
-# params.yaml, and keeps the fold models in NAME/models/ (not in git) for oos/tta.sh.
+# Writes NAME/folds/*.csv.gz|json (the report packs the CSVs) and NAME/results.{json,md}, like
+# `dvc repro oos/dvc.yaml` does for params.yaml, and keeps the fold models in NAME/models/ (not in
+# git) for oos/tta.sh.
 # Folds and the budget (oos.*) come from the candidate's params.yaml.
 set -euo pipefail
 dir=${1:?usage: oos/candidate.sh reports/oos/candidates/NAME [SPLIT]}
@@ -16,7 +17,4 @@ for fold in ${folds//,/ }; do
   python stages/oos.py --fold "$fold" --params "$dir/params.yaml" --data "$data" --out "$dir/folds" \
     --models "$dir/models"
 done
-python stages/oos_report.py --params "$dir/params.yaml" --folds "$dir/folds" --out "$dir"
-# Committed runs keep their fold files gzipped (-n: the same bytes on every run); every reader
-# takes <fold>.csv.gz where <fold>.csv is missing (cxr.oos_report.fold_file).
-gzip -n -f "$dir"/folds/*.csv
+python stages/oos_report.py --params "$dir/params.yaml" --folds "$dir/folds" --out "$dir" --pack

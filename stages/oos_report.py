@@ -21,7 +21,7 @@ from cxr.cli import setup_logging, user_errors
 from cxr.config import load_base
 from cxr.errors import InputError
 from cxr.oos_params import load_oos_params, recipe
-from cxr.oos_report import fold_file, markdown, report
+from cxr.oos_report import fold_file, markdown, pack, report
 from cxr.params import load_params
 
 log = logging.getLogger("oos_report")
@@ -38,6 +38,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=Path("data/sources/sources.csv"),
         help="for each held-out film's finding (the by-finding table)",
     )
+    parser.add_argument("--pack", action="store_true",
+                        help="then gzip the fold files (<fold>.csv.gz), as committed runs keep "
+                             "theirs; not for the DVC pipeline's own outputs")  # fmt: skip
     return parser.parse_args(argv)
 
 
@@ -72,6 +75,10 @@ def main(argv: list[str] | None = None) -> None:
         (args.out / "results.md").write_text(
             markdown(result, {"tasks": oos.tasks, "epochs": oos.epochs})
         )
+        if args.pack:
+            for path in files:
+                if path.suffix == ".csv":
+                    pack(path)
         if result["operating_point"] is None:  # four-class folds only: no COVID-19 threshold
             log.info("four-class calls on held-out adult films: %s", result["pooled"]["four_class"])
             return
