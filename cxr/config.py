@@ -24,8 +24,9 @@ FOUR_CLASSES = ["covid", "viral", "bacterial", "normal"]
 PARTIAL_LABELS = {"pneumonia": ("viral", "bacterial")}
 LABELS = [*FOUR_CLASSES, *PARTIAL_LABELS]
 BINARY_CLASSES = ["non_covid", "covid"]
-# Columns `train_*.balance_by` may combine into balancing strata (see cxr.data.strata_for).
-BALANCE_BY = ("class", "age_group", "dataset")
+# Columns `train_*.balance_by` may combine into balancing strata (see cxr.data.strata_for);
+# `pneumonia` is whether the film shows one (any label but normal), not a column.
+BALANCE_BY = ("class", "age_group", "dataset", "pneumonia")
 # What the adversarial head conditions on: `label` is sources.csv's finding (covid, normal,
 # pneumonia, viral, bacterial), finer than the binary task's class.
 ADVERSARY_WITHIN = ("class", "age_group", "label")

@@ -251,7 +251,9 @@ def strata_for(table: pd.DataFrame, task: str, by: list[str],
     (`pneumonia`) is a stratum of its own in the four-class task: it belongs to no single class.
     With `age_group` added, adult and pediatric images of one class are balanced separately, so
     the few adult non-COVID images are drawn as often as the adult COVID-19 ones (binary).
-    Any other key of `allowed` is a column of the table.
+    `pneumonia` splits each of those by finding, normal or not (any other label), so that the
+    adult non-COVID pneumonia films are drawn as often as the adult normals they are outnumbered
+    by. Any other key of `allowed` is a column of the table.
     """
     unknown = sorted(set(by) - set(allowed))
     if unknown or not by:
@@ -262,6 +264,8 @@ def strata_for(table: pd.DataFrame, task: str, by: list[str],
             labels = labels_for(table, task)
             names = np.array(BINARY_CLASSES if task == "binary" else FOUR_CLASSES)
             columns.append(np.where(labels >= 0, names[labels.clip(0)], table["label"]))
+        elif key == "pneumonia":
+            columns.append(np.where(table["label"] == "normal", "normal", "pneumonia"))
         else:
             columns.append(table[key].astype(str).to_numpy())
     keys = ["/".join(parts) for parts in zip(*columns, strict=True)]

@@ -88,6 +88,25 @@ def test_balancing_by_class_and_age_draws_adult_controls_as_often_as_covid():
     assert w[0].item() == pytest.approx(100 / 60) and w[20].item() == pytest.approx(100 / 15)
 
 
+def test_balancing_by_pneumonia_draws_adult_pneumonia_as_often_as_adult_normals():
+    rows = pd.DataFrame({
+        "label": ["covid"] * 20 + ["normal"] * 40 + ["pneumonia"] * 4 + ["bacterial"] * 4
+        + ["normal"] * 30 + ["viral"] * 30,
+        "age_group": ["adult"] * 68 + ["pediatric"] * 60,
+    })  # fmt: skip
+    strata = strata_for(rows, "binary", ["class", "age_group", "pneumonia"])
+    # COVID-19, adult normal, adult non-COVID pneumonia, pediatric normal, pediatric pneumonia
+    assert len(set(strata)) == 5
+    adult_pneumonia = strata[60:68]
+    assert len(set(adult_pneumonia)) == 1 and adult_pneumonia[0] not in strata[:60]
+    assert strata[0] != strata[68] and len(set(strata[98:])) == 1 and strata[98] != strata[68]
+    w = sample_weights(strata).numpy()
+    # each stratum a fifth of the draws: 8 adult pneumonia films weigh what 40 adult normals do
+    assert w[60:68].sum() == pytest.approx(w[20:60].sum()) == pytest.approx(len(rows) / 5)
+    by_age = strata_for(rows, "binary", ["class", "age_group"])
+    assert by_age[60] == by_age[20]  # without it adult pneumonia and normals are one stratum
+
+
 def test_pneumonia_is_its_own_stratum_for_four_class_only():
     four = strata_for(ROWS, "four_class", ["class"])
     assert len(set(four)) == 5 and four[4] not in four[[0, 1, 2, 3, 5]]
