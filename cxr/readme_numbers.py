@@ -257,6 +257,11 @@ OOS_FOUR_CLASS_ADVERSARY = "reports/oos/candidates/adversary_four_class"
 # thirty-first amendment).
 OOS_FOUR_CLASS_ZEN5 = "reports/oos/candidates/four_class_zen5"
 OOS_FOUR_CLASS_AGE = "reports/oos/candidates/four_class_age"
+# The same fold on the Zen 5: the default's seed 43 and, in seeds 42 and 43, the four-class task
+# without the NIH pneumonia films (partial_labels false; RULE.md forty-first, forty-second).
+OOS_FOUR_CLASS_ZEN5_SEED43 = "reports/oos/candidates/four_class_zen5_seed43"
+OOS_FOUR_CLASS_NO_PNEUMONIA = {42: "reports/oos/candidates/four_class_no_pneumonia",
+                               43: "reports/oos/candidates/four_class_no_pneumonia_seed43"}  # fmt: skip
 
 
 def recipe_part(params: dict, section: str) -> dict:
@@ -1197,7 +1202,8 @@ def oos_four_class_calls(f: Files) -> list[str]:
     model (AMD EPYC Zen 1) alone and with each set of test-time views
     (reports/oos/four_class/[tta/<name>/]results.json), and the same recipe trained on the Intel
     Xeon (OOS_FOUR_CLASS_XEON), without and with the adversarial head (OOS_FOUR_CLASS_ADVERSARY),
-    and on the AMD EPYC Zen 5, without and with class x age group balancing."""
+    and on the AMD EPYC Zen 5: with class x age group balancing, and in two seeds without the
+    NIH pneumonia films."""
     runs = [("plain film, Zen 1", f"{OOS_FOUR_CLASS}/results.json")]
     runs += [(f"+ TTA `{name}`, Zen 1", f"{OOS_FOUR_CLASS}/tta/{name}/results.json")
              for name in OOS_TTA
@@ -1210,7 +1216,12 @@ def oos_four_class_calls(f: Files) -> list[str]:
                      f"{OOS_FOUR_CLASS_ADVERSARY}/results.json"))  # fmt: skip
     for label, folder in (("plain film, Zen 5 (thirty-first amendment)", OOS_FOUR_CLASS_ZEN5),
                           ("balanced by class x age group, Zen 5 (thirty-first)",
-                           OOS_FOUR_CLASS_AGE)):  # fmt: skip
+                           OOS_FOUR_CLASS_AGE),
+                          ("plain film, Zen 5, seed 43 (forty-first)", OOS_FOUR_CLASS_ZEN5_SEED43),
+                          ("without the NIH pneumonia films, Zen 5 (forty-first)",
+                           OOS_FOUR_CLASS_NO_PNEUMONIA[42]),
+                          ("the same, seed 43 (forty-first)",
+                           OOS_FOUR_CLASS_NO_PNEUMONIA[43])):  # fmt: skip
         if (f.root / folder / "results.json").exists():
             runs.append((label, f"{folder}/results.json"))
     rows = []

@@ -18,13 +18,13 @@ for seed in 42 43; do
     python stages/oos_score.py --fold $fold --params "$dir/params.yaml" --out "$dir/folds" \
       --binary "$dir/models/${fold}_binary.json"
   done
-  python stages/oos_report.py --params "$dir/params.yaml" --folds "$dir/folds" --out "$dir"
+  python stages/oos_report.py --params "$dir/params.yaml" --folds "$dir/folds" --out "$dir" --pack
   python - "$dir/check" "$base/folds" <<'PY'
 import sys
 import pandas as pd
 check, committed = sys.argv[1:]
 for fold in ("hannover", "europe", "world"):
-    a, b = pd.read_csv(f"{check}/{fold}.csv"), pd.read_csv(f"{committed}/{fold}.csv")
+    a, b = pd.read_csv(f"{check}/{fold}.csv"), pd.read_csv(f"{committed}/{fold}.csv.gz")  # packed since session 23
     m = a.merge(b, on=["path", "scored_as"], suffixes=("", "_committed"))
     diff = (m.p_covid - m.p_covid_committed).abs().max()
     print(f"{check} {fold}: {len(a)} scored, {len(b)} committed, {len(m)} matched, max |p diff| {diff:.2e}")
