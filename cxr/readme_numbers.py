@@ -838,6 +838,7 @@ OOS_SEED_RUNS: dict[str, dict[int, str]] = {
     "harmonise_off": two_seeds("harmonise_off"),  # 37th: its own arrays
     "jpeg": two_seeds("jpeg"),  # 38th
     "hflip_off": two_seeds("hflip_off"),  # 39th
+    "balance_pneumonia": two_seeds("balance_pneumonia"),  # 43rd
 }
 
 # The changes compared with the default over two seeds: what each is and its rule, "better"
@@ -888,6 +889,9 @@ TWO_SEED_CANDIDATES: dict[str, tuple[str, str, str]] = {
              "(augment.jpeg 0.5)", "better", "default_zen5"),
     "hflip_off": ("no left-right flips in the binary augmentation (the study's, kept until now)",
                   "better", "default_zen5"),
+    "balance_pneumonia": ("binary draws balanced by class x age group x pneumonia (adult "
+                          "non-COVID pneumonia drawn as often as adult normals)", "better",
+                          "default_zen5"),
 }  # fmt: skip
 
 
