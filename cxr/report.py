@@ -437,6 +437,26 @@ def typed_adults(counts: dict) -> str:
     return f"{sum(per_split.values())} typed adult films in all splits, {per_split['train']} of them in train"
 
 
+def unknown_type_stratum(meta: dict, counts: dict) -> list[str]:
+    """The model card's failure mode of a four-class model that draws the `pneumonia` films (type
+    unknown, all NIH's) as a class of their own: none when it was trained without them, or
+    without oversampling by class."""
+    p = meta["params"]
+    n = sum(counts.get("train", {}).get("pneumonia", {}).get("nih", {}).values())
+    balanced_by_class = p.get("balance") == "oversample" and p.get("balance_by") == ["class"]
+    if not (p.get("partial_labels") and balanced_by_class and n):
+        return []
+    return [
+        f"- Adult films called viral: the four-class model draws 1/{len(meta['class_names']) + 1} "
+        f"of its training from {n} "
+        "NIH pneumonia films (type unknown: a stratum of their own), the only films of NIH's own "
+        "processing it trains on, so NIH-like adult films (adult_check among them) lean to viral or "
+        "bacterial. Trained without them out of source, held-out adult normals were called COVID-19 "
+        'instead (reports/oos/RULE.md, forty-first amendment; docs/validation.md "Four-class on '
+        'held-out adult normals"), so they stay.'
+    ]
+
+
 def write_model_card(
     path: Path,
     results: dict,
@@ -481,6 +501,7 @@ def write_model_card(
         "- Source shortcut: COVID-19 and adult non-COVID images come from different hospitals, so adult-only metrics may still measure the hospital, not the disease.",
         '- Adult normals unlike the training ones: the adult_check NIH films are brighter and lower in contrast than the `rsna` normals the models learned "normal adult" from (same hospital pool, same file history; tone equalisation narrows but does not close the gap). '
         f"The four-class model calls {pct(results['four_class']['adult_check'].get('normal_call_rate'))} of adult_check normal; a low COVID-19 rate there is not evidence that it recognises a normal adult chest.",
+        *unknown_type_stratum(fm, counts),
         "- Trained at low resolution from random initialisation with a small network: one seed's run; the CIs do not include run-to-run variation.",
         "- **Must not be given**: lateral views, CT slices, photographs of films or screens, films rotated, flipped or with inverted grey levels, crops of one lung, several films in one image, children's films for the COVID-19 call, or any image as the sole basis of a decision. "
         "The out-of-distribution gate (docs/ood.md: features unlike the training films, implausible lung shape) warns on many such inputs but not all (its detection rate for each kind of input, and how many real films of each source it flags: docs/ood.md, reports/ood.json, metrics/ood.json).",

@@ -586,6 +586,22 @@ def test_model_card_counts_typed_adult_films_from_the_split_counts() -> None:
     assert typed_adults(counts) == "6 typed adult films in all splits, 5 of them in train"
 
 
+def test_model_card_names_the_unknown_type_stratum_only_when_the_model_drew_it() -> None:
+    """The card's "adult films called viral" line: the count from metrics/data.json, and only for
+    a four-class model that drew the pneumonia films as a class of their own."""
+    from cxr.report import unknown_type_stratum
+
+    counts = {"train": {"pneumonia": {"nih": {"adult": 7}}}}
+    params = {"partial_labels": True, "balance": "oversample", "balance_by": ["class"]}
+    meta = {"params": params, "class_names": ["covid", "viral", "bacterial", "normal"]}
+    (line,) = unknown_type_stratum(meta, counts)
+    assert "draws 1/5 of its training from 7 NIH pneumonia films" in line
+    for change in ({"partial_labels": False}, {"balance": "none"},
+                   {"balance_by": ["class", "age_group"]}):  # fmt: skip
+        assert unknown_type_stratum(meta | {"params": params | change}, counts) == []
+    assert unknown_type_stratum(meta, {"train": {}}) == []
+
+
 def test_stage_takes_an_ensemble_manifest_wherever_a_checkpoint_goes(workdir):
     """A model that is a list of checkpoints (cxr.ensemble) is scored like one checkpoint: one
     member without views gives the checkpoint's metrics exactly; two members give the metrics
