@@ -107,6 +107,8 @@ def test_the_locks_record_the_code_in_the_repository():
                 actual = hashlib.md5((ROOT / path).read_bytes()).hexdigest()
                 if actual != dep["md5"]:
                     stale.append(f"{lock}:{name}: {path}")
-    assert not stale, "code changed since the stage ran (dvc repro, then commit dvc.lock): " + (
-        ", ".join(stale)
+    assert not stale, (
+        "code changed since the stage ran (dvc repro, then commit dvc.lock; for a change shown "
+        "not to alter outputs, python -m cxr.relock --write: docs/development.md): "
+        + ", ".join(stale)
     )
