@@ -713,7 +713,9 @@ def oos(f: Files) -> list[str]:
         f"countries held out of training, binary adult films only, {recipe} "
         f"(tasks: {', '.join(cfg['tasks'])}; fold models, not the committed ones). "
         '"Own val": the same fold models on validation films from the sources they were '
-        "trained on."
+        "trained on. Read the held-out rows as an upper estimate of a new hospital's: one "
+        "hospital's films (the NIH Clinical Center's) sit on both sides of the two large folds "
+        "([docs/validation.md](docs/validation.md#protocol))."
     )
     return [intro, "", *table(["films", "COVID-19 / adult non-COVID", "adult ROC AUC",
                                "sensitivity at 90% specificity"], rows)]  # fmt: skip
