@@ -841,6 +841,7 @@ OOS_SEED_RUNS: dict[str, dict[int, str]] = {
     "jpeg": two_seeds("jpeg"),  # 38th
     "hflip_off": two_seeds("hflip_off"),  # 39th
     "balance_pneumonia": two_seeds("balance_pneumonia"),  # 43rd
+    "cutout": two_seeds("cutout"),  # 45th
 }
 
 # The changes compared with the default over two seeds: what each is and its rule, "better"
@@ -894,6 +895,8 @@ TWO_SEED_CANDIDATES: dict[str, tuple[str, str, str]] = {
     "balance_pneumonia": ("binary draws balanced by class x age group x pneumonia (adult "
                           "non-COVID pneumonia drawn as often as adult normals)", "better",
                           "default_zen5"),
+    "cutout": ("a box of random grey (5-20% of the side) in half of the binary draws "
+               "(augment.cutout 0.5), alone", "better", "default_zen5"),
 }  # fmt: skip
 
 
