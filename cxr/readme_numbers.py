@@ -372,6 +372,13 @@ def new_hospital_targets(f: Files) -> list[str]:
     xeon = oos_four_class_xeon_normal(f)
     if where and xeon is not None:  # the same fold and recipe on the committed models' CPU
         where += f"; trained on the Xeon {verdict(xeon, xeon >= 0.70, pct)}"
+    zen5 = [folder for folder in (OOS_FOUR_CLASS_ZEN5, OOS_FOUR_CLASS_ZEN5_SEED43)
+            if (f.root / folder / "results.json").exists()]  # fmt: skip
+    if where and len(zen5) == 2:  # and the default's two seeds on the AMD EPYC Zen 5
+        rates = [f.load(f"{folder}/results.json")["pooled"]["four_class"]["adult_normal"]["normal"]
+                 for folder in zen5]  # fmt: skip
+        where += (f"; seeds 42 and 43 on the Zen 5 {pct(rates[0])} and "
+                  f"{verdict(rates[1], max(rates) >= 0.70, pct)}")  # fmt: skip
     check_normal, check_covid = num(get(q, NORMAL)), num(get(q, CHECK_ARGMAX))
     rows = [
         [f"out-of-source, pooled: adult ROC AUC >= 0.93{recipe}", verdict(auc, auc >= 0.93)],
