@@ -377,8 +377,8 @@ def new_hospital_targets(f: Files) -> list[str]:
     if where and len(zen5) == 2:  # and the default's two seeds on the AMD EPYC Zen 5
         rates = [f.load(f"{folder}/results.json")["pooled"]["four_class"]["adult_normal"]["normal"]
                  for folder in zen5]  # fmt: skip
-        where += (f"; seeds 42 and 43 on the Zen 5 {pct(rates[0])} and "
-                  f"{verdict(rates[1], max(rates) >= 0.70, pct)}")  # fmt: skip
+        where += (f"; seeds 42 and 43 on the Zen 5 {pct(rates[0])} and "  # met: in both
+                  f"{verdict(rates[1], min(rates) >= 0.70, pct)}")  # fmt: skip
     check_normal, check_covid = num(get(q, NORMAL)), num(get(q, CHECK_ARGMAX))
     rows = [
         [f"out-of-source, pooled: adult ROC AUC >= 0.93{recipe}", verdict(auc, auc >= 0.93)],
