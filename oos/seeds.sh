@@ -22,7 +22,7 @@ for seed in "$@"; do
     [ "$done_all" = 1 ] && continue
     python stages/oos.py --fold "$fold" --params "$run/params.yaml" --out "$run/folds" --models "$run/models"
   done
-  python stages/oos_report.py --params "$run/params.yaml" --folds "$run/folds" --out "$run"
+  python stages/oos_report.py --params "$run/params.yaml" --folds "$run/folds" --out "$run" --pack
 done
 out="$dir/ensemble"
 mkdir -p "$out/models"

@@ -540,6 +540,11 @@ def test_ensemble_verdict_needs_each_member_beaten_and_the_mean_by_a_hundredth()
     assert rn.ensemble_verdict(0.915, [0.905, 0.899]).startswith("better by the rule (+0.013")
     # +0.011 over the mean but below one member: still one model
     assert rn.ensemble_verdict(0.913, [0.92, 0.884]).startswith("keep one model")
+    # the mean's bar met, the best member not beaten: the verdict says which condition failed
+    assert rn.ensemble_verdict(0.910, [0.911, 0.888, 0.898]) == (
+        "keep one model (+0.011 over the members' mean, but not above the best member's 0.911; "
+        "the rule needs both)"
+    )
 
 
 def test_ensemble_row_pools_the_ensemble_and_each_member_on_every_fold(tmp_path):
@@ -548,12 +553,14 @@ def test_ensemble_row_pools_the_ensemble_and_each_member_on_every_fold(tmp_path)
     files = rn.Files(tmp_path)
     ens = tmp_path / rn.OOS_ENSEMBLE_XEON / "folds"
     write_fold_csv(ens / "a.csv", [0.9], [0.1])
-    assert rn.ensemble_xeon_row(files, {}) is None
+    assert rn.ensemble_row(files, rn.OOS_ENSEMBLE_XEON, "2 seeds", {}) is None
     write_fold_csv(ens / "b.csv", [0.6], [0.2])  # pooled: 0.9, 0.6 above 0.1, 0.2: 1.0
     for folder in rn.OOS_SEED_RUNS["default_xeon"].values():
         write_fold_csv(tmp_path / folder / "folds/a.csv", [0.9], [0.1])
         write_fold_csv(tmp_path / folder / "folds/b.csv", [0.3], [0.5])  # 0.3 < 0.5: 0.75
-    row = rn.ensemble_xeon_row(files, rn.two_seed_pooled(files)[1]["default_xeon"])
+    row = rn.ensemble_row(
+        files, rn.OOS_ENSEMBLE_XEON, "2 seeds", rn.two_seed_pooled(files)[1]["default_xeon"]
+    )
     assert row[2] == "1.000 vs 0.750 (seed 42) and 0.750 (seed 43)"
     assert row[3].startswith("better by the rule (+0.250")
 
