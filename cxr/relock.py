@@ -39,14 +39,19 @@ class Stale:
 
 
 def stale_code_deps(root: Path = ROOT) -> list[Stale]:
-    """Every code dependency whose file differs from what its lock records."""
+    """Every code dependency whose file differs from what its lock records. A recorded code
+    file that is gone is an error (its stage's deps in dvc.yaml need editing), not a record."""
     stale = []
     for lock in LOCKS:
         for name, stage in yaml.safe_load((root / lock).read_text())["stages"].items():
             for dep in stage.get("deps", []):
                 path = dep["path"]
-                if not path.startswith(CODE) or not (root / path).is_file() or "md5" not in dep:
+                if not path.startswith(CODE) or "md5" not in dep:
                     continue
+                if not (root / path).is_file():
+                    raise FileNotFoundError(
+                        f"{lock}: stage {name} depends on {path}, which is gone"
+                    )
                 data = (root / path).read_bytes()
                 md5 = hashlib.md5(data).hexdigest()
                 if md5 != dep["md5"]:

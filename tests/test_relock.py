@@ -86,3 +86,13 @@ def test_toy_hash_repeats_and_moves_with_the_recipe(monkeypatch):
     real = toy_hash.repo_params
     monkeypatch.setattr(toy_hash, "repo_params", lambda section, **kw: real(section, **kw, lr=3e-3))
     assert toy_hash.toy_hash() != first
+
+
+def test_a_recorded_code_file_that_is_gone_is_an_error_not_a_record(repo: Path):
+    (repo / "cxr" / "errors.py").unlink()
+    lock = (repo / "dvc.lock").read_text()
+    with pytest.raises(
+        FileNotFoundError, match=r"dvc.lock: stage \w+ depends on cxr/errors.py, which is gone"
+    ):
+        relock.record(repo)
+    assert (repo / "dvc.lock").read_text() == lock
