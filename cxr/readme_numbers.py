@@ -284,14 +284,17 @@ def oos_four_class(f: Files) -> dict | None:
     return None if normal is None else normal | {"folds": list(result["folds"])}
 
 
+def adult_normal_rate(f: Files, folder: str) -> float | None:
+    """Held-out adult normals called normal by a four-class run (`folder`), or None without it."""
+    if not (f.root / folder / "results.json").exists():
+        return None
+    return f.load(f"{folder}/results.json")["pooled"]["four_class"]["adult_normal"]["normal"]
+
+
 def oos_four_class_xeon_normal(f: Files) -> float | None:
     """Held-out adult normals called normal by the same fold and recipe trained on the Xeon
     (OOS_FOUR_CLASS_XEON), or None without that run."""
-    if not (f.root / OOS_FOUR_CLASS_XEON / "results.json").exists():
-        return None
-    return f.load(f"{OOS_FOUR_CLASS_XEON}/results.json")["pooled"]["four_class"]["adult_normal"][
-        "normal"
-    ]
+    return adult_normal_rate(f, OOS_FOUR_CLASS_XEON)
 
 
 def four_class_oos_text(f: Files) -> str | None:
@@ -372,11 +375,10 @@ def new_hospital_targets(f: Files) -> list[str]:
     xeon = oos_four_class_xeon_normal(f)
     if where and xeon is not None:  # the same fold and recipe on the committed models' CPU
         where += f"; trained on the Xeon {verdict(xeon, xeon >= 0.70, pct)}"
-    zen5 = [folder for folder in (OOS_FOUR_CLASS_ZEN5, OOS_FOUR_CLASS_ZEN5_SEED43)
-            if (f.root / folder / "results.json").exists()]  # fmt: skip
-    if where and len(zen5) == 2:  # and the default's two seeds on the AMD EPYC Zen 5
-        rates = [f.load(f"{folder}/results.json")["pooled"]["four_class"]["adult_normal"]["normal"]
-                 for folder in zen5]  # fmt: skip
+    rates = [
+        adult_normal_rate(f, folder) for folder in (OOS_FOUR_CLASS_ZEN5, OOS_FOUR_CLASS_ZEN5_SEED43)
+    ]
+    if where and None not in rates:  # and the default's two seeds on the AMD EPYC Zen 5
         where += (f"; seeds 42 and 43 on the Zen 5 {pct(rates[0])} and "  # met: in both
                   f"{verdict(rates[1], min(rates) >= 0.70, pct)}")  # fmt: skip
     check_normal, check_covid = num(get(q, NORMAL)), num(get(q, CHECK_ARGMAX))
@@ -1157,8 +1159,9 @@ def oos_choices(f: Files) -> list[str]:
             rows.append([label.replace("`", ""), "fold europe, 8 epochs", f"{auc:.3f} vs {europe:.3f}",
                          "one fold: a diagnosis, not a choice (RULE.md fourth amendment)"])  # fmt: skip
     zen5 = dict(pooled.get("default_zen5", {}))
-    if f.exists(f"{OOS_ZEN5_SEED44}/results.json"):
-        zen5[44] = f.load(f"{OOS_ZEN5_SEED44}/results.json")["pooled"]["binary"]["roc_auc"]["point"]
+    seed44 = [f"{OOS_ZEN5_SEED44}/folds/{fold}.csv" for fold in oos_fold_names(f)]
+    if all(f.exists(csv) for csv in seed44):  # the third member, pooled as its siblings are
+        zen5[44] = pooled_auc(f, seed44)
     for folder, label, members in (
         (OOS_ENSEMBLE_XEON, "ensemble of the Xeon's seeds 42 + 43 (twice the binary training)",
          pooled.get("default_xeon", {})),
