@@ -102,8 +102,9 @@ class BaseParams:
 
     seed: int
     image_size: int
-    # Model input: the whole preprocessed image (none) or its predicted lungs' box (lungs).
-    crop: Literal["none", "lungs"]
+    # Model input: the whole preprocessed image (none), its predicted lungs' box (lungs), or the
+    # whole image blanked outside the predicted lungs (mask).
+    crop: Literal["none", "lungs", "mask"]
     crop_margin: float
 
     def validate(self) -> None:

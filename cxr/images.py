@@ -51,8 +51,9 @@ class Preprocessing:
     harmonise_size: int = 224
     jpeg_quality: int = 75
     intensity: str = "none"  # none | equalize
-    # none | lungs: crop the preprocessed image to its predicted lungs (cxr.lungs.crop_inputs;
-    # the masks come from the segment stage, or from the segmenter in `predict`).
+    # none | lungs | mask: crop the preprocessed image to its predicted lungs, or blank it
+    # outside them (cxr.lungs.crop_inputs; the masks come from the segment stage, or from the
+    # segmenter in `predict`).
     crop: str = "none"
     crop_margin: float = 0.1  # of the lungs' box height/width, on each side
 

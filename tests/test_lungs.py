@@ -15,6 +15,10 @@ Each behaviour was broken by hand once to see its test fail, then restored:
 - dice_iou counting ignore (127) pixels as background fails test_dice_iou_ignores_127.
 - crop: no margin in lung_box fails test_lung_box_and_crop_known_box; no fallback on an
   implausible mask fails test_crop_falls_back_on_empty_or_implausible_masks.
+- mask: a square margin (Chebyshev distance) instead of a round one fails
+  test_mask_to_lungs_blanks_beyond_the_margin_only; crop_inputs ignoring `crop: mask` (cropping
+  instead) fails test_mask_falls_back_on_implausible_masks_and_checks_shapes and the predict
+  parity test's mask case.
 - derivation: BILINEAR instead of NEAREST in squash_mask fails test_derive_mask_synthetic and
   test_derivation_reproduces_mirror_sha256; PNG without optimize=True fails the latter.
 - hashes: skipping the sha256 comparison in _derive_all fails test_derived_mask_hash_mismatch
@@ -253,6 +257,35 @@ def test_crop_falls_back_on_empty_or_implausible_masks() -> None:
     )
     with pytest.raises(ValueError, match="differ in shape"):
         lungs.crop_to_lungs(images[0], masks[0, :10])
+
+
+def test_mask_to_lungs_blanks_beyond_the_margin_only() -> None:
+    mask = np.zeros((100, 100), dtype=bool)
+    mask[20:60, 30:45] = mask[20:60, 55:70] = True  # two lungs, 10 px of mediastinum between
+    image = np.full((100, 100), 200, dtype=np.uint8)
+    out = lungs.mask_to_lungs(image, mask, margin=0.05)  # 5 px of the 100 px side
+    assert out.shape == image.shape and out.dtype == np.uint8
+    assert (out[mask] == 200).all()
+    assert out[40, 50] == 200  # 5 px from either lung: kept
+    assert out[40, 25] == 200 and out[40, 24] == 0  # 5 px left of a lung: kept; 6 px: gone
+    assert out[14, 37] == 0 and out[15, 37] == 200  # above the lungs, the same 5 px
+    assert out[16, 27] == 200  # (4, 3) px from a corner: 5 px away, kept
+    assert out[15, 27] == 0  # (5, 3) px: 5.8 px away, gone (a square margin would keep it)
+    assert out[0, 0] == 0 and out[99, 99] == 0  # corners, text and markers: gone
+
+
+def test_mask_falls_back_on_implausible_masks_and_checks_shapes() -> None:
+    rng = np.random.default_rng(0)
+    images = rng.integers(1, 256, (2, 64, 64), dtype=np.uint8)
+    masks = np.zeros((2, 64, 64), dtype=bool)
+    masks[0, 10:50, 8:56] = True
+    masks[1, 30:34, 30:34] = True  # implausible: left whole
+    out = lungs.crop_inputs(images, masks, {"crop": "mask", "crop_margin": 0.05})
+    np.testing.assert_array_equal(out[1], images[1])
+    np.testing.assert_array_equal(out[0][masks[0]], images[0][masks[0]])
+    assert (out[0] == 0).sum() > 0.3 * out[0].size  # the rest blanked
+    with pytest.raises(ValueError, match="differ in shape"):
+        lungs.mask_to_lungs(images[0], masks[0, :10])
 
 
 # --- mask derivation and fetching ---------------------------------------------------------------

@@ -956,17 +956,18 @@ def test_implausible_lungs_thresholds() -> None:
     assert LUNG_AREA_RANGE[0] <= sliver.mean() and "too small" in implausible_lungs(sliver)
 
 
+@pytest.mark.parametrize("crop", ["lungs", "mask"])
 def test_crop_parity_between_training_arrays_and_predict(
-    tmp_path: Path, ckpt: dict[str, Path], stub_segmenter
+    tmp_path: Path, ckpt: dict[str, Path], stub_segmenter, crop: str
 ) -> None:
     """The same file, through the split stage's preprocessing + cxr.lungs.crop_inputs (what
-    training reads) and through predict: identical model input."""
+    training reads) and through predict: identical model input, cropped or masked."""
     from cxr.lungs import crop_inputs
 
     path = tmp_path / "film.png"
     Image.fromarray(radiograph(200, seed=5)).save(path)
     models = loading.load_models(ckpt["four"], ckpt["binary"], ckpt["segmenter"])
-    spec = dataclasses.replace(models.spec, crop="lungs", crop_margin=0.1)
+    spec = dataclasses.replace(models.spec, crop=crop, crop_margin=0.1)
     models = dataclasses.replace(models, spec=spec)
     threshold = loading.Threshold(0.5, "argument")
     _, batch = predict.predict_chunk([inputs.Input(path)], models, threshold, 4)
@@ -974,6 +975,9 @@ def test_crop_parity_between_training_arrays_and_predict(
     trained_on = crop_inputs(array[None], two_lungs(spec.image_size)[None], spec.to_dict())
     assert np.array_equal(batch, trained_on)
     assert not np.array_equal(batch[0], array)  # the crop did something
+    if crop == "mask":  # framing and scale kept: the lungs' own pixels as they were
+        lung = two_lungs(spec.image_size) > 0
+        assert np.array_equal(batch[0][lung], array[lung])
 
 
 def test_crop_models_without_a_segmenter_are_refused(
