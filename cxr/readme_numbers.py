@@ -851,6 +851,7 @@ OOS_SEED_RUNS: dict[str, dict[int, str]] = {
     "hflip_off": two_seeds("hflip_off"),  # 39th
     "balance_pneumonia": two_seeds("balance_pneumonia"),  # 43rd
     "cutout": two_seeds("cutout"),  # 45th
+    "mask_lungs": two_seeds("mask_lungs"),  # 47th
 }
 
 # The changes compared with the default over two seeds: what each is and its rule, "better"
@@ -906,6 +907,8 @@ TWO_SEED_CANDIDATES: dict[str, tuple[str, str, str]] = {
                           "default_zen5"),
     "cutout": ("a box of random grey (5-20% of the side) in half of the binary draws "
                "(augment.cutout 0.5), alone", "better", "default_zen5"),
+    "mask_lungs": ("every pixel farther than 11 px from the predicted lungs blanked (base.crop "
+                   "mask)", "better", "default_zen5"),
 }  # fmt: skip
 
 
