@@ -44,6 +44,25 @@ def fold_file(folder: Path, fold: str) -> Path:
     return plain_or_packed(folder / f"{fold}.csv")
 
 
+def mean_covid_scores(binary: pd.DataFrame, four_class: pd.DataFrame) -> pd.DataFrame:
+    """One fold's predictions with p_covid the plain mean of the binary model's p(COVID-19) and
+    the four-class model's (RULE.md forty-eighth amendment: a two-member ensemble that costs no
+    training); the four-class columns are kept, so the report gives both. The two files must
+    score the same films, or the mean would be of different things."""
+    keys = ["path", "scored_as"]
+    four = four_class.set_index(keys)
+    missing = binary.set_index(keys).index.symmetric_difference(four.index)
+    if len(binary) != len(four_class) or len(missing):
+        raise ValueError(
+            f"the binary ({len(binary)} rows) and four-class ({len(four_class)} rows) fold files "
+            f"do not score the same films, e.g. {list(missing[:1])}"
+        )
+    p4 = [c for c in four_class.columns if c.startswith("p4_")] + ["call4"]
+    out = binary.merge(four_class[keys + p4], on=keys, how="left", validate="1:1")
+    out["p_covid"] = (out["p_covid"] + out["p4_covid"]) / 2
+    return out
+
+
 def adult_binary(frame: pd.DataFrame) -> pd.DataFrame:
     """Adult films only: COVID-19 vs adult non-COVID (children are all non-COVID: a shortcut)."""
     return frame[frame["age_group"] == "adult"]
