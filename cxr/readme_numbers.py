@@ -262,6 +262,10 @@ OOS_FOUR_CLASS_AGE = "reports/oos/candidates/four_class_age"
 OOS_FOUR_CLASS_ZEN5_SEED43 = "reports/oos/candidates/four_class_zen5_seed43"
 OOS_FOUR_CLASS_NO_PNEUMONIA = {42: "reports/oos/candidates/four_class_no_pneumonia",
                                43: "reports/oos/candidates/four_class_no_pneumonia_seed43"}  # fmt: skip
+# The default four-class recipe through all three folds on the Zen 5, seeds 42 and 43 (RULE.md
+# forty-eighth amendment: their p(COVID-19) averaged with the binary fold models').
+OOS_FOUR_CLASS_FOLDS = {42: "reports/oos/candidates/four_class_folds",
+                        43: "reports/oos/candidates/four_class_folds_seed43"}  # fmt: skip
 
 
 def recipe_part(params: dict, section: str) -> dict:
@@ -852,6 +856,7 @@ OOS_SEED_RUNS: dict[str, dict[int, str]] = {
     "balance_pneumonia": two_seeds("balance_pneumonia"),  # 43rd
     "cutout": two_seeds("cutout"),  # 45th
     "mask_lungs": two_seeds("mask_lungs"),  # 47th
+    "mean_scores": two_seeds("mean_scores"),  # 48th: no training, fold files averaged
 }
 
 # The changes compared with the default over two seeds: what each is and its rule, "better"
@@ -909,6 +914,8 @@ TWO_SEED_CANDIDATES: dict[str, tuple[str, str, str]] = {
                "(augment.cutout 0.5), alone", "better", "default_zen5"),
     "mask_lungs": ("every pixel farther than 11 px from the predicted lungs blanked (base.crop "
                    "mask)", "better", "default_zen5"),
+    "mean_scores": ("the binary and four-class models' p(COVID-19) averaged (both are trained "
+                    "anyway: no training, no extra forward pass)", "better", "default_zen5"),
 }  # fmt: skip
 
 
@@ -1257,7 +1264,10 @@ def oos_four_class_calls(f: Files) -> list[str]:
                           ("without the NIH pneumonia films, Zen 5 (forty-first)",
                            OOS_FOUR_CLASS_NO_PNEUMONIA[42]),
                           ("the same, seed 43 (forty-first)",
-                           OOS_FOUR_CLASS_NO_PNEUMONIA[43])):  # fmt: skip
+                           OOS_FOUR_CLASS_NO_PNEUMONIA[43]),
+                          ("plain film, all three folds, Zen 5 (forty-eighth)",
+                           OOS_FOUR_CLASS_FOLDS[42]),
+                          ("the same, seed 43 (forty-eighth)", OOS_FOUR_CLASS_FOLDS[43])):  # fmt: skip
         if (f.root / folder / "results.json").exists():
             runs.append((label, f"{folder}/results.json"))
     rows = []
