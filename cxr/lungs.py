@@ -172,9 +172,10 @@ def crop_inputs(
     masks: np.ndarray | Callable[[], np.ndarray] | None,
     preprocessing: dict,
 ) -> np.ndarray:
-    """A checkpoint's model input from preprocessed images: unchanged, (`crop: lungs`)
-    cropped to each image's lungs, or (`crop: mask`) blanked outside them. Training, evaluate, gradcam, the out-of-source folds and
-    predict all call this, so "crop when asked" is decided in one place. `masks` may be a
+    """A checkpoint's model input from preprocessed images: unchanged, (`crop: lungs`) cropped
+    to each image's lungs, or (`crop: mask`) blanked outside them. Training, evaluate, gradcam,
+    the out-of-source folds and predict all call this, so "crop when asked" is decided in one
+    place. `masks` may be a
     function that reads them: it is called only when the model crops, so a model without the
     crop needs no segment stage output."""
     if preprocessing.get("crop", "none") == "none" or len(images) == 0:
@@ -182,9 +183,8 @@ def crop_inputs(
     if callable(masks):
         masks = masks()
     if masks is None:
-        raise InputError(
-            f"this model crops to the lungs (crop: {preprocessing['crop']}) but no lung masks were given"
-        )
+        crop = preprocessing["crop"]
+        raise InputError(f"this model crops to the lungs (crop: {crop}) but got no lung masks")
     margin = float(preprocessing["crop_margin"])  # written with crop in every checkpoint
     masks = (np.asarray(masks) > 0).astype(np.uint8)
     if preprocessing["crop"] == "mask":

@@ -46,7 +46,7 @@ from PIL import Image
 
 from cxr import lung_masks, lungs, segmenter
 from cxr.config import SegmentParams
-from cxr.errors import FetchError
+from cxr.errors import FetchError, InputError
 from cxr.images import resize
 from cxr.models import CheckpointError
 from tests.conftest import repo_params, write_params
@@ -286,6 +286,8 @@ def test_mask_falls_back_on_implausible_masks_and_checks_shapes() -> None:
     assert (out[0] == 0).sum() > 0.3 * out[0].size  # the rest blanked
     with pytest.raises(ValueError, match="differ in shape"):
         lungs.mask_to_lungs(images[0], masks[0, :10])
+    with pytest.raises(InputError, match=r"crop: mask\) but got no lung masks"):
+        lungs.crop_inputs(images, None, {"crop": "mask", "crop_margin": 0.05})
 
 
 # --- mask derivation and fetching ---------------------------------------------------------------

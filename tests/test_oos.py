@@ -392,11 +392,15 @@ def test_pack_replaces_the_plain_fold_files_and_the_report_still_reads_them(tmp_
 def test_mean_covid_scores_averages_the_two_models_film_by_film():
     from cxr.oos_report import mean_covid_scores
 
-    binary = pd.DataFrame({"path": ["a", "b", "c"], "scored_as": ["held_out"] * 2 + ["internal_val"],
-                           "label": ["covid", "normal", "covid"], "p_covid": [0.9, 0.2, 0.4]})  # fmt: skip
-    four = pd.DataFrame({"path": ["c", "b", "a"], "scored_as": ["internal_val", "held_out", "held_out"],
-                         "p4_covid": [0.0, 0.6, 0.5], "p4_viral": [1.0, 0.4, 0.5],
-                         "p4_bacterial": 0.0, "p4_normal": 0.0, "call4": ["viral", "covid", "covid"]})  # fmt: skip
+    binary = pd.DataFrame({
+        "path": ["a", "b", "c"], "scored_as": ["held_out", "held_out", "internal_val"],
+        "label": ["covid", "normal", "covid"], "p_covid": [0.9, 0.2, 0.4],
+    })  # fmt: skip
+    four = pd.DataFrame({
+        "path": ["c", "b", "a"], "scored_as": ["internal_val", "held_out", "held_out"],
+        "p4_covid": [0.0, 0.6, 0.5], "p4_viral": [1.0, 0.4, 0.5], "p4_bacterial": 0.0,
+        "p4_normal": 0.0, "call4": ["viral", "covid", "covid"],
+    })  # fmt: skip
     out = mean_covid_scores(binary, four)
     assert list(out["path"]) == ["a", "b", "c"]  # the binary file's order, rows matched by film
     np.testing.assert_allclose(out["p_covid"], [0.7, 0.4, 0.2])
