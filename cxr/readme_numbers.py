@@ -266,6 +266,9 @@ OOS_FOUR_CLASS_NO_PNEUMONIA = {42: "reports/oos/candidates/four_class_no_pneumon
 # forty-eighth amendment: their p(COVID-19) averaged with the binary fold models').
 OOS_FOUR_CLASS_FOLDS = {42: "reports/oos/candidates/four_class_folds",
                         43: "reports/oos/candidates/four_class_folds_seed43"}  # fmt: skip
+# The europe fold on the Zen 5 with every pixel outside the lungs blanked (forty-ninth).
+OOS_FOUR_CLASS_MASK = {42: "reports/oos/candidates/four_class_mask",
+                       43: "reports/oos/candidates/four_class_mask_seed43"}  # fmt: skip
 
 
 def recipe_part(params: dict, section: str) -> dict:
@@ -1267,7 +1270,10 @@ def oos_four_class_calls(f: Files) -> list[str]:
                            OOS_FOUR_CLASS_NO_PNEUMONIA[43]),
                           ("plain film, all three folds, Zen 5 (forty-eighth)",
                            OOS_FOUR_CLASS_FOLDS[42]),
-                          ("the same, seed 43 (forty-eighth)", OOS_FOUR_CLASS_FOLDS[43])):  # fmt: skip
+                          ("the same, seed 43 (forty-eighth)", OOS_FOUR_CLASS_FOLDS[43]),
+                          ("blanked outside the lungs, Zen 5 (forty-ninth)",
+                           OOS_FOUR_CLASS_MASK[42]),
+                          ("the same, seed 43 (forty-ninth)", OOS_FOUR_CLASS_MASK[43])):  # fmt: skip
         if (f.root / folder / "results.json").exists():
             runs.append((label, f"{folder}/results.json"))
     rows = []
