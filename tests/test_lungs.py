@@ -18,7 +18,7 @@ Each behaviour was broken by hand once to see its test fail, then restored:
 - mask: a square margin (Chebyshev distance) instead of a round one fails
   test_mask_to_lungs_blanks_beyond_the_margin_only; crop_inputs ignoring `crop: mask` (cropping
   instead) fails test_mask_falls_back_on_implausible_masks_and_checks_shapes and the predict
-  parity test's mask case.
+  parity test's mask case; crop_inputs without its missing-masks guard fails the former.
 - derivation: BILINEAR instead of NEAREST in squash_mask fails test_derive_mask_synthetic and
   test_derivation_reproduces_mirror_sha256; PNG without optimize=True fails the latter.
 - hashes: skipping the sha256 comparison in _derive_all fails test_derived_mask_hash_mismatch
