@@ -442,6 +442,21 @@ def test_pooled_auc_splits_into_same_place_and_cross_place_pairs(tmp_path):
     )
 
 
+def test_the_sars_fold_is_left_out_of_the_second_column_only(tmp_path):
+    """Watched red with the SARS fold kept in both columns."""
+    (tmp_path / "params.yaml").write_text("oos:\n  folds:\n  - name: a\n  - name: world\n")
+    (tmp_path / "reports/oos").mkdir(parents=True)
+    (tmp_path / "reports/oos/results.json").write_text(json.dumps({"non_covid_by_finding": [
+        {"fold": "a", "finding": "Normal", "n": 9}, {"fold": "world", "finding": "SARS", "n": 1}]}))  # fmt: skip
+    folder = rn.OOS_SEED_RUNS["default_zen1"][42]
+    write_fold_csv(tmp_path / folder / "folds/a.csv", [0.9], [0.8])
+    write_fold_csv(tmp_path / folder / "folds/world.csv", [0.3], [0.95])
+    rows = rn.oos_without_sars_fold(rn.Files(tmp_path))
+    # every fold: 0.9 beats 0.8 only, 0.3 beats neither: 1 of 4; without world: 1 of 1
+    assert rows[2] == "| default_zen1 | 42 | 0.250 | 1.000 |"
+    assert rows[-1] == "Fold world's held-out adult non-COVID films (the committed run): 1 SARS."
+
+
 def test_four_class_calls_add_the_xeon_run_when_it_exists(tmp_path):
     """docs/validation.md's four-class table: the Xeon run of the 112 px recipe (RULE.md
     eleventh and thirteenth amendments) is a row pair of its own, from its own results, and so
