@@ -247,6 +247,14 @@ def oos_is_committed_recipe(f: Files) -> bool:
                                 for name in recipe)  # fmt: skip
 
 
+CANDIDATE_DIR = "reports/oos/candidates"
+
+
+def two_seeds(name: str) -> dict[int, str]:
+    """A candidate's run folders by seed: seed 42 in candidates/NAME, 43 in NAME_seed43."""
+    return {42: f"{CANDIDATE_DIR}/{name}", 43: f"{CANDIDATE_DIR}/{name}_seed43"}
+
+
 OOS_FOUR_CLASS = "reports/oos/four_class"  # the four-class folds (oos.tasks [four_class])
 # The same fold and recipe trained on the Intel Xeon instead of the AMD EPYC Zen 1 (the eleventh
 # amendment's "128 px" run, 112 px after all: RULE.md thirteenth amendment).
@@ -260,15 +268,18 @@ OOS_FOUR_CLASS_AGE = "reports/oos/candidates/four_class_age"
 # The same fold on the Zen 5: the default's seed 43 and, in seeds 42 and 43, the four-class task
 # without the NIH pneumonia films (partial_labels false; RULE.md forty-first, forty-second).
 OOS_FOUR_CLASS_ZEN5_SEED43 = "reports/oos/candidates/four_class_zen5_seed43"
-OOS_FOUR_CLASS_NO_PNEUMONIA = {42: "reports/oos/candidates/four_class_no_pneumonia",
-                               43: "reports/oos/candidates/four_class_no_pneumonia_seed43"}  # fmt: skip
+OOS_FOUR_CLASS_NO_PNEUMONIA = two_seeds("four_class_no_pneumonia")
 # The default four-class recipe through all three folds on the Zen 5, seeds 42 and 43 (RULE.md
 # forty-eighth amendment: their p(COVID-19) averaged with the binary fold models').
-OOS_FOUR_CLASS_FOLDS = {42: "reports/oos/candidates/four_class_folds",
-                        43: "reports/oos/candidates/four_class_folds_seed43"}  # fmt: skip
+OOS_FOUR_CLASS_FOLDS = two_seeds("four_class_folds")
 # The europe fold on the Zen 5 with every pixel outside the lungs blanked (forty-ninth).
-OOS_FOUR_CLASS_MASK = {42: "reports/oos/candidates/four_class_mask",
-                       43: "reports/oos/candidates/four_class_mask_seed43"}  # fmt: skip
+OOS_FOUR_CLASS_MASK = two_seeds("four_class_mask")
+# The europe-fold changes run in two seeds, as the four-class table names them.
+FOUR_CLASS_TWO_SEED_RUNS = (
+    ("without the NIH pneumonia films", "forty-first", OOS_FOUR_CLASS_NO_PNEUMONIA),
+    ("plain film, all three folds", "forty-eighth", OOS_FOUR_CLASS_FOLDS),
+    ("blanked outside the lungs", "forty-ninth", OOS_FOUR_CLASS_MASK),
+)
 
 
 def recipe_part(params: dict, section: str) -> dict:
@@ -819,12 +830,6 @@ OOS_BUDGET = "reports/oos/budget"  # the default configuration with the budget r
 # The committed run before the 128 px arrays (RULE.md twelfth amendment), trained on the AMD EPYC
 # Zen 1 and kept as it was: the candidates and diagnoses run there were compared with it.
 OOS_ZEN1 = "reports/oos/candidates/default_zen1"
-CANDIDATE_DIR = "reports/oos/candidates"
-
-
-def two_seeds(name: str) -> dict[int, str]:
-    """A candidate's run folders by seed: seed 42 in candidates/NAME, 43 in NAME_seed43."""
-    return {42: f"{CANDIDATE_DIR}/{name}", 43: f"{CANDIDATE_DIR}/{name}_seed43"}
 
 
 # Every configuration run with two seeds through every fold (RULE.md names each amendment).
@@ -1289,16 +1294,10 @@ def oos_four_class_calls(f: Files) -> list[str]:
                           ("balanced by class x age group, Zen 5 (thirty-first)",
                            OOS_FOUR_CLASS_AGE),
                           ("plain film, Zen 5, seed 43 (forty-first)", OOS_FOUR_CLASS_ZEN5_SEED43),
-                          ("without the NIH pneumonia films, Zen 5 (forty-first)",
-                           OOS_FOUR_CLASS_NO_PNEUMONIA[42]),
-                          ("the same, seed 43 (forty-first)",
-                           OOS_FOUR_CLASS_NO_PNEUMONIA[43]),
-                          ("plain film, all three folds, Zen 5 (forty-eighth)",
-                           OOS_FOUR_CLASS_FOLDS[42]),
-                          ("the same, seed 43 (forty-eighth)", OOS_FOUR_CLASS_FOLDS[43]),
-                          ("blanked outside the lungs, Zen 5 (forty-ninth)",
-                           OOS_FOUR_CLASS_MASK[42]),
-                          ("the same, seed 43 (forty-ninth)", OOS_FOUR_CLASS_MASK[43])):  # fmt: skip
+                          *((f"{what}, Zen 5 ({amendment})" if seed == 42
+                             else f"the same, seed 43 ({amendment})", folder)
+                            for what, amendment, seeds in FOUR_CLASS_TWO_SEED_RUNS
+                            for seed, folder in seeds.items())):  # fmt: skip
         if (f.root / folder / "results.json").exists():
             runs.append((label, f"{folder}/results.json"))
     rows = []
