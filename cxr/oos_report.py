@@ -44,21 +44,33 @@ def fold_file(folder: Path, fold: str) -> Path:
     return plain_or_packed(folder / f"{fold}.csv")
 
 
+FILM = ["path", "scored_as"]  # one row of a fold file: a film, held out or internal validation
+
+
+def require_same_films(a: pd.DataFrame, b: pd.DataFrame, what: str) -> None:
+    """ValueError unless two fold files score the same films, each once: a comparison or a
+    mean of their scores would otherwise be of different things."""
+    odd = a.set_index(FILM).index.symmetric_difference(b.set_index(FILM).index)
+    if len(a) != len(b) or len(odd):
+        raise ValueError(f"{what} ({len(a)} and {len(b)} rows) do not score the same films, "
+                         f"e.g. {list(odd[:1])}")  # fmt: skip
+
+
+def largest_difference(scored: pd.DataFrame, before: pd.DataFrame, columns: list[str]) -> float:
+    """The largest |difference| in `columns` between two scorings of the same films: how closely
+    a re-run reproduces committed fold predictions (a candidate's check before it is judged)."""
+    require_same_films(scored, before, "the new and the committed fold files")
+    both = scored.merge(before, on=FILM, suffixes=("", "_before"), validate="1:1")
+    return float(max((both[c] - both[f"{c}_before"]).abs().max() for c in columns))
+
+
 def mean_covid_scores(binary: pd.DataFrame, four_class: pd.DataFrame) -> pd.DataFrame:
     """One fold's predictions with p_covid the plain mean of the binary model's p(COVID-19) and
     the four-class model's (RULE.md forty-eighth amendment: a two-member ensemble that costs no
-    training); the four-class columns are kept, so the report gives both. The two files must
-    score the same films, or the mean would be of different things."""
-    keys = ["path", "scored_as"]
-    four = four_class.set_index(keys)
-    missing = binary.set_index(keys).index.symmetric_difference(four.index)
-    if len(binary) != len(four_class) or len(missing):
-        raise ValueError(
-            f"the binary ({len(binary)} rows) and four-class ({len(four_class)} rows) fold files "
-            f"do not score the same films, e.g. {list(missing[:1])}"
-        )
+    training); the four-class columns are kept, so the report gives both."""
+    require_same_films(binary, four_class, "the binary and four-class fold files")
     p4 = [c for c in four_class.columns if c.startswith("p4_")] + ["call4"]
-    out = binary.merge(four_class[keys + p4], on=keys, how="left", validate="1:1")
+    out = binary.merge(four_class[FILM + p4], on=FILM, how="left", validate="1:1")
     out["p_covid"] = (out["p_covid"] + out["p4_covid"]) / 2
     return out
 

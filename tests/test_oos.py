@@ -409,3 +409,15 @@ def test_mean_covid_scores_averages_the_two_models_film_by_film():
         mean_covid_scores(binary, four.iloc[:2])
     with pytest.raises(ValueError, match="do not score the same films"):
         mean_covid_scores(binary, four.assign(path=["c", "b", "x"]))
+
+
+def test_largest_difference_compares_the_same_films_column_by_column():
+    """Watched red with the films matched by row order instead of by path."""
+    from cxr.oos_report import largest_difference
+
+    before = pd.DataFrame({"path": ["a", "b"], "scored_as": ["held_out", "held_out"],
+                           "p_covid": [0.5, 0.25]})  # fmt: skip
+    scored = before.iloc[::-1].assign(p_covid=[0.25, 0.5 + 1e-6])  # the same films, reordered
+    assert largest_difference(scored, before, ["p_covid"]) == pytest.approx(1e-6)
+    with pytest.raises(ValueError, match="do not score the same films"):
+        largest_difference(scored.iloc[:1], before, ["p_covid"])
