@@ -33,10 +33,16 @@ ADVERSARY_WITHIN = ("class", "age_group", "label")
 # Train keys that a run records (checkpoint, resume file) only when they are switched on: added
 # after the committed default models were trained, they leave a run that does not use them what
 # it was, its checkpoint's bytes included. A dotted key is one inside a mapping (augment).
-RECORDED_WHEN_ON = {"average_epochs": 0, "mixstyle": 0.0, "mixup": 0.0, "augment.jpeg": 0.0}
+RECORDED_WHEN_ON = {
+    "average_epochs": 0,
+    "mixstyle": 0.0,
+    "mixup": 0.0,
+    "logit_penalty": 0.0,
+    "augment.jpeg": 0.0,
+}
 # Train keys added after recipes were first recorded (reports/oos), with what a recorded
 # recipe without them meant: the network saw the arrays' size; no adversarial head, weight
-# average, MixStyle, mixup or JPEG round trip.
+# average, MixStyle, mixup, logit penalty or JPEG round trip.
 LATER_TRAIN_KEYS = {
     "input_size": None,
     "adversary": 0.0,
@@ -282,6 +288,10 @@ class TrainParams:
     # Beta(alpha, alpha) of mixup's weight (cxr.train.mix_batch; Zhang et al. 2018): each batch
     # trained on a blend of its films and their labels with a shuffled copy; 0 = off.
     mixup: float
+    # Weight of the penalty on the squared logits added to the loss (spectral decoupling,
+    # Pezeshki et al., NeurIPS 2021; cxr.train.train_epoch): once a film is classified with some
+    # margin the easy feature stops being pushed, leaving gradient for others; 0 = off.
+    logit_penalty: float
 
     def validate(self) -> None:
         name = f"train_{self.task}"
@@ -293,6 +303,9 @@ class TrainParams:
         require(finite(self.mixup) and self.mixup >= 0, f"{name}.mixup",
                 "a finite number >= 0, the Beta(alpha, alpha) of its weights (0 = no mixup)",
                 self.mixup)  # fmt: skip
+        require(finite(self.logit_penalty) and self.logit_penalty >= 0, f"{name}.logit_penalty",
+                "a finite number >= 0, the weight of the squared logits' mean (0 = off)",
+                self.logit_penalty)  # fmt: skip
         require(finite(self.adversary) and self.adversary >= 0, f"{name}.adversary",
                 "a finite number >= 0 (0 = no source-adversarial head)", self.adversary)  # fmt: skip
         require(
@@ -368,6 +381,12 @@ class TrainParams:
             raise ParamsError(
                 f"{name}.mixup: mixup runs in one process; set {name}.processes to 1 "
                 f"(got {self.processes})"
+            )
+        if self.logit_penalty > 0 and self.processes > 1:
+            # Each process would average over its own part of the batch: not one process's run.
+            raise ParamsError(
+                f"{name}.logit_penalty: the logit penalty runs in one process; set "
+                f"{name}.processes to 1 (got {self.processes})"
             )
         if not self.adversary_within or set(self.adversary_within) - set(ADVERSARY_WITHIN):
             raise ParamsError(

@@ -288,7 +288,8 @@ def step_train(work: Path, n: int, args: argparse.Namespace) -> dict[str, Any]:
     strata = strata_for(table, p.task, p.balance_by)
     steps = max(1, len(images) // p.batch_size)  # as train_model: drop_last
     # The step as train_model takes it: group DRO's loss, the adversarial head, the weight
-    # average's update (as in its epochs: after every step), MixStyle's hooks and mixup when set.
+    # average's update (as in its epochs: after every step), MixStyle's hooks, mixup and the logit
+    # penalty when set.
     head = adversary_head(model, p, head_targets(table, p), device)
     optimizer = make_optimizer(trained_modules(model, head), p)
     averaged = weight_average(model, p)
@@ -303,6 +304,7 @@ def step_train(work: Path, n: int, args: argparse.Namespace) -> dict[str, Any]:
                    if head is not None else None),
         average=average_step(averaged, model),
         mixup=p.mixup,
+        logit_penalty=p.logit_penalty,
     )  # fmt: skip
     allowed = torch.from_numpy(allowed_classes(table, p.task))
     start = time.perf_counter()
@@ -337,6 +339,7 @@ def step_train(work: Path, n: int, args: argparse.Namespace) -> dict[str, Any]:
                 ("weight average", kwargs["average"]),
                 (f"MixStyle {p.mixstyle:g}", mix),
                 (f"mixup {p.mixup:g}", kwargs["mixup"] or None),
+                (f"logit penalty {p.logit_penalty:g}", kwargs["logit_penalty"] or None),
             )
             if on is not None
         ),

@@ -259,6 +259,15 @@ def mixed_nll(logits: torch.Tensor, allowed: torch.Tensor, lam: float,
     return lam * own + (1 - lam) * partial_label_nll(logits, allowed[partner])
 
 
+def logit_penalty_of(logits: torch.Tensor) -> torch.Tensor:
+    """Spectral decoupling's penalty (Pezeshki et al., "Gradient Starvation", NeurIPS 2021): the
+    mean of the squared logits. Cross-entropy keeps rewarding a larger margin on films already
+    right, so the feature that wins first (a source's look) is pushed ever further and the others
+    starve; with this penalty a film's logits stop growing at a modest margin and the gradient
+    goes to the films still wrong. As DomainBed's SD, over every row and class."""
+    return logits.float().pow(2).mean()
+
+
 def make_scheduler(
     optimizer: torch.optim.Optimizer, p: TrainParams, steps_per_epoch: int
 ) -> torch.optim.lr_scheduler.LRScheduler:
@@ -317,6 +326,7 @@ def train_epoch(
     adversary: AdversaryRun | None = None,
     average: Callable[[], None] | None = None,
     mixup: float = 0.0,
+    logit_penalty: float = 0.0,
 ) -> tuple[float, int, int]:
     """One pass over `batches` (rows of global batch indices); returns this rank's summed loss,
     correct and seen counts.
@@ -333,6 +343,8 @@ def train_epoch(
     `mixup` > 0: every batch blended with a shuffled copy (mix_batch; one process only); the
     loss and weights blended alike, group DRO's rows kept in their own groups. The training
     accuracy then counts each blend's top class against its own film's label.
+    `logit_penalty` > 0: that weight times the mean squared logit is added to what is minimised
+    (logit_penalty_of; one process only); the returned loss is the task's alone.
     """
     device = next(model.parameters()).device
     world = world or World(device=device)
@@ -385,6 +397,8 @@ def train_epoch(
             # DDP averages the ranks' gradients; scaling each rank's weighted mean by its share
             # of the global batch's weight makes that average the global batch's weighted mean.
             objective = loss = loss * (w.sum() * world.size / weights[idx.to(device)].sum())
+        if logit_penalty > 0:
+            objective = objective + logit_penalty * logit_penalty_of(logits)
         optimizer.zero_grad(set_to_none=True)
         objective.backward()
         optimizer.step()
@@ -438,7 +452,8 @@ def train_model(
     (cxr.data.adversary_targets), what the source-adversarial head conditions on and predicts.
     `p.average_epochs` > 0: in those last epochs the weight average is what validation scores
     and what is kept (weight_average); `p.mixstyle` > 0: MixStyle's hooks while it trains;
-    `p.mixup` > 0: every batch blended (mix_batch).
+    `p.mixup` > 0: every batch blended (mix_batch); `p.logit_penalty` > 0: the squared logits
+    penalised (logit_penalty_of).
     The test split is not an argument: training cannot read it.
     """
     world = world or World()
@@ -511,6 +526,7 @@ def train_model(
             adversary=adversary,
             average=average_step(averaged, model) if averaging else None,
             mixup=p.mixup,
+            logit_penalty=p.logit_penalty,
         )
         total_loss, correct, count = distributed.sum_across(list(sums), world)
         distributed.sync_buffers(model, world)

@@ -411,7 +411,8 @@ def same(a: dict, b: dict) -> bool:
 
 
 @pytest.mark.parametrize("train", [{}, {"balance": "group_dro"}, {"adversary": 1.0},
-                                   {"average_epochs": 3}, {"mixstyle": 0.5}, {"mixup": 0.2}],
+                                   {"average_epochs": 3}, {"mixstyle": 0.5}, {"mixup": 0.2},
+                                   {"logit_penalty": 0.1}],
                          ids=lambda train: ",".join(train) or "default")  # fmt: skip
 def test_an_interrupted_run_resumes_to_bit_identical_weights(tmp_path, train):
     run = functools.partial(resumable_run, **train)

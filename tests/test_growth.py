@@ -75,11 +75,13 @@ def test_report_has_every_number_for_every_size(tmp_path: Path) -> None:
     and the JSON and the Markdown table hold a positive number in every column for every size.
     Watched red (session 17): with the per-size arrays left behind (growth's rmtree skipped);
     (session 20) with group DRO and the adversarial head left out of the timed step; (session
-    21) with the weight average's update or MixStyle left out; (session 22) with mixup left out."""
+    21) with the weight average's update or MixStyle left out; (session 22) with mixup left out;
+    (session 26) with the logit penalty left out."""
     params = write_params(tmp_path / "params.yaml", base={"image_size": 32},
                           train_binary={"batch_size": 8, "threads": 1, "balance": "group_dro",
                                         "adversary": 0.5, "average_epochs": 2,
-                                        "mixstyle": 0.5, "mixup": 0.2})  # fmt: skip
+                                        "mixstyle": 0.5, "mixup": 0.2,
+                                        "logit_penalty": 0.1})  # fmt: skip
     out = tmp_path / "reports" / "growth.json"
     growth.main(["--sizes", "40,64", "--out", str(out), "--params", str(params),
                  "--px", str(PX), "--train-batches", "2", "--warmup-batches", "1",
@@ -96,7 +98,8 @@ def test_report_has_every_number_for_every_size(tmp_path: Path) -> None:
         # the step trains as train_model would with these params (session 20: it used to
         # time the plain loss whatever `balance` said)
         assert size["train_model"].endswith(
-            "batch 8, group DRO, adversary 0.5, weight average, MixStyle 0.5, mixup 0.2"
+            "batch 8, group DRO, adversary 0.5, weight average, MixStyle 0.5, mixup 0.2, "
+            "logit penalty 0.1"
         )
     assert report["cpu"]["model"] and report["cpu"]["cores"] >= 1
     assert "--sizes 40,64" in report["command"]
