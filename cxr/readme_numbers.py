@@ -865,6 +865,7 @@ OOS_SEED_RUNS: dict[str, dict[int, str]] = {
     "cutout": two_seeds("cutout"),  # 45th
     "mask_lungs": two_seeds("mask_lungs"),  # 47th
     "mean_scores": two_seeds("mean_scores"),  # 48th: no training, fold files averaged
+    "logit_penalty": two_seeds("logit_penalty"),  # 50th
 }
 
 # The changes compared with the default over two seeds: what each is and its rule, "better"
@@ -924,6 +925,8 @@ TWO_SEED_CANDIDATES: dict[str, tuple[str, str, str]] = {
                    "mask)", "better", "default_zen5"),
     "mean_scores": ("the binary and four-class models' p(COVID-19) averaged (both are trained "
                     "anyway: no training, no extra forward pass)", "better", "default_zen5"),
+    "logit_penalty": ("the binary logits held down: 0.1 x their mean square added to the loss "
+                      "(spectral decoupling; Pezeshki et al. 2021)", "better", "default_zen5"),
 }  # fmt: skip
 
 
