@@ -358,36 +358,21 @@ class TrainParams:
             f"divisible by processes ({self.processes}): it is the global batch",
             self.batch_size,
         )
-        if self.balance == "group_dro" and self.processes > 1:
-            # Each rank would move its own group weights from its own part of the batch.
-            raise ParamsError(
-                f"{name}.balance: group_dro runs in one process; set {name}.processes to 1 "
-                f"(got {self.processes})"
-            )
-        if self.adversary > 0 and self.processes > 1:
-            # The head's features come from a hook on this process's forward only.
-            raise ParamsError(
-                f"{name}.adversary: the source-adversarial head runs in one process; set "
-                f"{name}.processes to 1 (got {self.processes})"
-            )
-        if self.mixstyle > 0 and self.processes > 1:
-            # Each process would mix within its own part of the batch: not one process's run.
-            raise ParamsError(
-                f"{name}.mixstyle: MixStyle runs in one process; set {name}.processes to 1 "
-                f"(got {self.processes})"
-            )
-        if self.mixup > 0 and self.processes > 1:
-            # Each process would blend within its own part of the batch: not one process's run.
-            raise ParamsError(
-                f"{name}.mixup: mixup runs in one process; set {name}.processes to 1 "
-                f"(got {self.processes})"
-            )
-        if self.logit_penalty > 0 and self.processes > 1:
-            # Each process would average over its own part of the batch: not one process's run.
-            raise ParamsError(
-                f"{name}.logit_penalty: the logit penalty runs in one process; set "
-                f"{name}.processes to 1 (got {self.processes})"
-            )
+        # Each of these keeps state of its own or works on the whole batch in this process's
+        # forward, so several processes would each run it on their part: not one process's run.
+        one_process = (
+            ("balance", self.balance == "group_dro", "group_dro"),  # each rank's group weights
+            ("adversary", self.adversary > 0, "the source-adversarial head"),  # a forward hook
+            ("mixstyle", self.mixstyle > 0, "MixStyle"),  # mixes within the part of the batch
+            ("mixup", self.mixup > 0, "mixup"),  # blends within the part of the batch
+            ("logit_penalty", self.logit_penalty > 0, "the logit penalty"),  # the part's mean
+        )
+        for key, on, what in one_process:
+            if on and self.processes > 1:
+                raise ParamsError(
+                    f"{name}.{key}: {what} runs in one process; set {name}.processes to 1 "
+                    f"(got {self.processes})"
+                )
         if not self.adversary_within or set(self.adversary_within) - set(ADVERSARY_WITHIN):
             raise ParamsError(
                 f"{name}.adversary_within must list some of {list(ADVERSARY_WITHIN)}, "

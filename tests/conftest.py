@@ -64,6 +64,20 @@ def quadrant_set(
     return images, labels
 
 
+def one_batch_of_quadrants() -> tuple[np.ndarray, torch.Tensor, torch.nn.Module, torch.nn.Module]:
+    """What the one-step tests of train_epoch start from, on one thread: 8 quadrant_set films,
+    their one-hot allowed classes, a ResNet-18 drawn with torch seed 0 and an untouched copy of
+    it (the twin the expected loss is computed with)."""
+    from cxr.models import build_model
+
+    torch.set_num_threads(1)
+    images, labels = quadrant_set(8)
+    allowed = torch.from_numpy(np.eye(4, dtype=bool)[labels])
+    torch.manual_seed(0)
+    model = build_model("resnet18", 4)
+    return images, allowed, model, copy.deepcopy(model)
+
+
 # --- params: the repository's params.yaml is the one source of values, in tests too ----------
 
 

@@ -8,8 +8,6 @@ Watched red:
 
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 import pytest
 import torch
@@ -25,10 +23,15 @@ from cxr.data import (
     to_input,
 )
 from cxr.images import jpeg_round_trip
-from cxr.models import build_model
 from cxr.params import ParamsError
 from cxr.train import train_epoch
-from tests.conftest import NO_AUG, augment_params, quadrant_set, repo_params, toy_params
+from tests.conftest import (
+    NO_AUG,
+    augment_params,
+    one_batch_of_quadrants,
+    repo_params,
+    toy_params,
+)
 
 
 def films(n: int = 6, size: int = 32) -> torch.Tensor:
@@ -74,13 +77,8 @@ def test_each_chosen_film_is_saved_at_its_quality_and_the_rest_kept():
 def test_train_epoch_takes_its_step_on_the_round_tripped_films():
     """The loss train_epoch reports for one batch is that of the films after their round trip,
     qualities drawn from the training generator after the affine draw."""
-    torch.set_num_threads(1)
-    images, labels = quadrant_set(8)
-    allowed = torch.from_numpy(np.eye(4, dtype=bool)[labels])
+    images, allowed, model, twin = one_batch_of_quadrants()
     aug = augment_params(**(NO_AUG | {"jpeg": 1.0}))
-    torch.manual_seed(0)
-    model = build_model("resnet18", 4)
-    twin = copy.deepcopy(model)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     total, _, count = train_epoch(model, torch.arange(8).view(1, 8), images, allowed,
                                   weights=None, optimizer=optimizer, scheduler=None, aug=aug,

@@ -5,22 +5,20 @@ Checked by hand (each bug made in the code, this file went red, then the code wa
 - train_epoch stepping on the task's loss alone (the penalty left out of the objective):
   test_train_epoch_steps_on_the_penalised_loss;
 - train_model not passing it on: test_the_penalty_trains_otherwise_*.
+Off by default, recorded only when on, one process only: tests/test_train_keys.py.
 """
 
 from __future__ import annotations
 
 import copy
 
-import numpy as np
 import pytest
 import torch
 
-from cxr.config import recorded_params
 from cxr.data import partial_label_loss, to_input
-from cxr.models import build_model
 from cxr.params import ParamsError
 from cxr.train import logit_penalty_of, train_epoch
-from tests.conftest import quadrant_set, repo_params, toy_params
+from tests.conftest import one_batch_of_quadrants, toy_params
 from tests.test_mixstyle import run
 
 params = toy_params
@@ -37,12 +35,7 @@ def test_the_penalty_is_the_mean_squared_logit():
 def one_step(penalty: float, lr: float = 0.5):
     """One SGD step of a fresh ResNet-18 on 8 quadrant films with this logit penalty: the
     weights after it and the loss train_epoch reports."""
-    torch.set_num_threads(1)
-    images, labels = quadrant_set(8)
-    allowed = torch.from_numpy(np.eye(4, dtype=bool)[labels])
-    torch.manual_seed(0)
-    model = build_model("resnet18", 4)
-    start = copy.deepcopy(model)
+    images, allowed, model, start = one_batch_of_quadrants()
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     total, _, count = train_epoch(model, torch.arange(8).view(1, 8), images, allowed,
                                   weights=None, optimizer=optimizer, scheduler=None, aug=None,
@@ -85,12 +78,3 @@ def test_the_penalty_trains_otherwise_and_adds_nothing_to_the_checkpoint():
 def test_a_logit_penalty_outside_its_range_is_named(value):
     with pytest.raises(ParamsError, match="logit_penalty"):
         params(logit_penalty=value).validate()
-
-
-def test_the_penalty_runs_in_one_process_and_is_recorded_only_when_on():
-    with pytest.raises(ParamsError, match="logit penalty runs in one process"):
-        params(logit_penalty=0.1, processes=2).validate()
-    assert "logit_penalty" not in recorded_params(params())
-    assert recorded_params(params(logit_penalty=0.1))["logit_penalty"] == 0.1
-    assert repo_params("train_binary").logit_penalty == 0  # the default: off
-    assert repo_params("train_four_class").logit_penalty == 0

@@ -16,13 +16,12 @@ import copy
 import pytest
 import torch
 
-from cxr.config import recorded_params
 from cxr.data import seed_everything
 from cxr.mixstyle import MixStyle, mix_styles
 from cxr.models import build_model
 from cxr.params import ParamsError
 from cxr.train import train_model
-from tests.conftest import quadrant_set, repo_params, toy_params
+from tests.conftest import quadrant_set, toy_params
 
 params = toy_params
 
@@ -92,11 +91,7 @@ def test_mixstyle_trains_otherwise_and_adds_nothing_to_the_checkpoint():
     assert not any(m._forward_hooks for m in mixed.modules())
 
 
-def test_mixstyle_is_a_probability_in_one_process_and_recorded_only_when_on():
+def test_mixstyle_is_a_probability():
+    # Off by default, recorded only when on, one process only: tests/test_train_keys.py.
     with pytest.raises(ParamsError, match="mixstyle"):
         params(mixstyle=1.5).validate()
-    with pytest.raises(ParamsError, match="MixStyle runs in one process"):
-        params(mixstyle=0.5, processes=2).validate()
-    assert "mixstyle" not in recorded_params(params())
-    assert recorded_params(params(mixstyle=0.5))["mixstyle"] == 0.5
-    assert repo_params("train_binary").mixstyle == 0  # the default: off

@@ -11,19 +11,14 @@ Checked by hand (each bug made in the code, this file went red, then the code wa
 
 from __future__ import annotations
 
-import copy
-
-import numpy as np
 import pytest
 import torch
 
 import cxr.train
-from cxr.config import recorded_params
 from cxr.data import partial_label_nll, to_input
-from cxr.models import build_model
 from cxr.params import ParamsError
 from cxr.train import mix_batch, mixed_nll, train_epoch
-from tests.conftest import quadrant_set, repo_params, toy_params
+from tests.conftest import one_batch_of_quadrants, toy_params
 from tests.test_mixstyle import run
 
 params = toy_params
@@ -56,12 +51,7 @@ def test_the_loss_is_blended_with_the_same_weight():
 def test_train_epoch_takes_its_step_on_the_blend():
     """The loss train_epoch reports for one batch is the blended loss of the blended films,
     drawn as mix_batch draws them from torch's global generator."""
-    torch.set_num_threads(1)
-    images, labels = quadrant_set(8)
-    allowed = torch.from_numpy(np.eye(4, dtype=bool)[labels])
-    torch.manual_seed(0)
-    model = build_model("resnet18", 4)
-    twin = copy.deepcopy(model)
+    images, allowed, model, twin = one_batch_of_quadrants()
     batch = torch.arange(8).view(1, 8)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     torch.manual_seed(7)
@@ -97,12 +87,3 @@ def test_mixup_trains_otherwise_and_adds_nothing_to_the_checkpoint(monkeypatch):
 def test_mixup_outside_its_range_is_named(value):
     with pytest.raises(ParamsError, match="mixup"):
         params(mixup=value).validate()
-
-
-def test_mixup_runs_in_one_process_and_is_recorded_only_when_on():
-    with pytest.raises(ParamsError, match="mixup runs in one process"):
-        params(mixup=0.2, processes=2).validate()
-    assert "mixup" not in recorded_params(params())
-    assert recorded_params(params(mixup=0.2))["mixup"] == 0.2
-    assert repo_params("train_binary").mixup == 0  # the default: off
-    assert repo_params("train_four_class").mixup == 0

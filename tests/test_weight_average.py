@@ -17,7 +17,7 @@ import pytest
 import torch
 from torch.optim.swa_utils import AveragedModel
 
-from cxr.config import as_recipe, recorded_params
+from cxr.config import as_recipe
 from cxr.data import seed_everything
 from cxr.models import build_model
 from cxr.params import ParamsError
@@ -78,8 +78,6 @@ def test_average_epochs_outside_0_to_epochs_is_named(value):
         params(epochs=2, average_epochs=value).validate()
 
 
-def test_off_it_is_not_recorded_so_runs_without_it_stay_what_they_were():
-    assert "average_epochs" not in recorded_params(params())
-    assert recorded_params(params(average_epochs=2))["average_epochs"] == 2
-    # A recorded recipe without the key meant no averaging.
+def test_a_recipe_recorded_without_it_meant_no_averaging():
+    # Off by default and recorded only when on: tests/test_train_keys.py.
     assert as_recipe("train_binary", {"lr": 1e-3})["average_epochs"] == 0
