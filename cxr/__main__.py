@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib
 import sys
 
+from cxr.cli import interrupts_held
+
 # command -> module whose main(argv) runs it; imported only when chosen (torch takes seconds).
 COMMANDS = {
     "bench": "cxr.bench",
@@ -35,7 +37,9 @@ def run(argv: list[str]) -> None:
     if not argv or argv[0] not in COMMANDS:
         print(f"usage: python -m cxr {{{'|'.join(COMMANDS)}}} [options]  (--help for each)")
         sys.exit(0 if argv and argv[0] in ("-h", "--help") else 2)
-    importlib.import_module(COMMANDS[argv[0]]).main(argv[1:])
+    with interrupts_held():  # most commands import torch as they load: see interrupts_held
+        command = importlib.import_module(COMMANDS[argv[0]])
+    command.main(argv[1:])
 
 
 if __name__ == "__main__":

@@ -6,7 +6,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import signal
 import sys
+import threading
 from collections.abc import Iterator
 
 # A missing or unreadable file a user named (an input path, a params file): its message names
@@ -31,6 +33,31 @@ def setup_logging(verbose: bool = False) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+
+
+@contextlib.contextmanager
+def interrupts_held() -> Iterator[None]:
+    """Ctrl-C held back while the block runs, then raised as KeyboardInterrupt when it ends.
+
+    For importing torch: a KeyboardInterrupt raised while torch's C++ extension sets itself up
+    cannot get back to Python and aborts the process ("terminate called after throwing an
+    instance of 'pybind11::error_already_set'", signal 6), in place of the one line and status
+    130 that `python -m cxr` promises. Here the signal only sets a flag, and the interrupt comes
+    when the block ends (torch's import: about a second on 2 cores). Outside the main
+    thread, or when SIGINT is not Python's own handler (ignored, or the program's), nothing
+    changes."""
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):  # fmt: skip
+        yield
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
 
 
 @contextlib.contextmanager

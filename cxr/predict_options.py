@@ -138,6 +138,8 @@ def main(argv: list[str] | None = None) -> None:
         from cxr.serve import ask
 
         sys.exit(ask(argv, args.socket))  # the server parses the same argv again
-    from cxr.predict import run
+    from cxr.cli import interrupts_held
 
+    with interrupts_held():  # torch's import: see interrupts_held
+        from cxr.predict import run
     run(args)
