@@ -1208,13 +1208,18 @@ def oos_choices(f: Files) -> list[str]:
     seed44 = [f"{OOS_ZEN5_SEED44}/folds/{fold}.csv" for fold in oos_fold_names(f)]
     if all(f.exists(csv) for csv in seed44):  # the third member, pooled as its siblings are
         zen5[44] = pooled_auc(f, seed44)
+    objectives = {"default": pooled.get("default_zen5", {}).get(42),
+                  "logit_penalty": pooled.get("logit_penalty", {}).get(42)}  # fmt: skip
     for folder, label, members in (
         (OOS_ENSEMBLE_XEON, "ensemble of the Xeon's seeds 42 + 43 (twice the binary training)",
-         pooled.get("default_xeon", {})),
+         seed_members(pooled.get("default_xeon", {}))),
         (OOS_ENSEMBLE_ZEN5, "ensemble of the Zen 5's seeds 42 + 43 + 44 (three times the binary "
-         "training)", zen5),
+         "training)", seed_members(zen5)),
+        (OOS_ENSEMBLE_OBJECTIVES, "ensemble of the default and the held-down logits, seed 42 "
+         "(twice the binary training; thought of after their fold results: a diagnosis)",
+         objectives),
     ):  # fmt: skip
-        if (row := ensemble_row(f, folder, label, members)) is not None:
+        if None not in members.values() and (row := ensemble_row(f, folder, label, members)):
             rows.append(row)
     return table(["change", "measured on held-out places", "held-out adult ROC AUC vs default",
                   "decision"], rows)  # fmt: skip
@@ -1223,6 +1228,8 @@ def oos_choices(f: Files) -> list[str]:
 OOS_ENSEMBLE_XEON = "reports/oos/candidates/ensemble_xeon"  # RULE.md seventeenth amendment
 OOS_ENSEMBLE_ZEN5 = "reports/oos/candidates/ensemble_zen5"  # RULE.md forty-sixth amendment
 OOS_ZEN5_SEED44 = "reports/oos/candidates/default_zen5_seed44"  # its third member (fortieth)
+# RULE.md fifty-first amendment: default_zen5 and logit_penalty (seed 42) averaged.
+OOS_ENSEMBLE_OBJECTIVES = "reports/oos/candidates/ensemble_logit_penalty"
 
 
 def ensemble_verdict(ensemble: float, members: list[float]) -> str:
@@ -1238,16 +1245,20 @@ def ensemble_verdict(ensemble: float, members: list[float]) -> str:
     return f"keep one model ({ensemble - mean:+.3f} over the members' mean; the rule needs +0.010 and above each)"
 
 
-def ensemble_row(f: Files, folder: str, label: str, members: dict[int, float]) -> list[str] | None:
-    """Kept seeds' fold models scored as one ensemble (`folder`), every fold pooled, beside
-    each member (`members`: pooled AUC by seed, as two_seed_pooled gives it); None before that
-    run."""
+def seed_members(aucs: dict[int, float]) -> dict[str, float]:
+    """Pooled AUCs by seed (as two_seed_pooled gives them) named as ensemble_row shows them."""
+    return {f"seed {seed}": auc for seed, auc in aucs.items()}
+
+
+def ensemble_row(f: Files, folder: str, label: str, members: dict[str, float]) -> list[str] | None:
+    """Kept fold models scored as one ensemble (`folder`), every fold pooled, beside each member
+    (`members`: pooled AUC by member, e.g. "seed 42"); None before that run."""
     folds = oos_fold_names(f)
     if not all(f.exists(f"{folder}/folds/{fold}.csv") for fold in folds):
         return None
     ens = pooled_auc(f, [f"{folder}/folds/{fold}.csv" for fold in folds])
     return [label, f"{len(folds)} folds pooled, no training (the kept fold models)",
-            f"{ens:.3f} vs {' and '.join(f'{auc:.3f} (seed {s})' for s, auc in members.items())}",
+            f"{ens:.3f} vs {' and '.join(f'{auc:.3f} ({m})' for m, auc in members.items())}",
             ensemble_verdict(ens, list(members.values()))]  # fmt: skip
 
 

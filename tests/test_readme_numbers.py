@@ -573,9 +573,8 @@ def test_ensemble_row_pools_the_ensemble_and_each_member_on_every_fold(tmp_path)
     for folder in rn.OOS_SEED_RUNS["default_xeon"].values():
         write_fold_csv(tmp_path / folder / "folds/a.csv", [0.9], [0.1])
         write_fold_csv(tmp_path / folder / "folds/b.csv", [0.3], [0.5])  # 0.3 < 0.5: 0.75
-    row = rn.ensemble_row(
-        files, rn.OOS_ENSEMBLE_XEON, "2 seeds", rn.two_seed_pooled(files)[1]["default_xeon"]
-    )
+    members = rn.seed_members(rn.two_seed_pooled(files)[1]["default_xeon"])
+    row = rn.ensemble_row(files, rn.OOS_ENSEMBLE_XEON, "2 seeds", members)
     assert row[2] == "1.000 vs 0.750 (seed 42) and 0.750 (seed 43)"
     assert row[3].startswith("better by the rule (+0.250")
 
