@@ -175,9 +175,8 @@ def crop_inputs(
     """A checkpoint's model input from preprocessed images: unchanged, (`crop: lungs`) cropped
     to each image's lungs, or (`crop: mask`) blanked outside them. Training, evaluate, gradcam,
     the out-of-source folds and predict all call this, so "crop when asked" is decided in one
-    place. `masks` may be a
-    function that reads them: it is called only when the model crops, so a model without the
-    crop needs no segment stage output."""
+    place. `masks` may be a function that reads them: it is called only when the model crops,
+    so a model without the crop needs no segment stage output."""
     if preprocessing.get("crop", "none") == "none" or len(images) == 0:
         return images
     if callable(masks):

@@ -64,15 +64,21 @@ def largest_difference(scored: pd.DataFrame, before: pd.DataFrame, columns: list
     return float(max((both[c] - both[f"{c}_before"]).abs().max() for c in columns))
 
 
-def mean_covid_scores(binary: pd.DataFrame, four_class: pd.DataFrame) -> pd.DataFrame:
-    """One fold's predictions with p_covid the plain mean of the binary model's p(COVID-19) and
-    the four-class model's (RULE.md forty-eighth amendment: a two-member ensemble that costs no
-    training); the four-class columns are kept, so the report gives both."""
-    require_same_films(binary, four_class, "the binary and four-class fold files")
-    p4 = [c for c in four_class.columns if c.startswith("p4_")] + ["call4"]
-    out = binary.merge(four_class[FILM + p4], on=FILM, how="left", validate="1:1")
-    out["p_covid"] = (out["p_covid"] + out["p4_covid"]) / 2
-    return out
+def mean_covid_scores(binary: pd.DataFrame, other: pd.DataFrame) -> pd.DataFrame:
+    """One fold's binary predictions with p_covid the plain mean of its p(COVID-19) and another
+    model's on the same films: a two-member ensemble from fold files, no training. `other` is
+    the four-class model's fold file (its p4_covid; its four-class columns are kept, so the
+    report gives both: RULE.md forty-eighth amendment) or another binary model's (its p_covid:
+    the fifty-first)."""
+    require_same_films(binary, other, "the two fold files")
+    if "p4_covid" in other:
+        theirs = other[FILM + [c for c in other.columns if c.startswith("p4_")] + ["call4"]]
+        score = "p4_covid"
+    else:
+        theirs, score = other[FILM + ["p_covid"]].rename(columns={"p_covid": "p_other"}), "p_other"
+    out = binary.merge(theirs, on=FILM, how="left", validate="1:1")
+    out["p_covid"] = (out["p_covid"] + out[score]) / 2
+    return out.drop(columns="p_other", errors="ignore")
 
 
 def adult_binary(frame: pd.DataFrame) -> pd.DataFrame:

@@ -415,6 +415,11 @@ def test_mean_covid_scores_averages_the_two_models_film_by_film():
         mean_covid_scores(binary, four.iloc[:2])
     with pytest.raises(ValueError, match="do not score the same films"):
         mean_covid_scores(binary, four.assign(path=["c", "b", "x"]))
+    # Another binary model's fold file (RULE.md fifty-first): its p_covid, nothing else added.
+    other = binary.assign(p_covid=[0.5, 0.6, 0.0]).iloc[::-1]
+    both = mean_covid_scores(binary, other)
+    assert list(both.columns) == list(binary.columns) and list(both["path"]) == ["a", "b", "c"]
+    np.testing.assert_allclose(both["p_covid"], [0.7, 0.4, 0.2])
 
 
 def test_largest_difference_compares_the_same_films_column_by_column():

@@ -11,15 +11,12 @@ python - reports/oos/candidates/default_zen5/folds reports/oos/candidates/logit_
 import sys
 from pathlib import Path
 import pandas as pd
-from cxr.oos_report import FILM, fold_file, require_same_films
+from cxr.oos_report import fold_file, mean_covid_scores
 default, penalty, out = map(Path, sys.argv[1:])
 out.mkdir(parents=True, exist_ok=True)
 for fold in ("hannover", "europe", "world"):
-    a = pd.read_csv(fold_file(default, fold), keep_default_na=False)
-    b = pd.read_csv(fold_file(penalty, fold), keep_default_na=False)
-    require_same_films(a, b, f"the two runs' {fold} fold files")
-    both = a.merge(b[FILM + ["p_covid"]], on=FILM, suffixes=("", "_other"), validate="1:1")
-    both["p_covid"] = (both["p_covid"] + both.pop("p_covid_other")) / 2
+    both = mean_covid_scores(pd.read_csv(fold_file(default, fold), keep_default_na=False),
+                             pd.read_csv(fold_file(penalty, fold), keep_default_na=False))
     both.to_csv(out / f"{fold}.csv", index=False, float_format="%.6f")
     print(f"{fold}: {len(both)} films averaged")
 PY
