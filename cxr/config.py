@@ -38,11 +38,12 @@ RECORDED_WHEN_ON = {
     "mixstyle": 0.0,
     "mixup": 0.0,
     "logit_penalty": 0.0,
+    "jtt_epochs": 0,
     "augment.jpeg": 0.0,
 }
 # Train keys added after recipes were first recorded (reports/oos), with what a recorded
 # recipe without them meant: the network saw the arrays' size; no adversarial head, weight
-# average, MixStyle, mixup, logit penalty or JPEG round trip.
+# average, MixStyle, mixup, logit penalty, first run (just train twice) or JPEG round trip.
 LATER_TRAIN_KEYS = {
     "input_size": None,
     "adversary": 0.0,
@@ -292,6 +293,9 @@ class TrainParams:
     # Pezeshki et al., NeurIPS 2021; cxr.train.train_epoch): once a film is classified with some
     # margin the easy feature stops being pushed, leaving gradient for others; 0 = off.
     logit_penalty: float
+    # Just train twice (Liu et al., ICML 2021; cxr.train.jtt_errors): epochs of a first run whose
+    # wrongly called training films the final run draws JTT_UPWEIGHT times as often; 0 = off.
+    jtt_epochs: int
 
     def validate(self) -> None:
         name = f"train_{self.task}"
@@ -306,6 +310,9 @@ class TrainParams:
         require(finite(self.logit_penalty) and self.logit_penalty >= 0, f"{name}.logit_penalty",
                 "a finite number >= 0, the weight of the squared logits' mean (0 = off)",
                 self.logit_penalty)  # fmt: skip
+        require(0 <= self.jtt_epochs <= self.epochs, f"{name}.jtt_epochs",
+                f"an integer in 0..epochs ({self.epochs}; 0 = train once)",
+                self.jtt_epochs)  # fmt: skip
         require(finite(self.adversary) and self.adversary >= 0, f"{name}.adversary",
                 "a finite number >= 0 (0 = no source-adversarial head)", self.adversary)  # fmt: skip
         require(
@@ -366,6 +373,7 @@ class TrainParams:
             ("mixstyle", self.mixstyle > 0, "MixStyle"),  # mixes within the part of the batch
             ("mixup", self.mixup > 0, "mixup"),  # blends within the part of the batch
             ("logit_penalty", self.logit_penalty > 0, "the logit penalty"),  # the part's mean
+            ("jtt_epochs", self.jtt_epochs > 0, "just train twice"),  # scores on one process
         )
         for key, on, what in one_process:
             if on and self.processes > 1:

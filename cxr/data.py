@@ -321,18 +321,26 @@ def partial_label_loss(
 
 
 def epoch_order(
-    strata: np.ndarray, *, oversample: bool, generator: torch.Generator
+    strata: np.ndarray,
+    *,
+    oversample: bool,
+    generator: torch.Generator,
+    row_weights: np.ndarray | None = None,
 ) -> torch.Tensor:
     """Indices for one epoch: a permutation, or (oversample) a stratum-balanced draw of equal length.
 
     Oversampling draws with replacement with probability 1/count(stratum), so every stratum
     (a class, or class x age group) fills the same share of the epoch, as the study did for
     COVID-19; the epoch keeps the data set's length so epochs cost the same either way.
+    `row_weights` (just train twice) multiply each row's chance of being drawn, so an epoch is
+    then always a draw with replacement (its length unchanged).
     """
     n = len(strata)
-    if not oversample:
+    if not oversample and row_weights is None:
         return torch.randperm(n, generator=generator)
-    counts = np.bincount(strata)
-    weights = torch.tensor(1.0 / counts[strata], dtype=torch.double)
-    sampler = WeightedRandomSampler(weights, n, replacement=True, generator=generator)
+    weights = 1.0 / np.bincount(strata)[strata] if oversample else np.ones(n)
+    if row_weights is not None:
+        weights = weights * np.asarray(row_weights, dtype=np.float64)
+    sampler = WeightedRandomSampler(torch.tensor(weights, dtype=torch.double), n,
+                                    replacement=True, generator=generator)  # fmt: skip
     return torch.tensor(list(sampler), dtype=torch.long)

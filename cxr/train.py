@@ -12,7 +12,7 @@ import copy
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -97,6 +97,11 @@ class GroupDRO:
         return (self.weights.to(nll.dtype) * means).sum()
 
 
+# Just train twice: how much more often the final run draws a film the first run called wrongly
+# (set before the run, not tuned: reports/oos/RULE.md fifty-second amendment).
+JTT_UPWEIGHT = 6.0
+
+
 @dataclass
 class TrainResult:
     best_epoch: int
@@ -109,6 +114,7 @@ class TrainResult:
     group_weights: list[float] | None = None  # balance group_dro: the final weight per stratum
     # adversary > 0: per epoch, the share of scored rows whose source the head told apart
     adversary_accuracy: list[float | None] | None = None
+    jtt_errors: int | None = None  # jtt_epochs > 0: training films the first run called wrongly
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -127,7 +133,8 @@ class TrainResult:
              if self.group_weights is not None else {}) | (
             {"adversary_source_accuracy": [None if a is None else round(a, 4)
                                            for a in self.adversary_accuracy]}
-            if self.adversary_accuracy is not None else {})  # fmt: skip
+            if self.adversary_accuracy is not None else {}) | (
+            {"jtt_error_films": self.jtt_errors} if self.jtt_errors is not None else {})  # fmt: skip
 
 
 @dataclass
@@ -145,6 +152,7 @@ class LoopState:
     wall_seconds: float = 0.0
     dro_weights: list[float] | None = None  # balance group_dro: the group weights so far
     adversary_accuracy: list[float | None] | None = None  # adversary > 0: per epoch
+    jtt_errors: list[int] | None = None  # jtt_epochs > 0: the first run's wrongly called rows
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data for torch.save (weights_only-loadable)."""
@@ -160,7 +168,7 @@ class LoopState:
             "wall_seconds": self.wall_seconds,
             "dro_weights": self.dro_weights,
             "adversary_accuracy": self.adversary_accuracy,
-        }
+        } | ({"jtt_errors": self.jtt_errors} if self.jtt_errors is not None else {})
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> LoopState:
@@ -169,7 +177,7 @@ class LoopState:
         keys = ("epoch", "best_state", "since_best", "stopped_early", "seen", "train_time",
                 "wall_seconds")  # fmt: skip
         return cls(history=history, best=best, dro_weights=d.get("dro_weights"),
-                   adversary_accuracy=d.get("adversary_accuracy"),
+                   adversary_accuracy=d.get("adversary_accuracy"), jtt_errors=d.get("jtt_errors"),
                    **{k: d[k] for k in keys})  # fmt: skip
 
 
@@ -415,6 +423,40 @@ def train_epoch(
     return total_loss.item(), int(correct.item()), count
 
 
+def jtt_errors(
+    probe: CXRNet,
+    p: TrainParams,
+    *,
+    train_images: np.ndarray,
+    train_allowed: np.ndarray,
+    **data: Any,
+) -> list[int]:
+    """Just train twice's first run (Liu et al., "Just Train Twice: Improving Group Robustness
+    without Training Group Information", ICML 2021): `probe`, an untouched copy of the model
+    that the final run trains (same initial weights), trained with `p`'s recipe for `p.jtt_epochs` epochs (its own schedule), then the training rows it
+    calls as a class they may not be, scored without augmentation. Those films are mostly the
+    ones the easiest feature (a place's look) gets wrong, which the final run draws more often.
+    `data`: train_model's other data arguments, passed on."""
+    first = replace(p, epochs=p.jtt_epochs, jtt_epochs=0, average_epochs=0, patience=0)
+    log.info("just train twice: a first run of %d epochs", first.epochs)
+    train_model(probe, first, train_images=train_images, train_allowed=train_allowed, **data)
+    calls = predict_proba(probe, train_images).argmax(axis=1)
+    wrong = ~np.asarray(train_allowed, dtype=bool)[np.arange(len(calls)), calls]
+    log.info("just train twice: %d of %d training films called wrongly, drawn %g times as often",
+             int(wrong.sum()), len(wrong), JTT_UPWEIGHT)  # fmt: skip
+    return np.flatnonzero(wrong).tolist()
+
+
+def jtt_row_weights(errors: list[int] | None, n: int) -> np.ndarray | None:
+    """epoch_order's row weights: JTT_UPWEIGHT for the first run's errors, 1 elsewhere (None:
+    no first run)."""
+    if errors is None:
+        return None
+    weights = np.ones(n)
+    weights[errors] = JTT_UPWEIGHT
+    return weights
+
+
 def _is_better(result: EpochResult, best: EpochResult | None, metric: str) -> bool:
     if best is None:
         return True
@@ -453,11 +495,13 @@ def train_model(
     `p.average_epochs` > 0: in those last epochs the weight average is what validation scores
     and what is kept (weight_average); `p.mixstyle` > 0: MixStyle's hooks while it trains;
     `p.mixup` > 0: every batch blended (mix_batch); `p.logit_penalty` > 0: the squared logits
-    penalised (logit_penalty_of).
+    penalised (logit_penalty_of); `p.jtt_epochs` > 0: a first run finds the films to draw more
+    often (jtt_errors), once, kept in the resume file.
     The test split is not an argument: training cannot read it.
     """
     world = world or World()
     device = world.device
+    probe = copy.deepcopy(model) if p.jtt_epochs else None  # before anything hooks or moves it
     distributed.check_batch(p.batch_size, world, f"train_{p.task}.batch_size")
     num_classes = model.backbone.fc.out_features
     model.to(device).to(memory_format=torch.channels_last)
@@ -488,6 +532,14 @@ def train_model(
         log.info("%s: resuming after epoch %d (best so far: epoch %s)", resume.path, loop.epoch,
                  loop.best.epoch if loop.best else "none")  # fmt: skip
     resumed_from, wall_before = loop.epoch, loop.wall_seconds
+    if p.jtt_epochs and loop.jtt_errors is None:
+        loop.jtt_errors = jtt_errors(
+            probe, p, train_images=train_images, train_labels=train_labels,
+            train_allowed=train_allowed, train_strata=strata, val_images=val_images,
+            val_labels=val_labels, val_allowed=val_allowed, generator=generator, world=world,
+            train_sources=train_sources,
+        )  # fmt: skip
+    draw_weights = jtt_row_weights(loop.jtt_errors, len(strata))
     dro = None
     if p.balance == "group_dro":  # the groups are the balancing strata
         dro = GroupDRO(torch.from_numpy(strata.astype(np.int64)), loop.dro_weights, device=device)
@@ -504,7 +556,8 @@ def train_model(
     first = p.epochs + 1 if loop.stopped_early else loop.epoch + 1
     for epoch in range(first, p.epochs + 1):
         t0 = time.perf_counter()
-        order = epoch_order(strata, oversample=p.oversamples, generator=generator)
+        order = epoch_order(strata, oversample=p.oversamples, generator=generator,
+                            row_weights=draw_weights)  # fmt: skip
         # drop_last: a final batch of 1 breaks BatchNorm and adds noise for no gain.
         batches = order[: steps * p.batch_size].view(steps, -1)
         # In the averaging epochs the average is what is scored on validation and kept.
@@ -587,4 +640,5 @@ def train_model(
         resumed_from=resumed_from,
         group_weights=loop.dro_weights,
         adversary_accuracy=loop.adversary_accuracy,
+        jtt_errors=None if loop.jtt_errors is None else len(loop.jtt_errors),
     )

@@ -412,7 +412,7 @@ def same(a: dict, b: dict) -> bool:
 
 @pytest.mark.parametrize("train", [{}, {"balance": "group_dro"}, {"adversary": 1.0},
                                    {"average_epochs": 3}, {"mixstyle": 0.5}, {"mixup": 0.2},
-                                   {"logit_penalty": 0.1}],
+                                   {"logit_penalty": 0.1}, {"jtt_epochs": 1}],
                          ids=lambda train: ",".join(train) or "default")  # fmt: skip
 def test_an_interrupted_run_resumes_to_bit_identical_weights(tmp_path, train):
     run = functools.partial(resumable_run, **train)
@@ -426,6 +426,7 @@ def test_an_interrupted_run_resumes_to_bit_identical_weights(tmp_path, train):
     model, result, last = run(resume)
     assert result.group_weights == whole_result.group_weights
     assert result.adversary_accuracy == whole_result.adversary_accuracy
+    assert result.jtt_errors == whole_result.jtt_errors
     assert result.resumed_from == 1 and len(result.history) == 3
     assert [asdict(h) | {"seconds": 0, "images_per_second": 0} for h in result.history] == [
         asdict(h) | {"seconds": 0, "images_per_second": 0} for h in whole_result.history

@@ -26,6 +26,7 @@ ON: dict[str, Any] = {
     "mixstyle": 0.5,
     "mixup": 0.2,
     "logit_penalty": 0.1,
+    "jtt_epochs": 1,
     "augment.jpeg": 0.5,
 }
 # The keys that run in one process only, with a value that switches each on.
@@ -35,6 +36,7 @@ ONE_PROCESS: dict[str, Any] = {
     "mixstyle": 0.5,
     "mixup": 0.2,
     "logit_penalty": 0.1,
+    "jtt_epochs": 1,
 }
 
 
