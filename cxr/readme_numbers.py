@@ -866,6 +866,7 @@ OOS_SEED_RUNS: dict[str, dict[int, str]] = {
     "mask_lungs": two_seeds("mask_lungs"),  # 47th
     "mean_scores": two_seeds("mean_scores"),  # 48th: no training, fold files averaged
     "logit_penalty": two_seeds("logit_penalty"),  # 50th
+    "jtt": two_seeds("jtt"),  # 52nd
 }
 
 # The changes compared with the default over two seeds: what each is and its rule, "better"
@@ -927,6 +928,8 @@ TWO_SEED_CANDIDATES: dict[str, tuple[str, str, str]] = {
                     "anyway: no training, no extra forward pass)", "better", "default_zen5"),
     "logit_penalty": ("the binary logits held down: 0.1 x their mean square added to the loss "
                       "(spectral decoupling; Pezeshki et al. 2021)", "better", "default_zen5"),
+    "jtt": ("just train twice: the binary films a 2-epoch first run called wrongly drawn 6x as "
+            "often (Liu et al. 2021)", "better", "default_zen5"),
 }  # fmt: skip
 
 
