@@ -867,6 +867,7 @@ OOS_SEED_RUNS: dict[str, dict[int, str]] = {
     "mean_scores": two_seeds("mean_scores"),  # 48th: no training, fold files averaged
     "logit_penalty": two_seeds("logit_penalty"),  # 50th
     "jtt": two_seeds("jtt"),  # 52nd
+    "resnet34": two_seeds("resnet34"),  # 53rd: a diagnosis, no seed 43 planned
 }
 
 # The changes compared with the default over two seeds: what each is and its rule, "better"
@@ -930,6 +931,8 @@ TWO_SEED_CANDIDATES: dict[str, tuple[str, str, str]] = {
                       "(spectral decoupling; Pezeshki et al. 2021)", "better", "default_zen5"),
     "jtt": ("just train twice: the binary films a 2-epoch first run called wrongly drawn 6x as "
             "often (Liu et al. 2021)", "better", "default_zen5"),
+    "resnet34": ("a ResNet-34 binary network instead of ResNet-18 (1.9x the epoch time: a "
+                 "diagnosis)", "better", "default_zen5"),
 }  # fmt: skip
 
 

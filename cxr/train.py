@@ -433,10 +433,12 @@ def jtt_errors(
 ) -> list[int]:
     """Just train twice's first run (Liu et al., "Just Train Twice: Improving Group Robustness
     without Training Group Information", ICML 2021): `probe`, an untouched copy of the model
-    that the final run trains (same initial weights), trained with `p`'s recipe for `p.jtt_epochs` epochs (its own schedule), then the training rows it
-    calls as a class they may not be, scored without augmentation. Those films are mostly the
-    ones the easiest feature (a place's look) gets wrong, which the final run draws more often.
-    `data`: train_model's other data arguments, passed on."""
+    that the final run trains (same initial weights), trained with `p`'s recipe for
+    `p.jtt_epochs` epochs (its own schedule); then the training rows it calls as a class they
+    may not be, scored without augmentation, which the final run draws more often. The paper's
+    hope is that those are the films the easiest feature misleads; out of source here they were
+    mostly adult non-COVID pneumonia and hard COVID-19 films (docs/candidates.md, "Just train
+    twice"). `data`: train_model's other data arguments, passed on."""
     first = replace(p, epochs=p.jtt_epochs, jtt_epochs=0, average_epochs=0, patience=0)
     log.info("just train twice: a first run of %d epochs", first.epochs)
     train_model(probe, first, train_images=train_images, train_allowed=train_allowed, **data)
