@@ -168,7 +168,8 @@ class LoopState:
             "wall_seconds": self.wall_seconds,
             "dro_weights": self.dro_weights,
             "adversary_accuracy": self.adversary_accuracy,
-        } | ({"jtt_errors": self.jtt_errors} if self.jtt_errors is not None else {})
+            "jtt_errors": self.jtt_errors,
+        }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> LoopState:
@@ -442,7 +443,9 @@ def jtt_errors(
     first = replace(p, epochs=p.jtt_epochs, jtt_epochs=0, average_epochs=0, patience=0)
     log.info("just train twice: a first run of %d epochs", first.epochs)
     train_model(probe, first, train_images=train_images, train_allowed=train_allowed, **data)
-    calls = predict_proba(probe, train_images).argmax(axis=1)
+    # train_model hands its model back on the CPU; the films are scored where it trained.
+    device = (data.get("world") or World()).device
+    calls = predict_proba(probe.to(device), train_images).argmax(axis=1)
     wrong = ~np.asarray(train_allowed, dtype=bool)[np.arange(len(calls)), calls]
     log.info("just train twice: %d of %d training films called wrongly, drawn %g times as often",
              int(wrong.sum()), len(wrong), JTT_UPWEIGHT)  # fmt: skip
