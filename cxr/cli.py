@@ -78,6 +78,15 @@ def user_errors() -> Iterator[None]:
         sys.exit(1)
 
 
+@contextlib.contextmanager
+def stage_imports() -> Iterator[None]:
+    """Around a stage script's first import of torch, before anything else imports it: a Ctrl-C
+    while it loads (about a second) ends the stage as one inside main does, with one line and
+    status 130 (user_errors), not with the C++ abort that interrupts_held explains."""
+    with user_errors(), interrupts_held():
+        yield
+
+
 def add_download_options(parser: argparse.ArgumentParser) -> None:
     """The fetch stages' operational knobs, not params: they change how fast, never what is
     fetched (so they are not in params.yaml and do not re-run a stage)."""

@@ -15,6 +15,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
+from cxr.cli import stage_imports
+
+with stage_imports():  # torch first, with Ctrl-C held while it loads (cxr.cli.stage_imports)
+    import torch  # noqa: F401
+
 from cxr import figures
 from cxr.arrays import load_split
 from cxr.bundle import BUNDLE_NAME, write_bundle

@@ -20,9 +20,13 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+from cxr.cli import stage_imports
+
+with stage_imports():  # torch first, with Ctrl-C held while it loads (cxr.cli.stage_imports)
+    from torch import nn
 
 from cxr.adapt import adapt_batchnorm
 from cxr.cli import setup_logging, user_errors

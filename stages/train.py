@@ -18,6 +18,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
+from cxr.cli import stage_imports
+
+with stage_imports():  # torch first, with Ctrl-C held while it loads (cxr.cli.stage_imports)
+    import torch  # noqa: F401
+
 import numpy as np
 import pandas as pd
 from dvclive import Live

@@ -381,7 +381,7 @@ class Interrupt(Exception):
     pass
 
 
-def resumable_run(resume: ResumeFile, stop_after: int | None = None, epochs: int = 3,
+def resumable_run(resume: ResumeFile, stop_after: int | None = None, epochs: int = 2,
                   **train: object):  # fmt: skip
     """A deterministic single-process run (1 thread) with augmentation, oversampling and the
     one-cycle schedule, so every piece of state a resume must restore matters. `train`: other
@@ -411,7 +411,7 @@ def same(a: dict, b: dict) -> bool:
 
 
 @pytest.mark.parametrize("train", [{}, {"balance": "group_dro"}, {"adversary": 1.0},
-                                   {"average_epochs": 3}, {"mixstyle": 0.5}, {"mixup": 0.2},
+                                   {"average_epochs": 2}, {"mixstyle": 0.5}, {"mixup": 0.2},
                                    {"logit_penalty": 0.1}, {"jtt_epochs": 1}],
                          ids=lambda train: ",".join(train) or "default")  # fmt: skip
 def test_an_interrupted_run_resumes_to_bit_identical_weights(tmp_path, train):
@@ -427,11 +427,11 @@ def test_an_interrupted_run_resumes_to_bit_identical_weights(tmp_path, train):
     assert result.group_weights == whole_result.group_weights
     assert result.adversary_accuracy == whole_result.adversary_accuracy
     assert result.jtt_errors == whole_result.jtt_errors
-    assert result.resumed_from == 1 and len(result.history) == 3
+    assert result.resumed_from == 1 and len(result.history) == 2
     assert [asdict(h) | {"seconds": 0, "images_per_second": 0} for h in result.history] == [
         asdict(h) | {"seconds": 0, "images_per_second": 0} for h in whole_result.history
     ]
-    assert same(last[3], whole_last[3])  # the last epoch, trained after the restart
+    assert same(last[2], whole_last[2])  # the last epoch, trained after the restart
     assert same(model.state_dict(), whole.state_dict())  # the best epoch's, restored
     assert result.best_epoch == whole_result.best_epoch
 
@@ -499,27 +499,31 @@ def test_the_stage_continues_after_kill_9_and_ends_like_an_uninterrupted_run(tmp
     for root in (whole, cut):
         write_split(root, n=64)
     train = {"epochs": 4, "deterministic": True}
-    proc = run_stage(stage_argv(whole, **train))
-    assert proc.wait(timeout=300) == 0, proc.stdout.read()[-3000:]
+    # The uninterrupted run trains meanwhile on the other core (one thread each).
+    uninterrupted = run_stage(stage_argv(whole, **train))
 
-    proc = run_stage(stage_argv(cut, **train), torchrun=True)
-    deadline = time.monotonic() + 300
-    while not (cut / "binary.resume.pt").exists() and proc.poll() is None:
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL and not (cut / "binary.pt").exists()
-    deadline = time.monotonic() + 10
-    while processes_running(str(cut / "binary.pt")):  # no orphaned worker trains on
-        assert time.monotonic() < deadline, "a worker outlived torchrun"
-        time.sleep(0.05)
-    proc = run_stage(stage_argv(cut, **train))
-    out, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0, out[-3000:]
-    resumed = json.loads((cut / "m.json").read_text())["resumed_from_epoch"]
-    assert 1 <= resumed < 4, out[-3000:]
-    assert not (cut / "binary.resume.pt").exists()
+    try:
+        proc = run_stage(stage_argv(cut, **train), torchrun=True)
+        deadline = time.monotonic() + 300
+        while not (cut / "binary.resume.pt").exists() and proc.poll() is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        assert proc.returncode == -signal.SIGKILL and not (cut / "binary.pt").exists()
+        deadline = time.monotonic() + 10
+        while processes_running(str(cut / "binary.pt")):  # no orphaned worker trains on
+            assert time.monotonic() < deadline, "a worker outlived torchrun"
+            time.sleep(0.05)
+        proc = run_stage(stage_argv(cut, **train))
+        out, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, out[-3000:]
+        resumed = json.loads((cut / "m.json").read_text())["resumed_from_epoch"]
+        assert 1 <= resumed < 4, out[-3000:]
+        assert not (cut / "binary.resume.pt").exists()
+    finally:
+        out, _ = uninterrupted.communicate(timeout=300)
+    assert uninterrupted.returncode == 0, out[-3000:]
     a = torch.load(whole / "binary.pt", weights_only=True)["state_dict"]
     b = torch.load(cut / "binary.pt", weights_only=True)["state_dict"]
     assert same(a, b)
