@@ -324,9 +324,9 @@ def test_editing_the_cases_does_not_retrain(repro, tmp_path):
     byte-identical, so no model is retrained and evaluate does not run."""
     root, env, _ = repro
     path = root / "data" / "sources" / "cases.csv"
-    # Put back afterwards by copying, not by a second repro: gradcam's uncached plots are not in
-    # DVC's run cache, so a repro would run it again (17 s). The uncached outputs (metrics,
-    # plots) are copied back; `dvc checkout` restores the cached ones (splits, lungs).
+    # Put back afterwards by copying, not by a second repro: gradcam's uncached plots are not
+    # in DVC's run cache, so a repro would run the slowest stage again. The uncached outputs
+    # (metrics, plots) are copied back; `dvc checkout` restores the cached ones (splits, lungs).
     kept = ["data/sources/cases.csv", "dvc.lock", "metrics", "plots/gradcam"]
     backup = tmp_path / "before_cases_edit"
     for name in kept:
