@@ -80,9 +80,10 @@ def user_errors() -> Iterator[None]:
 
 @contextlib.contextmanager
 def stage_imports() -> Iterator[None]:
-    """Around a stage script's first import of torch, before anything else imports it: a Ctrl-C
-    while it loads (about a second) ends the stage as one inside main does, with one line and
-    status 130 (user_errors), not with the C++ abort that interrupts_held explains."""
+    """Around a stage script's imports (torch, pandas, its cxr modules: seconds on 2 cores): a
+    Ctrl-C while they load ends the stage as one inside main does, with one line and status 130
+    (user_errors), when the block ends; not with a traceback, nor with the C++ abort that
+    interrupts_held explains when the Ctrl-C lands in torch's import."""
     with user_errors(), interrupts_held():
         yield
 

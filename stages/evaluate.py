@@ -15,28 +15,25 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from cxr.cli import stage_imports
+from cxr.cli import setup_logging, stage_imports, user_errors
 
-with stage_imports():  # torch first, with Ctrl-C held while it loads (cxr.cli.stage_imports)
-    import torch  # noqa: F401
-
-from cxr import figures
-from cxr.arrays import load_split
-from cxr.bundle import BUNDLE_NAME, write_bundle
-from cxr.cli import setup_logging, user_errors
-from cxr.config import load_base, load_evaluate_params
-from cxr.ensemble import load_model
-from cxr.errors import BundleError, InputError
-from cxr.evaluate import (
-    check_class_order,
-    evaluate_task,
-    known_class,
-    load_oos_point,
-    score_split,
-)
-from cxr.infer import configure_cpu
-from cxr.lungs import crop_inputs, load_lung_masks
-from cxr.params import load_params
+with stage_imports():  # a Ctrl-C while these load (torch: seconds) is one line (cxr.cli)
+    from cxr import figures
+    from cxr.arrays import load_split
+    from cxr.bundle import BUNDLE_NAME, write_bundle
+    from cxr.config import load_base, load_evaluate_params
+    from cxr.ensemble import load_model
+    from cxr.errors import BundleError, InputError
+    from cxr.evaluate import (
+        check_class_order,
+        evaluate_task,
+        known_class,
+        load_oos_point,
+        score_split,
+    )
+    from cxr.infer import configure_cpu
+    from cxr.lungs import crop_inputs, load_lung_masks
+    from cxr.params import load_params
 
 log = logging.getLogger("evaluate")
 TASKS = ("binary", "four_class")

@@ -13,23 +13,20 @@ from typing import NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from cxr.cli import stage_imports
+from cxr.cli import setup_logging, stage_imports, user_errors
 
-with stage_imports():  # torch first, with Ctrl-C held while it loads (cxr.cli.stage_imports)
-    import torch  # noqa: F401
+with stage_imports():  # a Ctrl-C while these load (torch: seconds) is one line (cxr.cli)
+    import numpy as np
+    import pandas as pd
 
-import numpy as np
-import pandas as pd
-
-from cxr import cam, cam_figures, faithfulness, zone_scores
-from cxr.arrays import load_split
-from cxr.cli import setup_logging, user_errors
-from cxr.config import load_base, load_gradcam_params
-from cxr.data import seed_everything
-from cxr.ensemble import load_model
-from cxr.errors import InputError
-from cxr.infer import configure_cpu, predict_proba
-from cxr.lungs import crop_inputs, load_lung_masks
+    from cxr import cam, cam_figures, faithfulness, zone_scores
+    from cxr.arrays import load_split
+    from cxr.config import load_base, load_gradcam_params
+    from cxr.data import seed_everything
+    from cxr.ensemble import load_model
+    from cxr.errors import InputError
+    from cxr.infer import configure_cpu, predict_proba
+    from cxr.lungs import crop_inputs, load_lung_masks
 
 log = logging.getLogger("gradcam")
 METRIC_IMAGES = 64  # test images for the map checks: enough for a mean, cheap on 2 cores

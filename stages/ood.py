@@ -17,21 +17,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from cxr.cli import stage_imports
+from cxr.cli import setup_logging, stage_imports, user_errors
 
-with stage_imports():  # torch first, with Ctrl-C held while it loads (cxr.cli.stage_imports)
-    import torch  # noqa: F401
+with stage_imports():  # a Ctrl-C while these load (torch: seconds) is one line (cxr.cli)
+    import numpy as np
+    import pandas as pd
 
-import numpy as np
-import pandas as pd
-
-from cxr import ood
-from cxr.arrays import load_split
-from cxr.atomic import write_json
-from cxr.cli import setup_logging, user_errors
-from cxr.infer import configure_cpu
-from cxr.models import load_checkpoint
-from cxr.segmenter import load_segmenter
+    from cxr import ood
+    from cxr.arrays import load_split
+    from cxr.atomic import write_json
+    from cxr.infer import configure_cpu
+    from cxr.models import load_checkpoint
+    from cxr.segmenter import load_segmenter
 
 log = logging.getLogger("ood")
 

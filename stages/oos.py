@@ -15,19 +15,22 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from cxr.cli import stage_imports
+from cxr.cli import setup_logging, stage_imports, user_errors
 
-with stage_imports():  # torch first, with Ctrl-C held while it loads (cxr.cli.stage_imports)
-    import torch  # noqa: F401
-
-from cxr.cli import setup_logging, user_errors
-from cxr.config import TrainParams, load_base, load_split_params, load_train_params, preprocessing
-from cxr.infer import configure_cpu
-from cxr.lungs import crop_inputs
-from cxr.models import CXRNet, classifier_meta, save_checkpoint
-from cxr.oos import pool_masks, pool_table, run_fold, with_epochs
-from cxr.oos_params import load_oos_params
-from cxr.params import ParamsError
+with stage_imports():  # a Ctrl-C while these load (torch: seconds) is one line (cxr.cli)
+    from cxr.config import (
+        TrainParams,
+        load_base,
+        load_split_params,
+        load_train_params,
+        preprocessing,
+    )
+    from cxr.infer import configure_cpu
+    from cxr.lungs import crop_inputs
+    from cxr.models import CXRNet, classifier_meta, save_checkpoint
+    from cxr.oos import pool_masks, pool_table, run_fold, with_epochs
+    from cxr.oos_params import load_oos_params
+    from cxr.params import ParamsError
 
 log = logging.getLogger("oos")
 

@@ -19,26 +19,24 @@ import logging
 import sys
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from cxr.cli import stage_imports
+from cxr.cli import setup_logging, stage_imports, user_errors
 
-with stage_imports():  # torch first, with Ctrl-C held while it loads (cxr.cli.stage_imports)
+with stage_imports():  # a Ctrl-C while these load (torch: seconds) is one line (cxr.cli)
+    import numpy as np
     from torch import nn
 
-from cxr.adapt import adapt_batchnorm
-from cxr.cli import setup_logging, user_errors
-from cxr.config import load_base, load_split_params, preprocessing
-from cxr.ensemble import load_model
-from cxr.errors import InputError
-from cxr.infer import configure_cpu, predict_proba
-from cxr.lungs import crop_inputs
-from cxr.models import CXRNet
-from cxr.oos import fold_rows, pool_masks, pool_table, scored_frame
-from cxr.oos_params import load_oos_params
-from cxr.params import ParamsError
+    from cxr.adapt import adapt_batchnorm
+    from cxr.config import load_base, load_split_params, preprocessing
+    from cxr.ensemble import load_model
+    from cxr.errors import InputError
+    from cxr.infer import configure_cpu, predict_proba
+    from cxr.lungs import crop_inputs
+    from cxr.models import CXRNet
+    from cxr.oos import fold_rows, pool_masks, pool_table, scored_frame
+    from cxr.oos_params import load_oos_params
+    from cxr.params import ParamsError
 
 log = logging.getLogger("oos_score")
 

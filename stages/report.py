@@ -14,16 +14,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from cxr.cli import stage_imports
+from cxr.cli import setup_logging, stage_imports, user_errors
 
-with stage_imports():  # torch first, with Ctrl-C held while it loads (cxr.cli.stage_imports)
-    import torch  # noqa: F401
-
-from cxr.cli import setup_logging, user_errors
-from cxr.config import load_evaluate_params
-from cxr.errors import InputError
-from cxr.models import load_checkpoint
-from cxr.report import read_reference_runs, write_model_card, write_summary
+with stage_imports():  # a Ctrl-C while these load (torch: seconds) is one line (cxr.cli)
+    from cxr.config import load_evaluate_params
+    from cxr.errors import InputError
+    from cxr.models import load_checkpoint
+    from cxr.report import read_reference_runs, write_model_card, write_summary
 
 TASKS = ("binary", "four_class")
 

@@ -13,20 +13,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from cxr.cli import stage_imports
+from cxr.cli import setup_logging, stage_imports, user_errors
 
-with stage_imports():  # torch first, with Ctrl-C held while it loads (cxr.cli.stage_imports)
-    import torch  # noqa: F401
+with stage_imports():  # a Ctrl-C while these load (torch: seconds) is one line (cxr.cli)
+    import numpy as np
+    import pandas as pd
 
-import numpy as np
-import pandas as pd
-
-from cxr import segmenter as seg
-from cxr.arrays import load_split, save_split
-from cxr.cli import setup_logging, user_errors
-from cxr.config import load_base, load_segment_params
-from cxr.data import seed_everything
-from cxr.infer import configure_cpu
+    from cxr import segmenter as seg
+    from cxr.arrays import load_split, save_split
+    from cxr.config import load_base, load_segment_params
+    from cxr.data import seed_everything
+    from cxr.infer import configure_cpu
 
 log = logging.getLogger("segment")
 SPLITS = ("train", "val", "test", "adult_check", "cases", "external")  # as the split stage writes

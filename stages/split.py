@@ -10,31 +10,28 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from cxr.cli import stage_imports
+from cxr.cli import setup_logging, stage_imports, user_errors
 
-with stage_imports():  # torch first, with Ctrl-C held while it loads (cxr.cli.stage_imports)
-    import torch  # noqa: F401
+with stage_imports():  # a Ctrl-C while these load (torch: seconds) is one line (cxr.cli)
+    import numpy as np
+    import pandas as pd
 
-import numpy as np
-import pandas as pd
-
-from cxr.arrays import preprocess_files, save_split
-from cxr.cli import setup_logging, user_errors
-from cxr.config import SplitParams, load_base, load_split_params, preprocessing
-from cxr.duplicates import near_duplicate_pairs
-from cxr.images import Preprocessing
-from cxr.params import ParamsError
-from cxr.split_counts import split_counts
-from cxr.splits import (
-    check_near_duplicates,
-    check_no_leakage,
-    close_over_groups,
-    drop_adult_controls,
-    external_rows,
-    force_to_test,
-    resolve_duplicates,
-    split_table,
-)
+    from cxr.arrays import preprocess_files, save_split
+    from cxr.config import SplitParams, load_base, load_split_params, preprocessing
+    from cxr.duplicates import near_duplicate_pairs
+    from cxr.images import Preprocessing
+    from cxr.params import ParamsError
+    from cxr.split_counts import split_counts
+    from cxr.splits import (
+        check_near_duplicates,
+        check_no_leakage,
+        close_over_groups,
+        drop_adult_controls,
+        external_rows,
+        force_to_test,
+        resolve_duplicates,
+        split_table,
+    )
 
 log = logging.getLogger("split")
 OUTPUT_SPLITS = ("train", "val", "test", "adult_check", "cases", "external")

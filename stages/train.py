@@ -18,40 +18,37 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from cxr.cli import stage_imports
+from cxr.cli import setup_logging, stage_imports, user_errors
 
-with stage_imports():  # torch first, with Ctrl-C held while it loads (cxr.cli.stage_imports)
-    import torch  # noqa: F401
+with stage_imports():  # a Ctrl-C while these load (torch: seconds) is one line (cxr.cli)
+    import numpy as np
+    import pandas as pd
+    from dvclive import Live
 
-import numpy as np
-import pandas as pd
-from dvclive import Live
-
-from cxr import distributed, resume
-from cxr.arrays import load_split
-from cxr.cli import setup_logging, user_errors
-from cxr.config import (
-    BaseParams,
-    TrainParams,
-    load_base,
-    load_split_params,
-    load_train_params,
-    network_input,
-    preprocessing,
-    recorded_params,
-)
-from cxr.data import (
-    allowed_classes,
-    head_targets,
-    labels_for,
-    seed_everything,
-    strata_for,
-)
-from cxr.distributed import World
-from cxr.infer import configure_cpu
-from cxr.lungs import crop_inputs, load_lung_masks
-from cxr.models import build_model, classifier_meta, save_checkpoint
-from cxr.train import EpochResult, train_model
+    from cxr import distributed, resume
+    from cxr.arrays import load_split
+    from cxr.config import (
+        BaseParams,
+        TrainParams,
+        load_base,
+        load_split_params,
+        load_train_params,
+        network_input,
+        preprocessing,
+        recorded_params,
+    )
+    from cxr.data import (
+        allowed_classes,
+        head_targets,
+        labels_for,
+        seed_everything,
+        strata_for,
+    )
+    from cxr.distributed import World
+    from cxr.infer import configure_cpu
+    from cxr.lungs import crop_inputs, load_lung_masks
+    from cxr.models import build_model, classifier_meta, save_checkpoint
+    from cxr.train import EpochResult, train_model
 
 # Metrics of this run only, not recorded in the checkpoint.
 RUN_ONLY = ("wall_seconds", "train_images_per_second", "resumed_from_epoch")
