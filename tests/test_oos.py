@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -432,3 +435,39 @@ def test_largest_difference_compares_the_same_films_column_by_column():
     assert largest_difference(scored, before, ["p_covid"]) == pytest.approx(1e-6)
     with pytest.raises(ValueError, match="do not score the same films"):
         largest_difference(scored.iloc[:1], before, ["p_covid"])
+
+
+def _prior_normal():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("prior_normal", "oos/prior_normal.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_normal_prior_shifts_only_the_normal_call_and_finds_the_smallest_shift():
+    """oos/prior_normal.py (RULE.md, fifty-fourth amendment). Watched red with the shift
+    applied to p(covid) instead of p(normal)."""
+    pn = _prior_normal()
+    p = np.array([[0.5, 0.3, 0.1, 0.1], [0.1, 0.6, 0.1, 0.2], [0.2, 0.2, 0.2, 0.4]])
+    assert list(pn.shifted_calls(p, 0.0)) == ["covid", "viral", "normal"]
+    assert list(pn.shifted_calls(p, np.log(3.1))) == [
+        "covid",
+        "normal",
+        "normal",
+    ]  # 0.2 x 3.1 > 0.6
+    assert list(pn.shifted_calls(p, np.log(5.1))) == ["normal", "normal", "normal"]
+    # ten held-out adult normals, p(normal) / the best other class = 1/2 for seven of them
+    rows = [[0.0, 0.5, 0.25, 0.25]] * 7 + [[0.0, 0.95, 0.04, 0.01]] * 3
+    fold = pd.DataFrame(rows, columns=[f"p4_{c}" for c in pn.ORDER]).assign(
+        scored_as="held_out", age_group="adult", label="normal")  # fmt: skip
+    assert pn.smallest_shift(fold) == 0.7  # the first grid point with e^b > 2 (ln 2 = 0.693)
+
+
+def test_the_committed_normal_prior_report_comes_from_the_committed_fold_files(tmp_path):
+    """reports/oos/prior_normal.json, quoted in docs/candidates.md, regenerates exactly."""
+    pn = _prior_normal()
+    pn.main(["--out", str(tmp_path / "p.json")])
+    committed = json.loads(Path("reports/oos/prior_normal.json").read_text())
+    assert json.loads((tmp_path / "p.json").read_text()) == committed
