@@ -1216,6 +1216,8 @@ def oos_choices(f: Files) -> list[str]:
         zen5[44] = pooled_auc(f, seed44)
     objectives = {"default": pooled.get("default_zen5", {}).get(42),
                   "logit_penalty": pooled.get("logit_penalty", {}).get(42)}  # fmt: skip
+    deeper = {"default": pooled.get("default_zen5", {}).get(42),
+              "resnet34": pooled.get("resnet34", {}).get(42)}  # fmt: skip
     for folder, label, members in (
         (OOS_ENSEMBLE_XEON, "ensemble of the Xeon's seeds 42 + 43 (twice the binary training)",
          seed_members(pooled.get("default_xeon", {}))),
@@ -1224,6 +1226,8 @@ def oos_choices(f: Files) -> list[str]:
         (OOS_ENSEMBLE_OBJECTIVES, "ensemble of the default and the held-down logits, seed 42 "
          "(twice the binary training; thought of after their fold results: a diagnosis)",
          objectives),
+        (OOS_ENSEMBLE_DEEPER, "ensemble of the default and a ResNet-34, seed 42 (three times the "
+         "binary training; thought of after their fold results: a diagnosis)", deeper),
     ):  # fmt: skip
         if None not in members.values() and (row := ensemble_row(f, folder, label, members)):
             rows.append(row)
@@ -1236,6 +1240,8 @@ OOS_ENSEMBLE_ZEN5 = "reports/oos/candidates/ensemble_zen5"  # RULE.md forty-sixt
 OOS_ZEN5_SEED44 = "reports/oos/candidates/default_zen5_seed44"  # its third member (fortieth)
 # RULE.md fifty-first amendment: default_zen5 and logit_penalty (seed 42) averaged.
 OOS_ENSEMBLE_OBJECTIVES = "reports/oos/candidates/ensemble_logit_penalty"
+# RULE.md fifty-fifth amendment: default_zen5 and resnet34 (seed 42) averaged.
+OOS_ENSEMBLE_DEEPER = "reports/oos/candidates/ensemble_resnet34"
 
 
 def ensemble_verdict(ensemble: float, members: list[float]) -> str:
