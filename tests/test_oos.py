@@ -177,8 +177,6 @@ def test_four_class_folds_alone_report_call_rates_and_no_operating_point():
 
 def test_oos_params_are_checked(tmp_path):
     """Watched red with the epochs check removed: epochs 0 was accepted."""
-    from pathlib import Path
-
     import yaml
 
     from cxr.oos_params import load_oos_params
@@ -315,9 +313,6 @@ def test_the_report_reads_a_committed_runs_packed_fold_files(tmp_path):
     """Committed runs keep `<fold>.csv.gz` (oos/candidate.sh); the report stage reads them as
     the plain files it was made from: hflip_off's committed results, to float noise. Watched
     red with fold_file returning the plain name only."""
-    import json
-    from pathlib import Path
-
     from stages import oos_report
 
     run = Path("reports/oos/candidates/hflip_off")
@@ -348,8 +343,6 @@ def test_the_report_reads_a_committed_runs_packed_fold_files(tmp_path):
 
 
 def test_a_missing_fold_file_is_named(tmp_path, capsys):
-    from pathlib import Path
-
     from stages import oos_report
 
     run = Path("reports/oos/candidates/hflip_off")
@@ -365,7 +358,6 @@ def test_pack_replaces_the_plain_fold_files_and_the_report_still_reads_them(tmp_
     Watched red with pack keeping the time in the header."""
     import gzip
     import time
-    from pathlib import Path
 
     from cxr.oos_report import pack
     from stages import oos_report
