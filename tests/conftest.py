@@ -19,10 +19,16 @@ PARAMS = REPO / "params.yaml"
 
 
 def mirror_path() -> Path | None:
-    """The local chest X-ray mirror: $CXR_MIRROR, else ../shared/cxr-mirror beside the repo."""
-    env = os.environ.get("CXR_MIRROR")
-    path = Path(env) if env else REPO.parent / "shared" / "cxr-mirror"
-    return path if (path / "sources.csv").exists() else None
+    """The local chest X-ray mirror, found as `dvc repro` finds it (cxr.fetch.find_mirror):
+    $CXR_MIRROR, else `shared/cxr-mirror` beside the repository or in any folder above it."""
+    from cxr.errors import InputError
+    from cxr.fetch import find_mirror
+
+    try:
+        path = find_mirror(os.environ, [REPO]).path
+    except InputError:  # $CXR_MIRROR set to something that is not a folder
+        return None
+    return path if path is not None and (path / "sources.csv").exists() else None
 
 
 @pytest.fixture(scope="session")
@@ -31,7 +37,8 @@ def mirror() -> Path:
     path = mirror_path()
     if path is None:
         message = (
-            "the chest X-ray mirror is missing (set CXR_MIRROR or put it at ../shared/cxr-mirror)"
+            "the chest X-ray mirror is missing (set CXR_MIRROR or put it at shared/cxr-mirror "
+            "beside the repository or in a folder above it)"
         )
         if os.environ.get("CI", "").lower() == "true":
             pytest.fail(message)

@@ -512,3 +512,20 @@ def test_retries_exhausted_is_one_clear_line_per_file(tmp_path: Path, flaky, ste
     assert "retries exhausted" in line and "network unreachable" not in line
     assert ("HTTP 503 Service Unavailable" in line) == (step == "503-forever")
     assert leftovers(tmp_path / "out") == []
+
+
+def test_the_suite_finds_the_mirror_where_the_pipeline_does(tmp_path, monkeypatch):
+    """tests/conftest.py's mirror is cxr.fetch's: `shared/cxr-mirror` in any folder above the
+    checkout, not only beside it (a clone in /work/x/repo runs `dvc repro` from /work/shared, so
+    its tests must find the same mirror, or CI=true fails them). Watched red with conftest's
+    earlier `REPO.parent / "shared" / "cxr-mirror"`."""
+    from tests import conftest
+
+    mirror = tmp_path / "shared" / "cxr-mirror"
+    mirror.mkdir(parents=True)
+    (mirror / "sources.csv").write_text("path\n")
+    monkeypatch.delenv("CXR_MIRROR", raising=False)
+    monkeypatch.setattr(conftest, "REPO", tmp_path / "x" / "repo")  # two levels below
+    assert conftest.mirror_path() == mirror
+    monkeypatch.setenv("CXR_MIRROR", str(tmp_path / "nowhere"))  # set, but not a folder
+    assert conftest.mirror_path() is None
