@@ -514,7 +514,9 @@ def test_retries_exhausted_is_one_clear_line_per_file(tmp_path: Path, flaky, ste
     assert leftovers(tmp_path / "out") == []
 
 
-def test_the_suite_finds_the_mirror_where_the_pipeline_does(tmp_path, monkeypatch):
+def test_the_suite_finds_the_mirror_where_the_pipeline_does(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """tests/conftest.py's mirror is cxr.fetch's: `shared/cxr-mirror` in any folder above the
     checkout, not only beside it (a clone in /work/x/repo runs `dvc repro` from /work/shared, so
     its tests must find the same mirror, or CI=true fails them). Watched red with conftest's
