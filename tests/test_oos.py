@@ -463,3 +463,22 @@ def test_the_committed_normal_prior_report_comes_from_the_committed_fold_files(t
     pn.main(["--out", str(tmp_path / "p.json")])
     committed = json.loads(Path("reports/oos/prior_normal.json").read_text())
     assert json.loads((tmp_path / "p.json").read_text()) == committed
+
+
+def test_average_sh_regenerates_a_committed_ensemble(tmp_path: Path) -> None:
+    """oos/average.sh, the fifty-first and fifty-fifth amendments' averaging, run into a temporary
+    folder with ensemble_resnet34's params: the committed results.json again, byte for byte; the
+    folds come from those params. Watched red with the fold list cut to its first fold."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    committed = ROOT / "reports/oos/candidates/ensemble_resnet34"
+    shutil.copy(committed / "params.yaml", tmp_path / "params.yaml")
+    env = os.environ | {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    members = ["reports/oos/candidates/default_zen5", "reports/oos/candidates/resnet34"]
+    child = subprocess.run(["bash", "oos/average.sh", str(tmp_path), *members], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert child.returncode == 0, child.stderr
+    assert (tmp_path / "results.json").read_bytes() == (committed / "results.json").read_bytes()
